@@ -1,0 +1,43 @@
+"""``velodiff info``: what this build of velodiff contains."""
+from __future__ import annotations
+
+import platform
+from typing import Any, Dict
+
+import torch
+
+from velodiff._version import __version__
+
+
+def _cpu_isa() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return "unknown"
+
+
+def info() -> Dict[str, Any]:
+    """The build as a dict: version, torch/CUDA versions, compiled CUDA archs, CPU ISA, registered ops."""
+    from velodiff.ops import _native
+
+    build: Dict[str, Any] = {}
+    if _native._C is not None:
+        build = dict(_native._C.build_info())
+    ops = sorted(name for name in dir(torch.ops.velodiff) if not name.startswith("_")
+                 and isinstance(getattr(torch.ops.velodiff, name, None), torch._ops.OpOverloadPacket))
+    return {
+        "velodiff": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "native_module": _native._C is not None,
+        "native_error": None if _native._C is not None else str(_native._LOAD_ERROR),
+        "cuda_kernels": bool(build.get("cuda", False)),
+        "cuda_archs": build.get("cuda_archs", ""),
+        "built_with_torch": build.get("torch_version", ""),
+        "openmp": bool(build.get("openmp", False)),
+        "cpu_isa": _cpu_isa(),
+        "ops": ops,
+    }

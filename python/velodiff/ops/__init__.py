@@ -1,0 +1,9 @@
+"""velodiff ops: typed wrappers over the native kernels (``torch.ops.velodiff.*``).
+
+Each wrapper checks its arguments (a TypeError/ValueError naming the argument) and calls the CPU or CUDA
+kernel. :mod:`velodiff.ops.reference` holds the pure-PyTorch specification of every op.
+"""
+from velodiff.ops._native import native_available
+from velodiff.ops.sampler_update import sampler_update
+
+__all__ = ["native_available", "sampler_update"]

@@ -1,0 +1,47 @@
+"""Loads the native module ``velodiff._C`` (which registers the ``velodiff::*`` ops) and the fake kernels.
+
+Setting ``VELODIFF_REFERENCE_OPS=1`` makes :func:`native_op` return the pure-PyTorch references instead:
+a debugging aid for comparing a whole pipeline against the specification, never the default.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+_LOAD_ERROR = None
+try:
+    from velodiff import _C  # noqa: F401  (importing registers the ops with torch)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    _LOAD_ERROR = exc
+
+
+def native_available() -> bool:
+    return _C is not None
+
+
+def use_reference() -> bool:
+    return os.environ.get("VELODIFF_REFERENCE_OPS", "0") not in ("", "0")
+
+
+def native_op(name: str) -> Callable:
+    """The callable for ``velodiff::<name>``; a clear error when the extension did not build."""
+    if use_reference():
+        from velodiff.ops import reference
+        return getattr(reference, name)
+    if _C is None:
+        raise RuntimeError(
+            f"velodiff's native extension is not importable ({_LOAD_ERROR}); reinstall with "
+            "`pip install --no-build-isolation .` and check `velodiff info`, or set VELODIFF_REFERENCE_OPS=1 "
+            "to run the pure-PyTorch references")
+    return getattr(torch.ops.velodiff, name)
+
+
+if _C is not None:
+    @torch.library.register_fake("velodiff::sampler_update")
+    def _sampler_update_fake(x, cond, uncond, anchor, noise, history, coef, write_slot, guidance_rescale,
+                             want_y):
+        y = torch.empty_like(x) if want_y else x.new_empty((0,))
+        return torch.empty_like(x), y

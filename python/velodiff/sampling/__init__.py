@@ -1,0 +1,6 @@
+"""The sampling layer: schedules, and samplers as small pure functions over a precomputed schedule."""
+from velodiff.sampling.plan import Call, SamplerPlan, run_plan
+from velodiff.sampling.samplers import SAMPLERS, build_plan
+from velodiff.sampling.schedules import NoiseSchedule
+
+__all__ = ["Call", "SamplerPlan", "run_plan", "SAMPLERS", "build_plan", "NoiseSchedule"]

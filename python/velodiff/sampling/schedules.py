@@ -1,0 +1,279 @@
+"""Noise schedules, timestep spacings and sigma discretisations, in float64 numpy.
+
+Conventions (shared reference notes, section 0): discrete training schedule with ``T`` steps,
+``alphas_cumprod[i] = prod_{k<=i} (1 - beta_k)``; ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``
+(VP); the VE / Karras sigma ``varsigma_t = sigma_t / alpha_t`` (diffusers' ``scheduler.sigmas``); half
+log-SNR ``lambda_t = log alpha_t - log sigma_t``. Flow-matching models use ``x_s = (1 - s) x0 + s eps``,
+i.e. alpha = 1 - s, sigma = s.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def make_betas(beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
+               beta_start: float = 0.00085, beta_end: float = 0.012) -> np.ndarray:
+    """Training betas [T] float64, as diffusers builds them."""
+    t = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, t, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, t, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal 2021, eq. 17: abar(t) = cos^2(((t/T + s)/(1 + s)) * pi/2), s = 0.008; betas capped at 0.999.
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - abar((i + 1) / t) / abar(i / t), 0.999) for i in range(t)], dtype=np.float64)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2305.08891, Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0."""
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab ** 2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete VP training schedule (``alphas_cumprod``) and the model's prediction type."""
+
+    alphas_cumprod: np.ndarray
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+
+    @classmethod
+    def from_config(cls, beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
+                    beta_start: float = 0.00085, beta_end: float = 0.012, prediction_type: str = "epsilon",
+                    rescale_betas_zero_snr: bool = False) -> "NoiseSchedule":
+        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(np.cumprod(1.0 - betas), prediction_type)
+
+    @classmethod
+    def sd(cls, prediction_type: str = "epsilon") -> "NoiseSchedule":
+        """Stable Diffusion 1.x / 2.x / XL: scaled_linear 0.00085 .. 0.012, T = 1000."""
+        return cls.from_config("scaled_linear", 1000, 0.00085, 0.012, prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    # --- per discrete (integer) timestep ---
+    def alpha(self, t) -> np.ndarray:
+        return np.sqrt(self.alphas_cumprod[np.asarray(t, dtype=np.int64)])
+
+    def sigma(self, t) -> np.ndarray:
+        return np.sqrt(1.0 - self.alphas_cumprod[np.asarray(t, dtype=np.int64)])
+
+    @property
+    def karras_sigmas_all(self) -> np.ndarray:
+        """varsigma_t = sigma_t / alpha_t for every training step [T] (diffusers ``scheduler.sigmas`` before
+        spacing)."""
+        ab = self.alphas_cumprod
+        return np.sqrt((1.0 - ab) / ab)
+
+    def sigma_to_t(self, varsigma) -> np.ndarray:
+        """Fractional timestep of a VE sigma by linear interpolation in log-sigma (diffusers ``_sigma_to_t``)."""
+        log_sigmas = np.log(self.karras_sigmas_all)
+        s = np.atleast_1d(np.asarray(varsigma, dtype=np.float64))
+        log_s = np.log(np.maximum(s, 1e-10))
+        dists = log_s[:, None] - log_sigmas[None, :]
+        low = np.clip(np.cumsum(dists >= 0, axis=1).argmax(axis=1), 0, len(log_sigmas) - 2)
+        high = low + 1
+        lo, hi = log_sigmas[low], log_sigmas[high]
+        w = np.clip((lo - log_s) / (lo - hi), 0, 1)
+        return (1 - w) * low + w * high
+
+
+# --- timestep spacings (diffusers; table 2 of Lin et al. 2305.08891) ---
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
+                   steps_offset: int = 0) -> np.ndarray:
+    """Discrete timesteps of diffusers' DDIM/DDPM/LCM-style schedulers (descending), int64 [num_steps]."""
+    t, n = num_train_timesteps, num_steps
+    if n > t:
+        raise ValueError(f"num_steps ({n}) cannot exceed num_train_timesteps ({t})")
+    if spacing == "linspace":
+        ts = np.linspace(0, t - 1, n).round()[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (t // n)).round()[::-1].copy() + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(t, 0, -t / n)) - 1
+    else:
+        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+    return ts.astype(np.int64)
+
+
+def multistep_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
+                        steps_offset: int = 0) -> np.ndarray:
+    """Discrete timesteps of diffusers' DPM-Solver / UniPC / Euler schedulers (descending) [num_steps]."""
+    t, n = num_train_timesteps, num_steps
+    if spacing == "linspace":
+        ts = np.linspace(0, t - 1, n + 1).round()[::-1][:-1].copy()
+    elif spacing == "leading":
+        step_ratio = t // (n + 1)
+        ts = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy() + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(t, 0, -t / n).round().copy() - 1
+    else:
+        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+    return ts.astype(np.int64)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 eq. 5: [num_steps] descending VE sigmas, no trailing zero."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Log-uniform VE sigmas, descending [num_steps]."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def flow_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """SD3-style timestep shift: s' = shift*s / (1 + (shift - 1)*s)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flux_time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
+    """Flux dynamic shift: s' = e^mu / (e^mu + (1/s - 1))."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+# --- conversions of a model output to the data prediction ---
+
+def data_prediction_coefficients(prediction_type: str, alpha: float, sigma: float) -> tuple:
+    """(p_x, p_m) with x0_hat = p_x * x + p_m * model_output for a VP state x = alpha*x0 + sigma*eps.
+
+    epsilon: x0 = (x - sigma*eps)/alpha; v (v = alpha*eps - sigma*x0): x0 = alpha*x - sigma*v when
+    alpha^2 + sigma^2 = 1; sample: x0 = m; flow (v = eps - x0, alpha = 1 - sigma): x0 = x - sigma*v.
+    """
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction_type == "v_prediction":
+        return alpha, -sigma
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "flow":
+        return 1.0, -sigma
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def noise_prediction_coefficients(prediction_type: str, alpha: float, sigma: float) -> tuple:
+    """(p_x, p_m) with eps_hat = p_x * x + p_m * model_output for a VP state x = alpha*x0 + sigma*eps."""
+    if prediction_type == "epsilon":
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return sigma, alpha
+    if prediction_type == "sample":
+        return 1.0 / sigma, -alpha / sigma
+    if prediction_type == "flow":
+        return 1.0, 1.0 - sigma
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    return math.log(alpha) - math.log(sigma)
+
+
+def check_num_steps(num_steps: Optional[int]) -> int:
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
+    return int(num_steps)
+
+
+# --- discretisations: the points a sampler steps through ---
+
+@dataclass(frozen=True)
+class Points:
+    """N model evaluations and N+1 points of the VP path x = alpha*x0 + sigma*eps.
+
+    ``timesteps[i]`` is what the model is given at point i; ``alpha[N], sigma[N]`` is where sampling ends
+    (sigma = 0: clean data). All float64.
+    """
+
+    timesteps: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def varsigma(self) -> np.ndarray:
+        """VE sigma sigma/alpha at each point (0 at a clean end)."""
+        return self.sigma / self.alpha
+
+    @property
+    def lambdas(self) -> np.ndarray:
+        """Half log-SNR log(alpha/sigma); +inf at a clean end."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.alpha) - np.log(self.sigma)
+
+
+def points_from_varsigmas(varsigmas, timesteps) -> Points:
+    """Points from VE sigmas [N+1] (descending, last may be 0) and model timesteps [N] (VP models)."""
+    s = np.asarray(varsigmas, dtype=np.float64)
+    alpha = 1.0 / np.sqrt(s ** 2 + 1.0)
+    return Points(np.asarray(timesteps, dtype=np.float64), alpha, s * alpha)
+
+
+def discretize(schedule: NoiseSchedule, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
+               sigma_schedule: str = "default", final_sigma: str = "zero", sigmas=None,
+               round_timesteps: bool = True) -> Points:
+    """The points of diffusers' multistep schedulers (DPM-Solver, UniPC, Euler, Heun) for a VP schedule.
+
+    Args:
+        spacing: ``linspace`` | ``leading`` | ``trailing`` (diffusers ``timestep_spacing``), for the default
+            sigma schedule.
+        sigma_schedule: ``default`` (the training sigmas at the spaced timesteps), ``karras`` (Karras et al.
+            eq. 5, rho = 7) or ``exponential`` (log-uniform), the latter two between the training
+            schedule's smallest and largest sigma, with timesteps interpolated in log-sigma.
+        final_sigma: ``zero`` (end on clean data) or ``sigma_min`` (end at the sigma of t = 0).
+        sigmas: explicit descending VE sigmas [N+1] including the end point; overrides the above.
+        round_timesteps: round interpolated timesteps to integers as diffusers does (karras/exponential).
+    """
+    all_s = schedule.karras_sigmas_all
+    if sigmas is not None:
+        s = np.asarray(sigmas, dtype=np.float64)
+        if s.ndim != 1 or len(s) < 2 or np.any(np.diff(s) >= 0) or s[-1] < 0:
+            raise ValueError("sigmas must be a strictly descending 1-D sequence of >= 2 values ending >= 0")
+        return points_from_varsigmas(s, schedule.sigma_to_t(s[:-1]))
+    n = check_num_steps(num_steps)
+    if final_sigma == "zero":
+        end = 0.0
+    elif final_sigma == "sigma_min":
+        end = float(all_s[0])
+    else:
+        raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+    if sigma_schedule == "default":
+        ts = multistep_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)
+        s = all_s[ts]
+        timesteps = ts.astype(np.float64)
+    elif sigma_schedule in ("karras", "exponential"):
+        make = karras_sigmas if sigma_schedule == "karras" else exponential_sigmas
+        s = make(float(all_s[0]), float(all_s[-1]), n)
+        timesteps = schedule.sigma_to_t(s)
+        if round_timesteps:
+            timesteps = np.round(timesteps)
+    else:
+        raise ValueError(f"sigma_schedule must be default|karras|exponential, got {sigma_schedule!r}")
+    return points_from_varsigmas(np.append(s, end), timesteps)
