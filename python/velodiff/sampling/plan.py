@@ -142,6 +142,8 @@ def run_plan(
     callback: Optional[Callable[[int, Call, torch.Tensor], None]] = None,
     progress: bool = False,
     update_fn: Optional[Callable] = None,
+    initial_history: Optional[torch.Tensor] = None,
+    initial_anchor: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run ``plan`` from the initial state ``x`` (already multiplied by ``plan.init_noise_scale``).
 
@@ -155,6 +157,9 @@ def run_plan(
             with ``generator`` like diffusers.
         callback: called as ``callback(call_index, call, x_next)`` after every call.
         update_fn: the fused update to use (default :func:`velodiff.ops.sampler_update`).
+        initial_history: [K, *x.shape] values for the ring buffer (default zeros), e.g. exact predictions at
+            the points before the start for a plan built with ``warm_start=True``; copied, not modified.
+        initial_anchor: the anchor before the first call (default none).
     Returns:
         fp32 tensor of x's shape: the final sample times ``plan.output_scale``.
     """
@@ -167,7 +172,14 @@ def run_plan(
     table = plan.coefficient_table(guidance_scale if guided else 1.0, cfg_delta, device=x.device)
     k = plan.history_slots
     history = x.new_zeros((k,) + tuple(x.shape)) if k > 0 else None
+    if initial_history is not None:
+        if history is None or initial_history.shape != history.shape:
+            raise ValueError(f"initial_history must have shape {None if history is None else tuple(history.shape)},"
+                             f" got {tuple(initial_history.shape)}")
+        history.copy_(initial_history)
     anchor: Optional[torch.Tensor] = None
+    if initial_anchor is not None:
+        anchor = initial_anchor.to(device=x.device, dtype=torch.float32).contiguous()
     iterator = enumerate(plan.calls)
     if progress:
         from tqdm.auto import tqdm
