@@ -23,8 +23,7 @@ def info() -> Dict[str, Any]:
     build: Dict[str, Any] = {}
     if _native._C is not None:
         build = dict(_native._C.build_info())
-    ops = sorted(name for name in dir(torch.ops.velodiff) if not name.startswith("_")
-                 and isinstance(getattr(torch.ops.velodiff, name, None), torch._ops.OpOverloadPacket))
+    ops = sorted({s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("velodiff::")})
     return {
         "velodiff": __version__,
         "python": platform.python_version(),

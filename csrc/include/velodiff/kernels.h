@@ -1,0 +1,18 @@
+// Entry points of the torch-free kernels. The torch glue in csrc/ops/ calls these.
+#pragma once
+
+#include "velodiff/sampler_update.h"
+
+namespace velodiff {
+
+// CPU kernel (csrc/kernels/cpu/sampler_update.cpp), OpenMP over elements. Returns false and writes a message
+// to `error` (at least 256 bytes) on invalid arguments.
+bool sampler_update_cpu(const SamplerUpdateArgs& args, char* error);
+
+#ifdef VELODIFF_WITH_CUDA
+// CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
+// 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).
+int sampler_update_cuda(const SamplerUpdateArgs& args, double* workspace, void* stream);
+#endif
+
+}  // namespace velodiff

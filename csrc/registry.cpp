@@ -1,0 +1,40 @@
+// The one registry of velodiff ops: every schema lives in this TORCH_LIBRARY block; implementations are
+// registered per dispatch key in csrc/ops/. Also the pybind11 module velodiff._C (build information).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifndef VELODIFF_CUDA_ARCHS
+#define VELODIFF_CUDA_ARCHS ""
+#endif
+#ifndef VELODIFF_TORCH_VERSION
+#define VELODIFF_TORCH_VERSION ""
+#endif
+
+TORCH_LIBRARY(velodiff, m) {
+  // Fused sampler update; semantics and coefficient layout in csrc/include/velodiff/sampler_update.h.
+  m.def(
+      "sampler_update(Tensor x, Tensor cond, Tensor? uncond, Tensor? anchor, Tensor? noise, Tensor(a!)? history, "
+      "Tensor coef, int write_slot, float guidance_rescale, bool want_y) -> (Tensor, Tensor)");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "velodiff native kernels; importing this module registers the torch.ops.velodiff ops";
+  m.def("build_info", []() {
+    py::dict d;
+#ifdef VELODIFF_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    d["cuda_archs"] = VELODIFF_CUDA_ARCHS;
+    d["torch_version"] = VELODIFF_TORCH_VERSION;
+    return d;
+  });
+}
