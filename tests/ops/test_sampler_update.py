@@ -191,3 +191,18 @@ def test_random_invalid_arguments(name, how):
         v[name] = t.tolist()
     with pytest.raises((TypeError, ValueError), match=name):
         sampler_update(**v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_half_precision_value_converts_exactly(device, dtype):
+    """All 65536 bit patterns of the model dtype pass through D = cond, x_next = D unchanged (NaNs stay NaN)."""
+    values = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, -1).to(device)
+    coef = torch.zeros(ref.sampler_coef_count(0))
+    coef[ref.COEF_PM], coef[ref.COEF_CD] = 1.0, 1.0
+    x = torch.zeros(values.shape, device=device)
+    out, _ = sampler_update(x, values.contiguous(), None, None, None, None, coef.to(device))
+    expect = values.float()
+    nan = torch.isnan(expect)
+    assert torch.equal(out[~nan], expect[~nan])
+    assert bool(torch.isnan(out[nan]).all())
