@@ -18,6 +18,10 @@ step() {  # step NAME CMD...: run, log to OUTDIR/NAME.log, remember failures
     echo "== $name: FAILED ($((SECONDS - t0)) s)"; status=1; fi
   tail -n 15 "$out/$name.log"
 }
+# Pure-Python baselines missing on the machine (diffusers) can travel as wheels in .whl/ (see the device notes).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $py -m pip install -q --no-index --no-deps --target /tmp/velodiff-site .whl/*.whl && export PYTHONPATH=/tmp/velodiff-site
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$out/gpu.txt"
 arch=$($py -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M >= 9 else ''))")
 export VELODIFF_CUDA_ARCHS=${VELODIFF_CUDA_ARCHS:-$arch}
@@ -28,5 +32,6 @@ step cuda_tests $py -m pytest -q -p no:cacheprovider -m cuda tests/ops
 step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops -k "matches_reference or guidance_rescale or optional"
 step bench_sampler_update $py bench/bench_sampler_update.py --device cuda --out "$out"
+step bench_sampling_loop $py bench/bench_sampling_loop.py --device cuda --out "$out"
 echo "gpu_suite: $([ $status -eq 0 ] && echo all steps passed || echo some steps FAILED)"
 exit $status

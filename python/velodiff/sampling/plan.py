@@ -144,6 +144,7 @@ def run_plan(
     update_fn: Optional[Callable] = None,
     initial_history: Optional[torch.Tensor] = None,
     initial_anchor: Optional[torch.Tensor] = None,
+    table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run ``plan`` from the initial state ``x`` (already multiplied by ``plan.init_noise_scale``).
 
@@ -160,6 +161,8 @@ def run_plan(
         initial_history: [K, *x.shape] values for the ring buffer (default zeros), e.g. exact predictions at
             the points before the start for a plan built with ``warm_start=True``; copied, not modified.
         initial_anchor: the anchor before the first call (default none).
+        table: the plan's coefficient table on x's device, from :meth:`SamplerPlan.coefficient_table` with the
+            same guidance; pass it to keep host-to-device copies out of a CUDA-graph capture of this loop.
     Returns:
         fp32 tensor of x's shape: the final sample times ``plan.output_scale``.
     """
@@ -169,7 +172,11 @@ def run_plan(
     update = update_fn or ops.sampler_update
     x = x.to(torch.float32).contiguous()
     guided = guidance_scale is not None
-    table = plan.coefficient_table(guidance_scale if guided else 1.0, cfg_delta, device=x.device)
+    if table is None:
+        table = plan.coefficient_table(guidance_scale if guided else 1.0, cfg_delta, device=x.device)
+    elif table.shape[0] != len(plan.calls) or table.device != x.device:
+        raise ValueError(f"table must be [{len(plan.calls)}, ...] on {x.device}, got {tuple(table.shape)} "
+                         f"on {table.device}")
     k = plan.history_slots
     history = x.new_zeros((k,) + tuple(x.shape)) if k > 0 else None
     if initial_history is not None:
