@@ -277,3 +277,151 @@ def discretize(schedule: NoiseSchedule, num_steps: int, *, spacing: str = "linsp
     else:
         raise ValueError(f"sigma_schedule must be default|karras|exponential, got {sigma_schedule!r}")
     return points_from_varsigmas(np.append(s, end), timesteps)
+
+
+# --- Euler / Heun discretisation (diffusers EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete) ---
+
+def euler_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
+                    steps_offset: int = 0) -> np.ndarray:
+    """Timesteps of diffusers' Euler/Heun schedulers (descending) [num_steps], float64.
+
+    Unlike :func:`multistep_timesteps`, ``linspace`` here takes N points of [0, T-1] *without* rounding
+    (fractional timesteps, e.g. 999, 888, ... for N = 10), and ``leading`` uses the stride T // N.
+    """
+    t, n = num_train_timesteps, check_num_steps(num_steps)
+    if spacing == "linspace":
+        ts = np.linspace(0, t - 1, n)[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (t // n)).round()[::-1].astype(np.float64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.arange(t, 0, -t / n).round() - 1
+    else:
+        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+    return ts.astype(np.float64)
+
+
+def euler_discretize(schedule: NoiseSchedule, num_steps: Optional[int], *, spacing: str = "linspace",
+                     steps_offset: int = 0, sigma_schedule: str = "default", sigma_min: Optional[float] = None,
+                     sigma_max: Optional[float] = None, final_sigma: str = "zero", sigmas=None) -> Points:
+    """The points of diffusers' Euler / Euler-ancestral / Heun schedulers for a VP schedule.
+
+    ``default``: the VE sigmas interpolated linearly (in sigma, not log-sigma) at the possibly fractional
+    :func:`euler_timesteps`. ``karras`` / ``exponential``: N sigmas between ``sigma_min`` and ``sigma_max``,
+    which default to the interpolated sigmas at the *last and first spaced timesteps* (so they depend on
+    ``spacing``, as in diffusers), with unrounded timesteps from log-sigma interpolation. ``final_sigma``:
+    ``zero`` or ``sigma_min`` (the training sigma at t = 0). ``sigmas``: explicit descending VE sigmas [N+1]
+    including the end point; overrides everything else.
+    """
+    if sigmas is not None:
+        return discretize(schedule, num_steps, sigmas=sigmas)
+    n = check_num_steps(num_steps)
+    all_s = schedule.karras_sigmas_all
+    ts = euler_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)
+    s = np.interp(ts, np.arange(len(all_s), dtype=np.float64), all_s)
+    if sigma_schedule in ("karras", "exponential"):
+        lo = float(s[-1]) if sigma_min is None else float(sigma_min)
+        hi = float(s[0]) if sigma_max is None else float(sigma_max)
+        if not 0 < lo <= hi:
+            raise ValueError(f"sigma_min ({lo}) and sigma_max ({hi}) must satisfy 0 < sigma_min <= sigma_max")
+        s = (karras_sigmas if sigma_schedule == "karras" else exponential_sigmas)(lo, hi, n)
+        ts = schedule.sigma_to_t(s)
+    elif sigma_schedule != "default":
+        raise ValueError(f"sigma_schedule must be default|karras|exponential, got {sigma_schedule!r}")
+    if final_sigma == "zero":
+        end = 0.0
+    elif final_sigma == "sigma_min":
+        end = float(all_s[0])
+    else:
+        raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+    return points_from_varsigmas(np.append(s, end), ts)
+
+
+# --- flow matching (SD3, Flux, rectified flow): x_s = (1 - s) x0 + s eps, s in [0, 1] ---
+
+FLOW_SPACINGS = ("pipeline", "scheduler")
+
+
+def flow_dynamic_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift ``mu``: linear in the number of latent tokens (diffusers
+    ``calculate_shift``), ``base_shift`` at ``base_seq_len`` and ``max_shift`` at ``max_seq_len``."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(base_shift + slope * (image_seq_len - base_seq_len))
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """A flow-matching noise schedule in the convention of diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+    The path is ``x_s = (1 - s) x0 + s eps`` (alpha = 1 - s, sigma = s); the model is given ``s * T``
+    (``T = num_train_timesteps``). Sigmas are built as: N base sigmas (:meth:`base_sigmas`), then the shift
+    (static ``shift``: ``shift*s / (1 + (shift-1)*s)``, SD3; or, with ``use_dynamic_shifting``, a
+    resolution-dependent ``mu``, Flux: ``e^mu / (e^mu + 1/s - 1)`` or, ``time_shift_type='linear'``,
+    ``mu / (mu + 1/s - 1)``), then the optional terminal stretch (``shift_terminal``), then an optional
+    Karras / exponential re-spacing between the shifted end points, and a final 0.
+    """
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+    shift_terminal: Optional[float] = None
+
+    def __post_init__(self):
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
+        if int(self.num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+
+    def shifted(self, s, mu: Optional[float] = None) -> np.ndarray:
+        """Apply the static or dynamic shift to flow sigmas ``s`` in (0, 1]."""
+        s = np.asarray(s, dtype=np.float64)
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("mu must be given when use_dynamic_shifting is set (see flow_dynamic_mu)")
+            if self.time_shift_type == "exponential":
+                return flux_time_shift(mu, s)
+            return mu / (mu + (1 / s - 1))
+        return flow_shift(s, self.shift)
+
+    def base_sigmas(self, num_steps: int, spacing: str = "pipeline") -> np.ndarray:
+        """The N unshifted sigmas, descending from 1.
+
+        ``pipeline``: ``linspace(1, 1/N, N)``, what the Flux (and most flow) pipelines pass to the scheduler;
+        this is also the rectified-flow / InstaFlow grid ``1 - k/N``. ``scheduler``: the scheduler's own
+        default when no sigmas are passed (SD3 pipeline): ``linspace(1, s_min, N)`` with ``s_min`` the
+        *shifted* 1/T under a static shift (so the static shift is applied to that end point twice, as in
+        diffusers) and 1/T under dynamic shifting.
+        """
+        n = check_num_steps(num_steps)
+        if spacing == "pipeline":
+            return np.linspace(1.0, 1.0 / n, n)
+        if spacing == "scheduler":
+            lo = 1.0 / self.num_train_timesteps
+            if not self.use_dynamic_shifting:
+                lo = float(flow_shift(np.float64(lo), self.shift))
+            return np.linspace(1.0, lo, n)
+        raise ValueError(f"spacing must be one of {FLOW_SPACINGS}, got {spacing!r}")
+
+    def sigmas(self, num_steps: int, *, spacing: str = "pipeline", mu: Optional[float] = None,
+               sigma_schedule: str = "default") -> np.ndarray:
+        """[N+1] descending flow sigmas ending with 0."""
+        s = self.shifted(self.base_sigmas(num_steps, spacing), mu)
+        if self.shift_terminal:
+            # stretch 1 - s so that the last (smallest) sigma lands exactly on shift_terminal
+            one_minus = 1.0 - s
+            s = 1.0 - one_minus * ((1.0 - self.shift_terminal) / one_minus[-1])
+        if sigma_schedule in ("karras", "exponential"):
+            lo, hi = float(s[-1]), float(s[0])
+            s = (karras_sigmas if sigma_schedule == "karras" else exponential_sigmas)(lo, hi, len(s))
+        elif sigma_schedule != "default":
+            raise ValueError(f"sigma_schedule must be default|karras|exponential, got {sigma_schedule!r}")
+        return np.append(s, 0.0)
+
+    def timesteps(self, sigmas) -> np.ndarray:
+        """The model timesteps ``s * T`` of the first N of [N+1] sigmas."""
+        return np.asarray(sigmas, dtype=np.float64)[:-1] * self.num_train_timesteps
