@@ -1,6 +1,7 @@
 """Step-by-step parity of a velodiff sampler plan against a diffusers scheduler on the same model outputs."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -21,13 +22,15 @@ def diffusers_trajectory(scheduler, num_steps: int, x_init: torch.Tensor, model=
                          **set_timesteps_kwargs):
     """Run diffusers' loop; return (timesteps, samples after each step). x_init is unit Gaussian noise."""
     scheduler.set_timesteps(num_steps, **set_timesteps_kwargs)
-    x = x_init * scheduler.init_noise_sigma
+    x = x_init * getattr(scheduler, "init_noise_sigma", 1.0)
     gen = torch.Generator().manual_seed(seed)
+    # Not every scheduler takes a generator (Heun, UniPC) or scales its input (flow matching).
+    step_kwargs = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     out = []
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
-        m = model(x_in, float(t))
-        x = scheduler.step(m, t, x, generator=gen).prev_sample
+        m = model(scale(x, t), float(t))
+        x = scheduler.step(m, t, x, **step_kwargs).prev_sample
         out.append(x.clone())
     return [float(t) for t in scheduler.timesteps], out
 

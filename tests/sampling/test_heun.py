@@ -14,7 +14,6 @@ def _x_init(seed=1):
 
 
 def _heun_reference(scheduler, num_steps, x_init):
-    # HeunDiscreteScheduler.step takes no generator, so parity.diffusers_trajectory cannot drive it.
     # diffusers builds alphas_cumprod in float32: at t = 0, 1 - abar = 8.5e-4 keeps only ~4 significant digits, so
     # its smallest sigma is off by ~1.3e-5 relative, and the corrector ending there amplifies that to ~1.2e-5 in
     # the state (velodiff's schedule is float64). Give the oracle the same float64 schedule: its own algorithm and
