@@ -11,17 +11,19 @@ from velodiff.ops._native import native_op
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_state(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> None:
-    if t is None:
+def _check_like_x(name: str, t, x: torch.Tensor, dtypes, optional: bool = True) -> None:
+    """t must be a contiguous tensor with x's shape and device and a dtype in ``dtypes`` (None allowed if
+    ``optional``)."""
+    if t is None and optional:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if t.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of x {tuple(like.shape)}, got {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {like.device}")
+        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {t.dtype}")
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous())")
 
@@ -36,29 +38,10 @@ def check_sampler_update_args(x, cond, uncond, anchor, noise, history, coef, wri
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (call .contiguous())")
-    if not isinstance(cond, torch.Tensor):
-        raise TypeError(f"cond must be a torch.Tensor, got {type(cond).__name__}")
-    if cond.dtype not in MODEL_DTYPES:
-        raise TypeError(f"cond must be float32, float16 or bfloat16, got {cond.dtype}")
-    if cond.shape != x.shape:
-        raise ValueError(f"cond must have the shape of x {tuple(x.shape)}, got {tuple(cond.shape)}")
-    if cond.device != x.device:
-        raise ValueError(f"cond is on {cond.device} but x is on {x.device}")
-    if not cond.is_contiguous():
-        raise ValueError("cond must be contiguous (call .contiguous())")
-    if uncond is not None:
-        if not isinstance(uncond, torch.Tensor):
-            raise TypeError(f"uncond must be a torch.Tensor or None, got {type(uncond).__name__}")
-        if uncond.dtype != cond.dtype:
-            raise TypeError(f"uncond must have cond's dtype {cond.dtype}, got {uncond.dtype}")
-        if uncond.shape != x.shape:
-            raise ValueError(f"uncond must have the shape of x {tuple(x.shape)}, got {tuple(uncond.shape)}")
-        if uncond.device != x.device:
-            raise ValueError(f"uncond is on {uncond.device} but x is on {x.device}")
-        if not uncond.is_contiguous():
-            raise ValueError("uncond must be contiguous (call .contiguous())")
-    _check_state("anchor", anchor, x)
-    _check_state("noise", noise, x)
+    _check_like_x("cond", cond, x, MODEL_DTYPES, optional=False)
+    _check_like_x("uncond", uncond, x, (cond.dtype,))
+    _check_like_x("anchor", anchor, x, (torch.float32,))
+    _check_like_x("noise", noise, x, (torch.float32,))
     k = 0
     if history is not None:
         if not isinstance(history, torch.Tensor):

@@ -236,6 +236,15 @@ def points_from_varsigmas(varsigmas, timesteps) -> Points:
     return Points(np.asarray(timesteps, dtype=np.float64), alpha, s * alpha)
 
 
+def final_sigma_value(final_sigma: str, training_varsigmas: np.ndarray) -> float:
+    """Where sampling ends: ``zero`` (clean data) or ``sigma_min`` (the training schedule's sigma at t = 0)."""
+    if final_sigma == "zero":
+        return 0.0
+    if final_sigma == "sigma_min":
+        return float(training_varsigmas[0])
+    raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+
+
 def discretize(schedule: NoiseSchedule, num_steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
                sigma_schedule: str = "default", final_sigma: str = "zero", sigmas=None,
                round_timesteps: bool = True) -> Points:
@@ -258,12 +267,7 @@ def discretize(schedule: NoiseSchedule, num_steps: int, *, spacing: str = "linsp
             raise ValueError("sigmas must be a strictly descending 1-D sequence of >= 2 values ending >= 0")
         return points_from_varsigmas(s, schedule.sigma_to_t(s[:-1]))
     n = check_num_steps(num_steps)
-    if final_sigma == "zero":
-        end = 0.0
-    elif final_sigma == "sigma_min":
-        end = float(all_s[0])
-    else:
-        raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+    end = final_sigma_value(final_sigma, all_s)
     if sigma_schedule == "default":
         ts = multistep_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)
         s = all_s[ts]
@@ -327,12 +331,7 @@ def euler_discretize(schedule: NoiseSchedule, num_steps: Optional[int], *, spaci
         ts = schedule.sigma_to_t(s)
     elif sigma_schedule != "default":
         raise ValueError(f"sigma_schedule must be default|karras|exponential, got {sigma_schedule!r}")
-    if final_sigma == "zero":
-        end = 0.0
-    elif final_sigma == "sigma_min":
-        end = float(all_s[0])
-    else:
-        raise ValueError(f"final_sigma must be 'zero' or 'sigma_min', got {final_sigma!r}")
+    end = final_sigma_value(final_sigma, all_s)
     return points_from_varsigmas(np.append(s, end), ts)
 
 
