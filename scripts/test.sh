@@ -18,4 +18,5 @@ else
   echo "test.sh: nvcc not found, skipping the CUDA compile check"
 fi
 python -m pip install -q --no-build-isolation .
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing downloads, in tests either
 python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,74 @@
+"""CPU conv weight prepacking (oneDNN), opt-in and reversible.
+
+``torch.nn.functional.conv2d`` on CPU hands oneDNN a plain weight that oneDNN reorders to its blocked layout on
+every call; for the UNet's wide, low-resolution convs (1280 channels at 8x8) that reorder costs more than the
+convolution itself. :func:`prepack_convs` reorders each ``nn.Conv2d`` weight once and runs the same oneDNN
+convolution on the packed copy (bit-identical results on the inputs tested). The packed copy is rebuilt when the
+weight changes (``load_state_dict``, in-place edits), and it is used only for CPU fp32/bf16 inference; anything
+else (autograd, CUDA, other dtypes) takes the ordinary path. Memory: one extra copy of the conv weights.
+Packed convs return channels-last tensors, so use them on a channels-last model
+(``model.to(memory_format=torch.channels_last)``). The ops are torch's private oneDNN ops (those inductor's CPU
+backend uses); :func:`prepack_convs` raises when a build lacks them.
+
+    prepack_convs(unet)   # -> number of convs packed
+    unprepack_convs(unet) # back to plain nn.Conv2d
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _available() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+
+
+class PackedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters and state-dict names) that runs CPU inference on a prepacked weight.
+    Input [B, Cin, H, W] -> [B, Cout, H', W'], as ``nn.Conv2d``."""
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_pack_key", None) != key:
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+            self._pack_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        usable = (x.device.type == "cpu" and x.dim() == 4 and x.dtype == self.weight.dtype
+                  and x.dtype in (torch.float32, torch.bfloat16) and self.padding_mode == "zeros"
+                  and not isinstance(self.padding, str)
+                  and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        if not usable:
+            return super().forward(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
+            self.groups, "none", [], "")
+
+
+def prepack_convs(model: nn.Module) -> int:
+    """Switch every plain ``nn.Conv2d`` in ``model`` to :class:`PackedConv2d` (parameters untouched); returns how
+    many were switched. Raises RuntimeError when this torch build lacks the oneDNN ops."""
+    if not _available():
+        raise RuntimeError("prepack_convs needs torch built with oneDNN (torch.ops.mkldnn._convolution_pointwise)")
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = PackedConv2d
+            n += 1
+    return n
+
+
+def unprepack_convs(model: nn.Module) -> int:
+    """Undo :func:`prepack_convs` (drops the packed copies); returns how many convs were restored."""
+    n = 0
+    for module in model.modules():
+        if type(module) is PackedConv2d:
+            module.__class__ = nn.Conv2d
+            for attr in ("_packed", "_pack_key"):
+                module.__dict__.pop(attr, None)
+            n += 1
+    return n

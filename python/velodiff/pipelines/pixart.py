@@ -1,0 +1,96 @@
+"""Text-to-image with PixArt-alpha / PixArt-sigma (T5 encoder, cross-attention DiT), as diffusers'
+PixArtAlphaPipeline / PixArtSigmaPipeline with ``use_resolution_binning=False`` and ``clean_caption=False``."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from velodiff.pipelines.base import BasePipeline, PipelineOutput, check_call_args, postprocess, randn_tensor
+from velodiff.pipelines.stable_diffusion import _as_list
+
+
+class PixArtPipeline(BasePipeline):
+    """PixArt transformer + T5 encoder + AutoencoderKL. ``sigma=True`` for PixArt-sigma (300 tokens, no
+    resolution micro-conditions)."""
+
+    sigma = False
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _encode(self, texts: List[str], max_length: int, num_images: int):
+        tok = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device)
+        emb = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+        return emb.repeat_interleave(num_images, dim=0), mask.repeat_interleave(num_images, dim=0)
+
+    def transformer_fn(self, emb, mask, neg_emb, neg_mask, added):
+        channels = self.transformer.config.in_channels
+        guided = neg_emb is not None
+        if guided:
+            emb, mask = torch.cat([neg_emb, emb]), torch.cat([neg_mask, mask])
+            if added is not None:
+                added = {k: torch.cat([v, v]) for k, v in added.items()}
+
+        def fn(x: torch.Tensor, t: float):
+            x = x.to(self.dtype)
+            batch = torch.cat([x, x]) if guided else x
+            ts = torch.full((batch.shape[0],), t, device=self.device)
+            out = self.transformer(batch, emb, ts, added_cond_kwargs=added, encoder_attention_mask=mask)
+            out = out[:, :channels]  # learned sigma: the sampler uses the noise prediction only
+            if not guided:
+                return out
+            uncond, cond = out.chunk(2)
+            return cond, uncond
+        return fn
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str]] = "",
+                 num_inference_steps: int = 20, guidance_scale: float = 4.5, num_images_per_prompt: int = 1,
+                 height: Optional[int] = None, width: Optional[int] = None, generator=None,
+                 output_type: str = "pil", max_sequence_length: Optional[int] = None,
+                 sampler: Optional[str] = None, sampler_options: Optional[Dict[str, Any]] = None,
+                 callback=None) -> PipelineOutput:
+        """Generate images for ``prompt`` (diffusers' PixArt arguments and defaults; no resolution binning)."""
+        prompts = _as_list(prompt, "prompt")
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        default = self.transformer.config.sample_size * self.vae_scale_factor
+        height, width = height or default, width or default
+        check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, height, width,
+                        self.vae_scale_factor)
+        max_length = max_sequence_length or (300 if self.sigma else 120)
+        guided = guidance_scale > 1.0
+        n = num_images_per_prompt
+        emb, mask = self._encode(prompts, max_length, n)
+        neg_emb = neg_mask = None
+        if guided:
+            neg_emb, neg_mask = self._encode(negatives, emb.shape[1], n)
+        batch = len(prompts) * n
+        added = None
+        if not self.sigma and self.transformer.config.sample_size == 128:
+            # PixArt-alpha 1024px micro-conditions: the requested size and its aspect ratio
+            added = {"resolution": torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(batch, 1),
+                     "aspect_ratio": torch.tensor([[height / width]], dtype=self.dtype,
+                                                  device=self.device).repeat(batch, 1)}
+        shape = (batch, self.transformer.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator, self.device, self.dtype)
+        final, name, nfe = self.denoise(self.transformer_fn(emb, mask, neg_emb, neg_mask, added), latents,
+                                        num_inference_steps, sampler, guidance_scale if guided else None,
+                                        generator, sampler_options=sampler_options, callback=callback)
+        if output_type == "latent":
+            return PipelineOutput(final, name, nfe)
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
+        return PipelineOutput(postprocess(image, output_type), name, nfe)
+
+
+class PixArtSigmaPipeline(PixArtPipeline):
+    sigma = True

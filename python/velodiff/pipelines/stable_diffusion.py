@@ -1,0 +1,144 @@
+"""Text-to-image for Stable Diffusion 1.x / 2.x and SDXL, following diffusers' pipelines call for call so that
+the same seed gives the same image."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, postprocess, randn_tensor)
+
+Prompt = Union[str, List[str]]
+
+
+def _as_list(prompt: Prompt, name: str) -> List[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+class StableDiffusionPipeline(BasePipeline):
+    """SD 1.x / 2.x text-to-image: CLIP text encoder, UNet2DConditionModel, AutoencoderKL."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _encode(self, texts: List[str]) -> torch.Tensor:
+        tok = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tok.attention_mask.to(self.device)
+        return self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+
+    def encode_prompt(self, prompt: List[str], negative_prompt: Optional[List[str]], num_images: int,
+                      guided: bool):
+        """([B*n, L, D] prompt embeddings, same for the negative prompt or None)."""
+        emb = self._encode(prompt).to(self.dtype).repeat_interleave(num_images, dim=0)
+        neg = None
+        if guided:
+            neg_texts = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+            if len(neg_texts) != len(prompt):
+                raise ValueError(f"negative_prompt has {len(neg_texts)} entries for {len(prompt)} prompts")
+            neg = self._encode(neg_texts).to(self.dtype).repeat_interleave(num_images, dim=0)
+        return emb, neg
+
+    def unet_fn(self, cond: Dict[str, torch.Tensor], uncond: Optional[Dict[str, torch.Tensor]]):
+        """The model callable of the sampling loop: one UNet call on the CFG batch [uncond, cond]."""
+        def fn(x: torch.Tensor, t: float):
+            x = x.to(self.dtype)
+            ts = torch.tensor(t, device=self.device)
+            if uncond is None:
+                return self.unet(x, ts, cond["encoder_hidden_states"], added_cond_kwargs=cond.get("added"))
+            both = {k: torch.cat([uncond[k], cond[k]]) for k in ("encoder_hidden_states",)}
+            added = None
+            if cond.get("added") is not None:
+                added = {k: torch.cat([uncond["added"][k], cond["added"][k]]) for k in cond["added"]}
+            out = self.unet(torch.cat([x, x]), ts, both["encoder_hidden_states"], added_cond_kwargs=added)
+            out_uncond, out_cond = out.chunk(2)
+            return out_cond, out_uncond
+        return fn
+
+    def conditioning(self, prompt: List[str], negative_prompt: Optional[List[str]], num_images: int, guided: bool,
+                     height: int, width: int):
+        emb, neg = self.encode_prompt(prompt, negative_prompt, num_images, guided)
+        return {"encoder_hidden_states": emb}, (None if neg is None else {"encoder_hidden_states": neg})
+
+    @torch.no_grad()
+    def __call__(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, height: Optional[int] = None, width: Optional[int] = None,
+                 num_images_per_prompt: int = 1, generator=None, output_type: str = "pil",
+                 sampler: Optional[str] = None, sampler_options: Optional[Dict[str, Any]] = None,
+                 guidance_rescale: float = 0.0, latents: Optional[torch.Tensor] = None,
+                 callback=None) -> PipelineOutput:
+        """Generate images for ``prompt`` (diffusers' argument names and defaults). ``sampler`` is any name of
+        :data:`velodiff.sampling.SAMPLERS` (default: the folder's scheduler); ``sampler_options`` go to it
+        (e.g. ``{"eta": 0.5}`` for ddim)."""
+        prompts = _as_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default, width or default
+        check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, height, width,
+                        self.vae_scale_factor)
+        guided = guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None
+        cond, uncond = self.conditioning(prompts, negatives, num_images_per_prompt, guided, height, width)
+        batch = len(prompts) * num_images_per_prompt
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator, self.device, self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        final, name, nfe = self.denoise(self.unet_fn(cond, uncond), latents.to(self.device), num_inference_steps,
+                                        sampler, guidance_scale if guided else None, generator,
+                                        guidance_rescale=guidance_rescale, sampler_options=sampler_options,
+                                        callback=callback)
+        if output_type == "latent":
+            return PipelineOutput(final, name, nfe)
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
+        return PipelineOutput(postprocess(image, output_type), name, nfe)
+
+
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    """SDXL text-to-image: two CLIP encoders (penultimate hidden states concatenated; pooled projection of the
+    second), the text_time added conditioning (original size, crop, target size)."""
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return bool(self.components.get("_model_index", {}).get("force_zeros_for_empty_prompt", True))
+
+    def _encode_xl(self, texts: List[str]):
+        embeds, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            if out[0].dim() == 2:  # CLIPTextModelWithProjection: text_embeds first
+                pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    def conditioning(self, prompt, negative_prompt, num_images, guided, height, width):
+        emb, pooled = self._encode_xl(prompt)
+        n = num_images
+        emb = emb.to(self.dtype).repeat_interleave(n, dim=0)
+        pooled = pooled.to(self.dtype).repeat_interleave(n, dim=0)
+        # micro-conditioning (SDXL paper, section 2.2): (original_size, crops_coords_top_left, target_size)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        time_ids = time_ids.repeat(emb.shape[0], 1)
+        cond = {"encoder_hidden_states": emb, "added": {"text_embeds": pooled, "time_ids": time_ids}}
+        if not guided:
+            return cond, None
+        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+            neg, neg_pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+        else:
+            texts = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+            if len(texts) != len(prompt):
+                raise ValueError(f"negative_prompt has {len(texts)} entries for {len(prompt)} prompts")
+            neg, neg_pooled = self._encode_xl(texts)
+            neg = neg.to(self.dtype).repeat_interleave(n, dim=0)
+            neg_pooled = neg_pooled.to(self.dtype).repeat_interleave(n, dim=0)
+        return cond, {"encoder_hidden_states": neg, "added": {"text_embeds": neg_pooled, "time_ids": time_ids}}
