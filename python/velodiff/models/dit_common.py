@@ -1,4 +1,4 @@
-"""Pieces shared by the patch transformers (DiT, PixArt): config handling, patch embedding over a fixed 2-D
+"""Pieces shared by the patch transformers (DiT, PixArt): patch embedding over a fixed 2-D
 sin-cos position table, unpatchify and timestep normalisation.
 
 Parameter names follow diffusers (``pos_embed.proj``), so diffusers state dicts load unchanged. The sin-cos table
@@ -6,52 +6,10 @@ is a non-persistent buffer, as in diffusers: it is never part of a state dict.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
-
-
-class ModelConfig(dict):
-    """The keyword arguments a model was built with, readable as ``config.key`` or ``config["key"]``."""
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(f"config has no key {key!r}") from None
-
-
-def init_config(frame_locals: Mapping[str, Any]) -> ModelConfig:
-    """Capture an ``__init__``'s keyword arguments (call first thing with ``locals()``)."""
-    return ModelConfig({k: v for k, v in frame_locals.items() if k not in ("self", "__class__")})
-
-
-def build_from_config(cls, config: Mapping[str, Any], foreign: Mapping[str, Any]):
-    """Instantiate ``cls`` from a diffusers ``config.json`` dict.
-
-    Keys starting with ``_`` are dropped. Keys of ``cls.__init__`` are passed through (``__init__`` validates
-    their values). ``foreign`` lists keys that older diffusers classes wrote into the same config files (e.g. the
-    legacy ``Transformer2DModel`` keys) with the one value under which they do not change the model; any other
-    key, or a foreign key with another value, raises ValueError naming it.
-    """
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    kwargs: Dict[str, Any] = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if key in params:
-            kwargs[key] = value
-        elif key in foreign:
-            if value != foreign[key]:
-                raise ValueError(f"{cls.__name__}: config key {key!r}={value!r} is not supported "
-                                 f"(only {foreign[key]!r})")
-        else:
-            raise ValueError(f"{cls.__name__}: unsupported config key {key!r}={value!r}")
-    return cls(**kwargs)
 
 
 def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .dit_common import PatchEmbed, build_from_config, init_config, timestep_batch, unpatchify
+from .config import build_from_config, init_config
+from .dit_common import PatchEmbed, timestep_batch, unpatchify
 from .embeddings import TimestepEmbedding, Timesteps
 from .feedforward import FeedForward
 

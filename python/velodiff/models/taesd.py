@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae import ModelConfig, _check_image, init_kwargs_from_config
+from .config import ModelConfig, kwargs_from_config
+from .vae import _check_image
 
 _ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU}
 _UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
@@ -157,7 +158,7 @@ class AutoencoderTiny(nn.Module):
         """Build from a diffusers ``AutoencoderTiny`` config dict. diffusers also saves ``block_out_channels``
         (a copy of ``decoder_block_out_channels``); it is checked, not used."""
         derived = {"block_out_channels": lambda kw: kw.get("decoder_block_out_channels", (64, 64, 64, 64))}
-        return cls(**init_kwargs_from_config(cls, config, ignored=derived))
+        return cls(**kwargs_from_config(cls, config, foreign=derived))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,26 +9,16 @@ micro-conditioning) and ``upcast_attention`` (SD 2.1).
 """
 from __future__ import annotations
 
-import inspect
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import TimestepEmbedding, Timesteps
+from .config import ModelConfig, kwargs_from_config
 from .unet_blocks import (DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, CrossAttnDownBlock2D,
                           CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D)
-
-
-class ModelConfig(dict):
-    """The config dict a model was built from, readable as attributes (``config.in_channels``)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
 
 
 # diffusers keys we do not implement, with the (default) value we require.
@@ -203,19 +193,7 @@ class UNet2DConditionModel(nn.Module):
     def from_config(cls, config: Dict) -> "UNet2DConditionModel":
         """Build from a diffusers ``unet/config.json`` dict. Keys starting with "_" are dropped; a key we do not
         implement raises ValueError naming it unless it holds the default we implement."""
-        params = inspect.signature(cls.__init__).parameters
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key in params:
-                kwargs[key] = value
-            elif key in _UNSUPPORTED_DEFAULTS:
-                if value != _UNSUPPORTED_DEFAULTS[key]:
-                    raise ValueError(f"UNet config key {key!r}={value!r} is not supported (only "
-                                     f"{_UNSUPPORTED_DEFAULTS[key]!r})")
-            else:
-                raise ValueError(f"unknown UNet config key {key!r}")
+        kwargs = kwargs_from_config(cls, config, _UNSUPPORTED_DEFAULTS)
         model = cls(**kwargs)
         model.config = ModelConfig({k: v for k, v in config.items() if not k.startswith("_")})
         return model

@@ -36,7 +36,6 @@ to decide whether to run the VAE in fp32; the model itself runs in whatever dtyp
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -46,51 +45,14 @@ from torch import nn
 from .attention import Attention
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
+from .config import ModelConfig, kwargs_from_config
+
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # config handling shared by velodiff's VAE classes
 # --------------------------------------------------------------------------------------------------------------
-
-class ModelConfig(dict):
-    """The config a model was built from (all ``__init__`` arguments, defaults filled in), readable as
-    ``config.scaling_factor`` or ``config["scaling_factor"]``."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
-
-
-def _norm(value: Any) -> Any:
-    """JSON gives lists where Python defaults are tuples: compare them as tuples."""
-    return tuple(_norm(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def init_kwargs_from_config(cls: type, config: Dict[str, Any], ignored: Dict[str, Any]) -> Dict[str, Any]:
-    """``__init__`` keyword arguments of ``cls`` from a diffusers config dict.
-
-    Keys starting with ``_`` are dropped. Keys naming an ``__init__`` argument are passed on. Keys in ``ignored``
-    (name -> the only value we implement, or a callable ``(kwargs) -> value`` for derived keys) are accepted when
-    equal to that value. Anything else raises ValueError naming the key.
-    """
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k in params}
-    for key, value in config.items():
-        if key.startswith("_") or key in params:
-            continue
-        if key not in ignored:
-            raise ValueError(f"{cls.__name__}: unsupported config key {key!r} (value {value!r})")
-        expected = ignored[key](kwargs) if callable(ignored[key]) else ignored[key]
-        if _norm(value) != _norm(expected):
-            raise ValueError(f"{cls.__name__}: config key {key!r} = {value!r} is not supported "
-                             f"(only {expected!r} is implemented)")
-    return kwargs
-
 
 def randn_like_diffusers(shape: Tuple[int, ...], generator: GeneratorArg, device: torch.device,
                          dtype: torch.dtype) -> torch.Tensor:
@@ -325,7 +287,7 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "AutoencoderKL":
         """Build from a diffusers ``vae/config.json`` dict (``_``-prefixed keys are ignored)."""
-        return cls(**init_kwargs_from_config(cls, config, ignored={}))
+        return cls(**kwargs_from_config(cls, config, foreign={}))
 
     @property
     def spatial_compression(self) -> int:
