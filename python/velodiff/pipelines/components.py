@@ -58,17 +58,25 @@ def model_class_for(class_name: str, config: Dict[str, Any]):
 
 def load_model(folder: str, class_name: str, dtype: torch.dtype, device, variant: Optional[str] = None):
     """Build velodiff's model from ``folder/config.json`` and load its safetensors weights into it."""
-    from velodiff.loading import find_weights, load_state_dict_into, read_safetensors
+    from velodiff.loading import find_weights, read_safetensors
 
     config = read_json(os.path.join(folder, "config.json"))
     cls = model_class_for(class_name, config)
-    with torch.device("meta"):
-        model = cls.from_config(config)
     state: Dict[str, torch.Tensor] = {}
     files = find_weights(folder, variant=variant)
     for path in files:
         state.update(read_safetensors(path, dtype=dtype, device=device))
-    load_state_dict_into(model, state, source=files[0] if len(files) == 1 else folder, strict=True, assign=True)
+    return model_from_state_dict(cls, config, state, source=files[0] if len(files) == 1 else folder)
+
+
+def model_from_state_dict(cls, config: Dict[str, Any], state: Dict[str, torch.Tensor], *, source: str):
+    """Build velodiff's ``cls`` from a diffusers ``config`` on the meta device and give it ``state``'s tensors
+    (no copy: the model takes them with their dtype and device). Errors name ``source`` and the keys."""
+    from velodiff.loading import load_state_dict_into
+
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    load_state_dict_into(model, state, source=source, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 

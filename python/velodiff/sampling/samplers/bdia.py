@@ -25,6 +25,7 @@ import math
 import numbers
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, discrete_start
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -38,7 +39,7 @@ def ddim_map(ab_from: float, ab_to: float):
 
 @register("bdia")
 def bdia(schedule: sch.NoiseSchedule, num_steps: int, *, gamma: float = 1.0, spacing: str = "leading",
-         steps_offset: int = 1, set_alpha_to_one: bool = False) -> SamplerPlan:
+         steps_offset: int = 1, set_alpha_to_one: bool = False, begin: int = 0) -> SamplerPlan:
     """BDIA-DDIM over DDIM timesteps (like :func:`velodiff.sampling.samplers.ddim.ddim` with eta = 0).
 
     Args:
@@ -46,6 +47,7 @@ def bdia(schedule: sch.NoiseSchedule, num_steps: int, *, gamma: float = 1.0, spa
             the default (the best-conditioned exact inverse: the inverse divides by gamma every step).
         spacing, steps_offset, set_alpha_to_one: the DDIM discretisation; each step goes to the next scheduled
             timestep, the last one to abar_0 (or 1 with ``set_alpha_to_one``).
+        begin: start at point ``begin`` of the N-step schedule (its first step a plain DDIM step).
 
     ``plan.info['abar']`` lists abar at the N + 1 points, for the inverse recursion.
     """
@@ -56,7 +58,7 @@ def bdia(schedule: sch.NoiseSchedule, num_steps: int, *, gamma: float = 1.0, spa
     if schedule.prediction_type == "flow":
         raise ValueError("prediction_type 'flow' is not supported by bdia (DDIM discretisation of a VP schedule)")
     ab = schedule.alphas_cumprod
-    ts = sch.ddim_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)
+    ts = sch.ddim_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)[check_begin(begin, n):]
     abar = [float(ab[t]) for t in ts] + [1.0 if set_alpha_to_one else float(ab[0])]
     calls = []
     for i, t in enumerate(ts):
@@ -74,5 +76,6 @@ def bdia(schedule: sch.NoiseSchedule, num_steps: int, *, gamma: float = 1.0, spa
     # The forward and backward DDIM steps share their leading local error C h^2, so a BDIA step's local error is
     # (1 - gamma) C h^2 + O(h^3): first order for gamma < 1, second order at gamma = 1 (measured in
     # tests/sampling/test_convergence.py).
-    info = {"order": 2 if gamma == 1.0 else 1, "gamma": gamma, "timesteps": ts.tolist(), "abar": abar}
+    info = {"order": 2 if gamma == 1.0 else 1, "gamma": gamma, "timesteps": ts.tolist(), "abar": abar,
+            "start": discrete_start(ab, ts[0])}
     return SamplerPlan("bdia", calls, info=info)

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, discrete_start
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -28,7 +29,8 @@ def _check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> np.n
 
 @register("ddpm")
 def ddpm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, variance_type: str = "fixed_small",
-         spacing: str = "leading", steps_offset: int = 0, timesteps: Optional[Sequence[int]] = None) -> SamplerPlan:
+         spacing: str = "leading", steps_offset: int = 0, timesteps: Optional[Sequence[int]] = None,
+         begin: int = 0) -> SamplerPlan:
     """DDPM ancestral sampling from the discrete timesteps of ``spacing`` (diffusers defaults: ``leading``,
     ``steps_offset=0``), or from explicit descending integer ``timesteps`` (then ``num_steps`` may be None).
 
@@ -42,6 +44,8 @@ def ddpm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, variance_type
     The last step returns the posterior mean (no noise), as in Ho et al.'s Algorithm 2. diffusers adds noise on
     the last step whenever its timestep is > 0 (``trailing``, or ``leading`` with ``steps_offset >= 1``):
     negligible for ``fixed_small`` (std clamped to 1e-10), std sqrt(1 - abar_t) for ``fixed_large``.
+
+    ``begin``: start at point ``begin`` of the N-step schedule (see :mod:`velodiff.sampling.begin`).
     """
     if variance_type not in DDPM_VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {DDPM_VARIANCE_TYPES} (learned variances need a "
@@ -57,6 +61,7 @@ def ddpm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, variance_type
         ts = sch.ddim_timesteps(sch.check_num_steps(num_steps), n_train, spacing, steps_offset)
         if ts[0] >= n_train:
             raise ValueError(f"steps_offset ({steps_offset}) pushes the first timestep past {n_train - 1}")
+    ts = ts[check_begin(begin, len(ts)):]
     ab = schedule.alphas_cumprod
     n = len(ts)
     calls = []
@@ -78,4 +83,5 @@ def ddpm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, variance_type
         else:
             std = math.sqrt(max((1.0 - ab_prev) / (1.0 - ab_t) * beta, 1e-20))
         calls.append(Call(timestep=float(t), p_x=p_x, p_m=p_m, c_x=c_x, c_d=c_d, c_z=std, noise=std > 0))
-    return SamplerPlan("ddpm", calls, info={"order": 1, "timesteps": ts.tolist(), "variance_type": variance_type})
+    return SamplerPlan("ddpm", calls, info={"order": 1, "timesteps": ts.tolist(), "variance_type": variance_type,
+                                                   "start": discrete_start(ab, ts[0])})

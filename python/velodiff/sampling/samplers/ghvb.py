@@ -23,6 +23,7 @@ from fractions import Fraction
 from typing import List, Sequence, Tuple
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, discrete_start
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -84,7 +85,7 @@ def split_order(order: float) -> Tuple[int, float]:
 
 @register("ghvb")
 def ghvb(schedule: sch.NoiseSchedule, num_steps: int, *, order: float = 1.8, spacing: str = "leading",
-         steps_offset: int = 1, set_alpha_to_one: bool = False) -> SamplerPlan:
+         steps_offset: int = 1, set_alpha_to_one: bool = False, begin: int = 0) -> SamplerPlan:
     """GHVB of the paper's ``order`` = k - 1 + beta over DDIM timesteps (like :func:`ddim`).
 
     Args:
@@ -93,6 +94,7 @@ def ghvb(schedule: sch.NoiseSchedule, num_steps: int, *, order: float = 1.8, spa
             The reference code leaves the choice to the user (their sweeps use 0.7 .. 4.0); 1.8 is our default.
         spacing, steps_offset, set_alpha_to_one: the DDIM discretisation (see :func:`velodiff.sampling.samplers.
             ddim.ddim`); each step goes to the next scheduled timestep.
+        begin: start at point ``begin`` of the N-step schedule, momentum and warm-up fresh from there.
 
     ``plan.info['order']`` is k, the order of the mixer on equal steps in varsigma. The observed order of a
     whole run is lower: DDIM timesteps are far from uniform in varsigma while the mixer's weights are fixed (as
@@ -104,7 +106,8 @@ def ghvb(schedule: sch.NoiseSchedule, num_steps: int, *, order: float = 1.8, spa
     if schedule.prediction_type == "flow":
         raise ValueError("prediction_type 'flow' is not supported by ghvb (DDIM discretisation of a VP schedule)")
     ab = schedule.alphas_cumprod
-    ts = sch.ddim_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)
+    ts = sch.ddim_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset)[check_begin(begin, n):]
+    n = len(ts)
     final_ab = 1.0 if set_alpha_to_one else float(ab[0])
     slots = k if (k > 1 or beta < 1.0) else 0  # order 1 keeps no history: exactly DDIM's single-input update
     mixers = {m: mixer_coefficients(m, beta) for m in range(1, k + 1)}
@@ -129,5 +132,6 @@ def ghvb(schedule: sch.NoiseSchedule, num_steps: int, *, order: float = 1.8, spa
             c_h[(i - j) % slots] += scale * w[j]
         calls.append(Call(timestep=float(t), p_x=p_x, p_m=p_m, q=q, c_x=alpha_next / alpha, c_d=scale * w[0],
                           c_h=c_h, write_slot=i % slots if slots else -1))
-    info = {"order": k, "ghvb_order": order, "k": k, "beta": beta, "timesteps": ts.tolist()}
+    info = {"order": k, "ghvb_order": order, "k": k, "beta": beta, "timesteps": ts.tolist(),
+            "start": discrete_start(ab, ts[0])}
     return SamplerPlan("ghvb", calls, history_slots=slots, info=info)

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, discrete_start
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -49,7 +50,7 @@ def lcm_boundary_scalings(timestep: float, timestep_scaling: float = 10.0) -> tu
 @register("lcm")
 def lcm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, original_inference_steps: int = 50,
         timestep_scaling: float = 10.0, strength: float = 1.0,
-        timesteps: Optional[Sequence[int]] = None) -> SamplerPlan:
+        timesteps: Optional[Sequence[int]] = None, begin: int = 0) -> SamplerPlan:
     """Multistep LCM sampling: at each timestep t the consistency function
     ``denoised = c_skip(t) x + c_out(t) x0_hat(x, t)`` estimates clean data, which is re-noised to the next
     timestep with fresh noise ``x_next = alpha_next * denoised + sigma_next * z`` (LCM Algorithm 1); the last step
@@ -57,7 +58,7 @@ def lcm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, original_infer
 
     ``original_inference_steps``: size of the distillation grid (50 for the published LCMs); ``strength`` < 1
     restricts the grid to its low-noise part (img2img). ``timesteps``: explicit descending integer timesteps
-    (then ``num_steps`` may be None). Initial noise is unit (``init_noise_scale = 1``).
+    (then ``num_steps`` may be None). Initial noise is unit (``init_noise_scale = 1``). ``begin``: start at point ``begin`` of the N-step schedule (see :mod:`velodiff.sampling.begin`).
     """
     if schedule.prediction_type == "flow":
         raise ValueError("prediction_type 'flow' is not supported by 'lcm'")
@@ -74,6 +75,7 @@ def lcm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, original_infer
         ts = ts.astype(np.int64)
     else:
         ts = lcm_timesteps(num_steps, n_train, original_inference_steps, strength)
+    ts = ts[check_begin(begin, len(ts)):]
     ab = schedule.alphas_cumprod
     n = len(ts)
     calls = []
@@ -88,4 +90,4 @@ def lcm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, original_infer
             a_next, s_next = math.sqrt(ab_next), math.sqrt(1.0 - ab_next)
             calls.append(Call(timestep=float(t), p_x=p_x, p_m=p_m, c_x=a_next * c_skip, c_d=a_next * c_out,
                               c_z=s_next, noise=True))
-    return SamplerPlan("lcm", calls, info={"order": 1, "timesteps": ts.tolist()})
+    return SamplerPlan("lcm", calls, info={"order": 1, "timesteps": ts.tolist(), "start": discrete_start(ab, ts[0])})
