@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, postprocess, randn_tensor)
+from velodiff.pipelines.img2img import check_strength, img2img_denoise, preprocess_image
 
 Prompt = Union[str, List[str]]
 
@@ -73,19 +74,40 @@ class StableDiffusionPipeline(BasePipeline):
                  num_images_per_prompt: int = 1, generator=None, output_type: str = "pil",
                  sampler: Optional[str] = None, sampler_options: Optional[Dict[str, Any]] = None,
                  guidance_rescale: float = 0.0, latents: Optional[torch.Tensor] = None,
-                 callback=None) -> PipelineOutput:
+                 callback=None, image=None, strength: float = 0.8) -> PipelineOutput:
         """Generate images for ``prompt`` (diffusers' argument names and defaults). ``sampler`` is any name of
         :data:`velodiff.sampling.SAMPLERS` (default: the folder's scheduler); ``sampler_options`` go to it
-        (e.g. ``{"eta": 0.5}`` for ddim)."""
+        (e.g. ``{"eta": 0.5}`` for ddim).
+
+        Image-to-image when ``image`` is given (a PIL image, a list of them, or a [B, 3, H, W] tensor in [-1, 1] or
+        [0, 1], H and W multiples of the VAE factor): the image is encoded, noised to the point
+        ``N - int(N * strength)`` of the N-step schedule and denoised from there, as diffusers'
+        ``StableDiffusion(XL)Img2ImgPipeline``; the output has the image's size (height/width, if given, must
+        match it) and ``latents`` cannot be given."""
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         default = self.unet.config.sample_size * self.vae_scale_factor
+        if image is not None:
+            image = preprocess_image(image, self.vae_scale_factor)
+            if latents is not None:
+                raise ValueError("latents cannot be given together with image")
+            if (height or image.shape[2]) != image.shape[2] or (width or image.shape[3]) != image.shape[3]:
+                raise ValueError(f"image is {image.shape[2]}x{image.shape[3]} but height x width is {height}x{width}")
+            height, width = int(image.shape[2]), int(image.shape[3])
         height, width = height or default, width or default
         check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, height, width,
                         self.vae_scale_factor)
+        if image is not None:
+            check_strength(strength, num_inference_steps)
         guided = guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None
         cond, uncond = self.conditioning(prompts, negatives, num_images_per_prompt, guided, height, width)
         batch = len(prompts) * num_images_per_prompt
+        if image is not None:
+            final, name, nfe = img2img_denoise(self, self.unet_fn(cond, uncond), image, batch, num_inference_steps,
+                                               strength, sampler, guidance_scale if guided else None, generator,
+                                               guidance_rescale=guidance_rescale, sampler_options=sampler_options,
+                                               callback=callback)
+            return self._finish(final, name, nfe, output_type)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator, self.device, self.dtype)
@@ -95,6 +117,10 @@ class StableDiffusionPipeline(BasePipeline):
                                         sampler, guidance_scale if guided else None, generator,
                                         guidance_rescale=guidance_rescale, sampler_options=sampler_options,
                                         callback=callback)
+        return self._finish(final, name, nfe, output_type)
+
+    def _finish(self, final: torch.Tensor, name: str, nfe: int, output_type: str) -> PipelineOutput:
+        """Decode the final latents (unless ``output_type='latent'``) into the pipeline output."""
         if output_type == "latent":
             return PipelineOutput(final, name, nfe)
         vae_dtype = next(self.vae.parameters()).dtype

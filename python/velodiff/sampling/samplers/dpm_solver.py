@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, start_info
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -197,7 +198,7 @@ def singlestep_orders(num_steps: int, order: int, lower_order_final: bool, final
 def _singlestep(order: int, schedule: sch.NoiseSchedule, num_steps, *, algorithm_type: str = "dpmsolver++",
                 solver_type: str = "midpoint", lower_order_final: bool = False, spacing: str = "linspace",
                 steps_offset: int = 0, sigma_schedule: str = "default", final_sigma: str = "zero", sigmas=None,
-                round_timesteps: bool = True, warm_start: bool = False) -> SamplerPlan:
+                round_timesteps: bool = True, warm_start: bool = False, begin: int = 0) -> SamplerPlan:
     check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     lower_order_final = check_bool("lower_order_final", lower_order_final)
@@ -210,15 +211,22 @@ def _singlestep(order: int, schedule: sch.NoiseSchedule, num_steps, *, algorithm
                          "'dpmsolver': the noise-prediction update is undefined at sigma = 0; use 'sigma_min'")
     # A singlestep method needs no history from before its start; with warm_start the first order-1 points are
     # skipped so that sampling starts at sigmas[order-1] like the multistep builders (nothing to pre-fill).
-    start = order - 1 if warm_start else 0
+    begin = check_begin(begin, pts.num_steps)
+    if warm_start and begin:
+        raise ValueError("begin and warm_start cannot be combined")
+    start = order - 1 if warm_start else begin
     n_total = pts.num_steps
     n = n_total - start
     if n < 1:
         raise ValueError(f"warm_start needs more than {order - 1} sigma intervals, got {n_total}")
     # diffusers switches lower_order_final on when N is not a multiple of the order, or when the last step
     # goes to sigma = 0 (set_timesteps, persistently in the scheduler config).
-    lof = lower_order_final or (n % order != 0) or final_zero
-    orders = singlestep_orders(n, order, lof, final_zero)
+    # With begin, diffusers keeps the order list of all N steps and lowers an order where fewer predictions than
+    # it needs were made since the start (step(): `while model_outputs[-order] is None`).
+    n_list = n_total if begin else n
+    lof = lower_order_final or (n_list % order != 0) or final_zero
+    orders = singlestep_orders(n_list, order, lof, final_zero)[begin:]
+    orders = [min(o, c + 1) for c, o in enumerate(orders)]
 
     lam = pts.lambdas
     alpha, sigma = pts.alpha, pts.sigma
@@ -282,7 +290,8 @@ def _singlestep(order: int, schedule: sch.NoiseSchedule, num_steps, *, algorithm
     name = f"dpm_solver_{order}"
     info = {"order": order, "orders": orders, "timesteps": [cl.timestep for cl in calls],
             "sigmas": pts.varsigma[start:].tolist(), "lower_order_final": lof, "algorithm_type": algorithm_type,
-            "solver_type": solver_type, "warm_start": []}
+            "solver_type": solver_type, "warm_start": [],
+            "start": start_info(pts.timesteps[start], alpha[start], sigma[start])}
     return SamplerPlan(name, calls, history_slots=k_slots, info=info)
 
 
@@ -295,7 +304,9 @@ _SINGLESTEP_DOC = """Singlestep DPM-Solver-{k} on the grid of ``schedules.discre
     ``spacing``, ``steps_offset``, ``sigma_schedule`` (default | karras | exponential), ``final_sigma``
     (zero | sigma_min), ``sigmas`` (explicit descending VE sigmas [N+1]; ``num_steps`` is then ignored),
     ``round_timesteps``; ``warm_start`` (starts at sigmas[{km1}], skipping the points before it: a singlestep
-    method needs no history, so plan.info['warm_start'] is empty).
+    method needs no history, so plan.info['warm_start'] is empty); ``begin`` (start at point ``begin``: the
+    order list of all N steps from there on, each order capped by the predictions made since the start, as
+    diffusers; see :mod:`velodiff.sampling.begin`).
     plan.info: order, orders (per call), timesteps, sigmas, lower_order_final (effective), warm_start ([]).
     The theoretical order {k} holds when each group's stages sit at equal log-SNR spacing (e.g. uniform-lambda
     sigmas); on other grids the third-order group formulas are only second order.
@@ -306,11 +317,11 @@ def _make_singlestep(k: int):
     def builder(schedule: sch.NoiseSchedule, num_steps=None, *, algorithm_type: str = "dpmsolver++",
                 solver_type: str = "midpoint", lower_order_final: bool = False, spacing: str = "linspace",
                 steps_offset: int = 0, sigma_schedule: str = "default", final_sigma: str = "zero", sigmas=None,
-                round_timesteps: bool = True, warm_start: bool = False) -> SamplerPlan:
+                round_timesteps: bool = True, warm_start: bool = False, begin: int = 0) -> SamplerPlan:
         return _singlestep(k, schedule, num_steps, algorithm_type=algorithm_type, solver_type=solver_type,
                            lower_order_final=lower_order_final, spacing=spacing, steps_offset=steps_offset,
                            sigma_schedule=sigma_schedule, final_sigma=final_sigma, sigmas=sigmas,
-                           round_timesteps=round_timesteps, warm_start=warm_start)
+                           round_timesteps=round_timesteps, warm_start=warm_start, begin=begin)
     builder.__name__ = builder.__qualname__ = f"dpm_solver_{k}"
     builder.__doc__ = _SINGLESTEP_DOC.format(k=k, km1=k - 1)
     return register(f"dpm_solver_{k}")(builder)

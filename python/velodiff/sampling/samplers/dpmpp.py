@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, start_info
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 from velodiff.sampling.samplers.dpm_solver import (SOLVER_TYPES, add, check_bool, check_choice, data_phis,
@@ -18,19 +19,21 @@ from velodiff.sampling.samplers.dpm_solver import (SOLVER_TYPES, add, check_bool
 
 
 def multistep_orders(num_calls: int, order: int, *, lower_order_final: bool, euler_at_final: bool,
-                     final_zero: bool, warm_start: bool) -> List[int]:
+                     final_zero: bool, warm_start: bool, total_steps: int = None) -> List[int]:
     """The order of each step, as diffusers' ``step`` picks it.
 
     Warm-up: the k-th step (k = 0, 1, ...) has at most order k+1 (no warm-up with ``warm_start``). Last step:
     first order with ``euler_at_final``, when it ends at sigma = 0, or with ``lower_order_final`` when there are
-    fewer than 15 steps (then the second-to-last step is at most second order).
+    fewer than 15 steps (then the second-to-last step is at most second order). ``total_steps``: the N of that
+    test (default ``num_calls``); diffusers compares the whole schedule's length, also when starting late.
     """
     n = num_calls
+    short = (total_steps if total_steps is not None else n) < 15
     orders = []
     for c in range(n):
         available = order if warm_start else c + 1
-        last = c == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_zero)
-        second = c == n - 2 and lower_order_final and n < 15
+        last = c == n - 1 and (euler_at_final or (lower_order_final and short) or final_zero)
+        second = c == n - 2 and lower_order_final and short
         if order == 1 or available < 2 or last:
             orders.append(1)
         elif order == 2 or available < 3 or second:
@@ -43,7 +46,7 @@ def multistep_orders(num_calls: int, order: int, *, lower_order_final: bool, eul
 def _multistep(name: str, order: int, schedule: sch.NoiseSchedule, num_steps, *, sde: bool, exact_d2: bool,
                solver_type: str, lower_order_final: bool, euler_at_final: bool, spacing: str, steps_offset: int,
                sigma_schedule: str, final_sigma: str, sigmas, round_timesteps: bool, warm_start: bool,
-               info_order: int, extra_info: Dict) -> SamplerPlan:
+               info_order: int, extra_info: Dict, begin: int = 0) -> SamplerPlan:
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     lower_order_final = check_bool("lower_order_final", lower_order_final)
     euler_at_final = check_bool("euler_at_final", euler_at_final)
@@ -52,12 +55,16 @@ def _multistep(name: str, order: int, schedule: sch.NoiseSchedule, num_steps, *,
                      final_sigma=final_sigma, sigmas=sigmas, round_timesteps=round_timesteps)
     final_zero = float(pts.sigma[-1]) == 0.0
     k_slots = order - 1
-    start = k_slots if warm_start else 0
+    begin = check_begin(begin, pts.num_steps)
+    if warm_start and begin:
+        raise ValueError("begin and warm_start cannot be combined")
+    start = k_slots if warm_start else begin
     n = pts.num_steps - start
     if n < 1:
         raise ValueError(f"warm_start needs more than {k_slots} sigma intervals, got {pts.num_steps}")
     orders = multistep_orders(n, order, lower_order_final=lower_order_final, euler_at_final=euler_at_final,
-                              final_zero=final_zero, warm_start=warm_start)
+                              final_zero=final_zero, warm_start=warm_start,
+                              total_steps=pts.num_steps if begin else n)
     lam, alpha, sigma = pts.lambdas, pts.alpha, pts.sigma
     pred = schedule.prediction_type
     algorithm = "sde-dpmsolver++" if sde else "dpmsolver++"
@@ -66,7 +73,7 @@ def _multistep(name: str, order: int, schedule: sch.NoiseSchedule, num_steps, *,
         j, t = start + c, start + c + 1
         h = float(lam[t] - lam[j])
         a_t, s_t = float(alpha[t]), float(sigma[t])
-        slot_of = {i: i % k_slots for i in (j - 1, j - 2) if i >= 0} if k_slots else {}
+        slot_of = {i: i % k_slots for i in (j - 1, j - 2) if i >= begin} if k_slots else {}
         w: Dict[int, float] = {}
         c_z = 0.0
         if sde:
@@ -117,7 +124,8 @@ def _multistep(name: str, order: int, schedule: sch.NoiseSchedule, num_steps, *,
                                write_slot=write))
     info = {"order": info_order, "orders": orders, "timesteps": [cl.timestep for cl in calls],
             "sigmas": pts.varsigma[start:].tolist(), "warm_start": [(i % k_slots, i) for i in range(start)],
-            "lower_order_final": lower_order_final, "solver_type": solver_type, "algorithm_type": algorithm}
+            "lower_order_final": lower_order_final, "solver_type": solver_type, "algorithm_type": algorithm,
+            "start": start_info(pts.timesteps[start], alpha[start], sigma[start])}
     info.update(extra_info)
     return SamplerPlan(name, calls, history_slots=k_slots, info=info)
 
@@ -131,7 +139,9 @@ _COMMON_DOC = """
     ``round_timesteps``, ``warm_start``: when True the first order-1 entries of the grid are points before the
     start whose data predictions the caller puts in the ring buffer (``run_plan(initial_history=...)``, slots in
     ``plan.info["warm_start"]`` as (slot, grid index)); sampling starts at grid point order-1 at full order.
-    plan.info: order, orders (per call), timesteps, sigmas (from the first sampled point), warm_start.
+    ``begin``: start at point ``begin`` (fresh warm-up from there; the N < 15 rule of ``lower_order_final`` still
+    counts all N steps, as diffusers; see :mod:`velodiff.sampling.begin`).
+    plan.info: order, orders (per call), timesteps, sigmas (from the first sampled point), warm_start, start.
 """
 
 
@@ -140,12 +150,12 @@ def _builder(name: str, order: int, *, sde: bool = False, exact_d2: bool = False
     def builder(schedule: sch.NoiseSchedule, num_steps=None, *, solver_type: str = "midpoint",
                 lower_order_final: bool = True, euler_at_final: bool = False, spacing: str = "linspace",
                 steps_offset: int = 0, sigma_schedule: str = "default", final_sigma: str = "zero", sigmas=None,
-                round_timesteps: bool = True, warm_start: bool = False) -> SamplerPlan:
+                round_timesteps: bool = True, warm_start: bool = False, begin: int = 0) -> SamplerPlan:
         return _multistep(name, order, schedule, num_steps, sde=sde, exact_d2=exact_d2, solver_type=solver_type,
                           lower_order_final=lower_order_final, euler_at_final=euler_at_final, spacing=spacing,
                           steps_offset=steps_offset, sigma_schedule=sigma_schedule, final_sigma=final_sigma,
                           sigmas=sigmas, round_timesteps=round_timesteps, warm_start=warm_start,
-                          info_order=info_order, extra_info=dict(extra_info or {}))
+                          info_order=info_order, extra_info=dict(extra_info or {}), begin=begin)
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = doc + _COMMON_DOC
     return register(name)(builder)

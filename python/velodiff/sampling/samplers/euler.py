@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import points_start, tail
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -34,14 +35,16 @@ def _init_noise_scale(max_sigma: float, spacing: str) -> float:
 
 
 def _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max, final_sigma,
-            sigmas) -> sch.Points:
+            sigmas, begin=0):
+    """(points from ``begin`` on, init_noise_scale of the full discretisation)."""
     if spacing not in ("linspace", "leading", "trailing"):
         raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
     if sigmas is not None and num_steps is not None and len(sigmas) != num_steps + 1:
         raise ValueError(f"sigmas must have num_steps + 1 = {num_steps + 1} entries, got {len(sigmas)}")
-    return sch.euler_discretize(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
-                                sigma_schedule=sigma_schedule, sigma_min=sigma_min, sigma_max=sigma_max,
-                                final_sigma=final_sigma, sigmas=sigmas)
+    pts = sch.euler_discretize(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
+                               sigma_schedule=sigma_schedule, sigma_min=sigma_min, sigma_max=sigma_max,
+                               final_sigma=final_sigma, sigmas=sigmas)
+    return tail(pts, begin), _init_noise_scale(float(max(pts.varsigma)), spacing)
 
 
 def _euler_call(prediction_type: str, s: float, s_to: float, timestep: float) -> Call:
@@ -55,7 +58,7 @@ def _euler_call(prediction_type: str, s: float, s_to: float, timestep: float) ->
 @register("euler")
 def euler(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str = "linspace", steps_offset: int = 0,
           sigma_schedule: str = "default", sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-          final_sigma: str = "zero", timestep_type: str = "discrete", sigmas=None) -> SamplerPlan:
+          final_sigma: str = "zero", timestep_type: str = "discrete", sigmas=None, begin: int = 0) -> SamplerPlan:
     """Euler on the VE probability-flow ODE (Karras et al. 2022, Algorithm 1 without the second-order correction).
 
     Options follow diffusers' EulerDiscreteScheduler: ``spacing`` (``timestep_spacing``), ``steps_offset``,
@@ -68,6 +71,8 @@ def euler(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str
     The state is VE-scaled: initial noise is scaled by ``plan.init_noise_scale`` (diffusers' rule, which depends
     on ``spacing``), and with ``final_sigma='sigma_min'`` the result is the VE state at that sigma, as in diffusers.
     No churn (``s_churn``): diffusers adds the churn noise after the model call, so it is not Karras' method.
+    ``begin``: start at point ``begin`` of the N-step discretisation (see :mod:`velodiff.sampling.begin`);
+    the VE state there is ``x0 + varsigma eps`` (diffusers' ``add_noise``).
     """
     _check_vp(schedule, "euler")
     if timestep_type not in ("discrete", "continuous"):
@@ -75,22 +80,23 @@ def euler(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str
     if timestep_type == "continuous" and schedule.prediction_type != "v_prediction":
         # diffusers silently keeps discrete timesteps in that case
         raise ValueError("timestep_type 'continuous' is only defined for v_prediction models")
-    pts = _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max, final_sigma,
-                  sigmas)
+    pts, init = _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max,
+                        final_sigma, sigmas, begin)
     s = [float(v) for v in pts.varsigma]
     calls = []
     for i in range(pts.num_steps):
         t = 0.25 * math.log(s[i]) if timestep_type == "continuous" else float(pts.timesteps[i])
         calls.append(_euler_call(schedule.prediction_type, s[i], s[i + 1], t))
-    return SamplerPlan("euler", calls, init_noise_scale=_init_noise_scale(max(s), spacing),
-                       info={"order": 1, "timesteps": [c.timestep for c in calls], "sigmas": s})
+    start = dict(points_start(pts, ve=True), timestep=calls[0].timestep)
+    return SamplerPlan("euler", calls, init_noise_scale=init,
+                       info={"order": 1, "timesteps": [c.timestep for c in calls], "sigmas": s, "start": start})
 
 
 @register("euler_a")
 def euler_ancestral(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, eta: float = 1.0,
                     spacing: str = "linspace", steps_offset: int = 0, sigma_schedule: str = "default",
                     sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-                    sigmas=None) -> SamplerPlan:
+                    sigmas=None, begin: int = 0) -> SamplerPlan:
     """Euler ancestral (k-diffusion ``sample_euler_ancestral``; diffusers EulerAncestralDiscreteScheduler).
 
     A step from s to s_next splits s_next^2 = s_down^2 + s_up^2 with
@@ -99,11 +105,13 @@ def euler_ancestral(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, et
     step; eta = 0 is plain Euler. One N(0, I) draw of the sample's shape per step, in step order (diffusers
     draws on the final step too, with zero weight; velodiff skips that draw). Options as :func:`euler`;
     ``sigma_schedule`` other than ``default`` is a velodiff extension (diffusers' ancestral scheduler has none).
+    ``begin``: start at point ``begin`` of the N-step discretisation (see :mod:`velodiff.sampling.begin`).
     """
     _check_vp(schedule, "euler_a")
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    pts = _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max, "zero", sigmas)
+    pts, init = _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max, "zero",
+                        sigmas, begin)
     s = [float(v) for v in pts.varsigma]
     calls = []
     for i in range(pts.num_steps):
@@ -114,25 +122,28 @@ def euler_ancestral(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, et
         call.c_z = s_up
         call.noise = s_up > 0
         calls.append(call)
-    return SamplerPlan("euler_a", calls, init_noise_scale=_init_noise_scale(max(s), spacing),
-                       info={"order": 1, "timesteps": [c.timestep for c in calls], "sigmas": s, "eta": eta})
+    return SamplerPlan("euler_a", calls, init_noise_scale=init,
+                       info={"order": 1, "timesteps": [c.timestep for c in calls], "sigmas": s, "eta": eta,
+                             "start": points_start(pts, ve=True)})
 
 
 @register("heun")
 def heun(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str = "linspace", steps_offset: int = 0,
          sigma_schedule: str = "default", sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-         final_sigma: str = "zero", sigmas=None) -> SamplerPlan:
+         final_sigma: str = "zero", sigmas=None, begin: int = 0) -> SamplerPlan:
     """Heun's second-order method on the VE ODE (Karras et al. 2022, Algorithm 1 with S_churn = 0).
 
     Each step from s to s_next takes an Euler predictor x' = x + (s_next - s) d(x, s), then the trapezoidal
     corrector x_next = x + (s_next - s) (d(x, s) + d(x', s_next)) / 2: two model calls, the second at the
     timestep of s_next. A step ending at sigma 0 is Euler only (d is undefined there), so N steps to clean data
     take 2N - 1 calls, with the timesteps of diffusers' HeunDiscreteScheduler (every timestep but the first
-    listed twice). Options as :func:`euler`.
+    listed twice). Options as :func:`euler`. ``begin``: start at point ``begin`` of the N-step discretisation
+    (see :mod:`velodiff.sampling.begin`)
+    (diffusers: ``timesteps[2 * begin:]``, i.e. from the second copy of that timestep).
     """
     _check_vp(schedule, "heun")
-    pts = _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max, final_sigma,
-                  sigmas)
+    pts, init = _points(schedule, num_steps, spacing, steps_offset, sigma_schedule, sigma_min, sigma_max,
+                        final_sigma, sigmas, begin)
     pt = schedule.prediction_type
     s = [float(v) for v in pts.varsigma]
     ts = [float(t) for t in pts.timesteps]
@@ -152,5 +163,6 @@ def heun(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str 
         t_to = ts[i + 1] if i + 1 < pts.num_steps else float(schedule.sigma_to_t(s_to)[0])
         calls.append(Call(timestep=t_to, input_scale=1.0 / math.sqrt(s_to * s_to + 1.0), p_x=p_x, p_m=p_m,
                           c_x=0.5 + h, c_a=0.5, c_d=-h))
-    return SamplerPlan("heun", calls, init_noise_scale=_init_noise_scale(max(s), spacing),
-                       info={"order": 2, "timesteps": [c.timestep for c in calls], "sigmas": s})
+    return SamplerPlan("heun", calls, init_noise_scale=init,
+                       info={"order": 2, "timesteps": [c.timestep for c in calls], "sigmas": s,
+                             "start": points_start(pts, ve=True)})

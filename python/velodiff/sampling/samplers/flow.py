@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import check_begin, start_info
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -37,7 +38,7 @@ def _flow_schedule(schedule, shift: Optional[float]) -> sch.FlowSchedule:
 @register("flow_euler")
 def flow_euler(schedule, num_steps: Optional[int], *, shift: Optional[float] = None, mu: Optional[float] = None,
                spacing: str = "pipeline", sigma_schedule: str = "default", stochastic_sampling: bool = False,
-               convention: str = "flow_matching", sigmas=None) -> SamplerPlan:
+               convention: str = "flow_matching", sigmas=None, begin: int = 0) -> SamplerPlan:
     """Euler on the flow ODE: ``x_next = x + (s_next - s) v(x, s*T)``; the model input is x itself.
 
     Args:
@@ -58,6 +59,7 @@ def flow_euler(schedule, num_steps: Optional[int], *, shift: Optional[float] = N
             this sampler with the velocity negated and unshifted ``pipeline`` sigmas (shift must stay 1).
         sigmas: explicit descending flow sigmas [N+1] in [0, 1], including the end point, used as given (no shift);
             ``num_steps`` may then be None.
+        begin: start at point ``begin`` (diffusers' ``scale_noise``: ``x = (1 - s) x0 + s eps`` there).
     """
     if convention not in FLOW_CONVENTIONS:
         raise ValueError(f"convention must be one of {FLOW_CONVENTIONS}, got {convention!r}")
@@ -72,6 +74,7 @@ def flow_euler(schedule, num_steps: Optional[int], *, shift: Optional[float] = N
             raise ValueError(f"sigmas must have num_steps + 1 = {num_steps + 1} entries, got {len(s)}")
     else:
         s = fs.sigmas(num_steps, spacing=spacing, mu=mu, sigma_schedule=sigma_schedule)
+    s = s[check_begin(begin, len(s) - 1):]
     ts = fs.timesteps(s)
     sign = -1.0 if convention == "rectified_flow" else 1.0  # model output = sign * (eps - x0)
     calls = []
@@ -84,4 +87,5 @@ def flow_euler(schedule, num_steps: Optional[int], *, shift: Optional[float] = N
         else:
             calls.append(Call(timestep=float(ts[i]), p_x=0.0, p_m=sign, c_x=1.0, c_d=s_to - s_from))
     return SamplerPlan("flow_euler", calls, info={"order": 1, "timesteps": ts.tolist(), "sigmas": s.tolist(),
-                                                  "convention": convention})
+                                                  "convention": convention,
+                                                  "start": start_info(ts[0], 1.0 - s[0], s[0])})

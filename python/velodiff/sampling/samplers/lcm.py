@@ -58,7 +58,8 @@ def lcm(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, original_infer
 
     ``original_inference_steps``: size of the distillation grid (50 for the published LCMs); ``strength`` < 1
     restricts the grid to its low-noise part (img2img). ``timesteps``: explicit descending integer timesteps
-    (then ``num_steps`` may be None). Initial noise is unit (``init_noise_scale = 1``). ``begin``: start at point ``begin`` of the N-step schedule (see :mod:`velodiff.sampling.begin`).
+    (then ``num_steps`` may be None). Initial noise is unit (``init_noise_scale = 1``).
+    ``begin``: start at point ``begin`` of the N-step schedule (see :mod:`velodiff.sampling.begin`).
     """
     if schedule.prediction_type == "flow":
         raise ValueError("prediction_type 'flow' is not supported by 'lcm'")

@@ -21,6 +21,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.begin import points_start, tail
 from velodiff.sampling.plan import Call, SamplerPlan
 from velodiff.sampling.samplers import register
 
@@ -105,7 +106,7 @@ def unipc(schedule: sch.NoiseSchedule, num_steps: Optional[int] = None, *, solve
           solver_type: str = "bh2", lower_order_final: bool = True, disable_corrector: Sequence[int] = (),
           use_corrector: bool = True, spacing: str = "linspace", steps_offset: int = 0,
           sigma_schedule: str = "default", final_sigma: str = "zero", sigmas=None,
-          warm_start: bool = False) -> SamplerPlan:
+          warm_start: bool = False, begin: int = 0) -> SamplerPlan:
     """UniPC-p (UniP-p predictor + UniC-p corrector), data prediction, as diffusers' UniPCMultistepScheduler.
 
     Args:
@@ -123,6 +124,8 @@ def unipc(schedule: sch.NoiseSchedule, num_steps: Optional[int] = None, *, solve
             predictions must be put in the ring buffer by the caller (``run_plan(initial_history=...)``), slots in
             ``plan.info['warm_start']`` as (slot, point index); sampling starts at point ``solver_order - 1`` with
             full order.
+        begin: start at point ``begin`` of the N-step discretisation (fresh warm-up, no corrector on the first
+            call; ``disable_corrector`` keeps counting steps of the whole schedule, as diffusers' step index does).
 
     A step that ends at sigma = 0 is taken with order 1 (x_N = m_{N-1}): the higher-order UniP limit does not
     exist there (diffusers returns inf/NaN or fails to solve for ``lower_order_final=False``, and NaN for bh1
@@ -142,6 +145,9 @@ def unipc(schedule: sch.NoiseSchedule, num_steps: Optional[int] = None, *, solve
         num_steps = sch.check_num_steps(num_steps)
     pts = sch.discretize(schedule, num_steps, spacing=spacing, steps_offset=steps_offset,
                          sigma_schedule=sigma_schedule, final_sigma=final_sigma, sigmas=sigmas)
+    if warm_start and begin:
+        raise ValueError("begin and warm_start cannot be combined")
+    pts = tail(pts, begin)
     alpha, sigma, lam = pts.alpha, pts.sigma, pts.lambdas
     k_slots = solver_order
     warm = solver_order - 1 if warm_start else 0
@@ -162,7 +168,7 @@ def unipc(schedule: sch.NoiseSchedule, num_steps: Optional[int] = None, *, solve
         if sigma[j + 1] == 0.0:
             p = 1
         orders.append(p)
-    corrected = [use_corrector and i >= 1 and (i - 1) not in disabled for i in range(n_calls)]
+    corrected = [use_corrector and i >= 1 and (begin + i - 1) not in disabled for i in range(n_calls)]
 
     # Linear combinations over the basis [x, anchor, D, H_0 .. H_{K-1}].
     nb = 3 + k_slots
@@ -230,5 +236,6 @@ def unipc(schedule: sch.NoiseSchedule, num_steps: Optional[int] = None, *, solve
         "corrector": corrected,
         "warm_start": [(j % k_slots, j) for j in range(warm)],
         "solver_type": solver_type,
+        "start": points_start(pts),
     }
     return SamplerPlan("unipc", calls, history_slots=k_slots, info=info)
