@@ -82,6 +82,14 @@ class BasePipeline:
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
 
+    def finish(self, final: torch.Tensor, name: str, nfe: int, output_type: str) -> PipelineOutput:
+        """Decode the final latents with the pipeline's VAE (unless ``output_type='latent'``) into the output."""
+        if output_type == "latent":
+            return PipelineOutput(final, name, nfe)
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
+        return PipelineOutput(postprocess(image, output_type), name, nfe)
+
     def denoise(self, model_fn, latents: torch.Tensor, num_inference_steps: int, sampler: Optional[str],
                 guidance_scale: Optional[float], generator: Generator, guidance_rescale: float = 0.0,
                 sampler_options: Optional[Dict[str, Any]] = None, callback=None):

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from velodiff.pipelines.base import BasePipeline, PipelineOutput, check_call_args, postprocess, randn_tensor
+from velodiff.pipelines.base import BasePipeline, PipelineOutput, check_call_args, randn_tensor
 
 
 class DiTPipeline(BasePipeline):
@@ -47,8 +47,4 @@ class DiTPipeline(BasePipeline):
         final, name, nfe = self.denoise(self.transformer_fn(label_t, guided), latents, num_inference_steps, sampler,
                                         guidance_scale if guided else None, generator,
                                         sampler_options=sampler_options, callback=callback)
-        if output_type == "latent":
-            return PipelineOutput(final, name, nfe)
-        vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
-        return PipelineOutput(postprocess(image, output_type), name, nfe)
+        return self.finish(final, name, nfe, output_type)

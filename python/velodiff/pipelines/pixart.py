@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from velodiff.pipelines.base import BasePipeline, PipelineOutput, check_call_args, postprocess, randn_tensor
+from velodiff.pipelines.base import BasePipeline, PipelineOutput, check_call_args, randn_tensor
 from velodiff.pipelines.stable_diffusion import _as_list
 
 
@@ -85,11 +85,7 @@ class PixArtPipeline(BasePipeline):
         final, name, nfe = self.denoise(self.transformer_fn(emb, mask, neg_emb, neg_mask, added), latents,
                                         num_inference_steps, sampler, guidance_scale if guided else None,
                                         generator, sampler_options=sampler_options, callback=callback)
-        if output_type == "latent":
-            return PipelineOutput(final, name, nfe)
-        vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
-        return PipelineOutput(postprocess(image, output_type), name, nfe)
+        return self.finish(final, name, nfe, output_type)
 
 
 class PixArtSigmaPipeline(PixArtPipeline):

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, postprocess, randn_tensor)
+from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, randn_tensor)
 from velodiff.pipelines.img2img import check_strength, img2img_denoise, preprocess_image
 
 Prompt = Union[str, List[str]]
@@ -107,7 +107,7 @@ class StableDiffusionPipeline(BasePipeline):
                                                strength, sampler, guidance_scale if guided else None, generator,
                                                guidance_rescale=guidance_rescale, sampler_options=sampler_options,
                                                callback=callback)
-            return self._finish(final, name, nfe, output_type)
+            return self.finish(final, name, nfe, output_type)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator, self.device, self.dtype)
@@ -117,15 +117,7 @@ class StableDiffusionPipeline(BasePipeline):
                                         sampler, guidance_scale if guided else None, generator,
                                         guidance_rescale=guidance_rescale, sampler_options=sampler_options,
                                         callback=callback)
-        return self._finish(final, name, nfe, output_type)
-
-    def _finish(self, final: torch.Tensor, name: str, nfe: int, output_type: str) -> PipelineOutput:
-        """Decode the final latents (unless ``output_type='latent'``) into the pipeline output."""
-        if output_type == "latent":
-            return PipelineOutput(final, name, nfe)
-        vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
-        return PipelineOutput(postprocess(image, output_type), name, nfe)
+        return self.finish(final, name, nfe, output_type)
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
