@@ -1,4 +1,4 @@
-"""The ``velodiff`` command line. Subcommands arrive with the issues that build them; ``info`` is first."""
+"""The ``velodiff`` command line: ``info``, ``generate`` and ``convert``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: model families of ``velodiff convert --family`` (velodiff.loading.FAMILIES, kept here so --help is cheap)
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "dit", "pixart")
 
 
 def make_grid(images, columns: int = None):
@@ -49,11 +51,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.model == "digits":
         print("velodiff generate: the built-in model 'digits' is not part of this build yet; "
-              "pass --model PATH to a diffusers pipeline folder", file=sys.stderr)
+              "pass --model PATH to a diffusers pipeline folder or a single-file checkpoint", file=sys.stderr)
         return 2
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device)
+    single = {}
+    if os.path.isfile(args.model):  # a single-file checkpoint: it brings no tokenizer, configs or scheduler
+        single = dict(tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, allow_pickle=args.allow_pickle,
+                      configs=_read_configs(args.configs), prediction_type=args.prediction_type)
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device, **single)
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images, generator=generator,
                   sampler=args.sampler, height=args.height, width=args.width)
@@ -69,6 +75,124 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_configs(value: Optional[str]):
+    """``--configs``: a JSON file, or inline JSON, of ``{component: {config key: value}}`` overrides."""
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            with open(value) as f:
+                text = f.read()
+        except OSError as e:
+            raise SystemExit(f"velodiff: --configs {value!r}: cannot read the file: {e}")
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"velodiff: --configs {value!r}: not valid JSON: {e}")
+    if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+        raise SystemExit(f"velodiff: --configs {value!r}: expected {{\"unet\": {{...}}, \"vae\": {{...}}, ...}}")
+    return configs
+
+
+def _size(path: str) -> str:
+    import os
+    n = os.path.getsize(path) if os.path.isfile(path) else sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def _folder_to_file(args, dtype) -> str:
+    import os
+
+    from velodiff.loading import convert_diffusers_to_single_file, family_of_diffusers_folder
+
+    if not os.path.isfile(os.path.join(args.src, "model_index.json")):
+        raise ValueError(f"{args.src} is a folder without model_index.json, not a diffusers pipeline folder")
+    if not args.dst.endswith(".safetensors"):
+        raise ValueError(f"DST {args.dst!r}: a folder is converted to one .safetensors file; name it *.safetensors")
+    unused = [flag for flag, value in (("--configs", args.configs), ("--prediction-type", args.prediction_type),
+                                       ("--tokenizer", args.tokenizer), ("--tokenizer-2", args.tokenizer_2))
+              if value is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: only for single file -> folder conversion")
+    family = args.family or family_of_diffusers_folder(args.src)
+    convert_diffusers_to_single_file(args.src, args.dst, family, dtype=dtype)
+    return f"wrote {args.dst} ({family} single file, {_size(args.dst)})"
+
+
+def _file_to_folder(args, dtype) -> str:
+    import os
+
+    from velodiff.loading import convert_single_file_to_diffusers
+    from velodiff.pipelines.components import load_tokenizer
+
+    if os.path.exists(args.dst) and (not os.path.isdir(args.dst) or os.listdir(args.dst)):
+        raise ValueError(f"DST {args.dst!r} exists and is not an empty folder; velodiff convert does not overwrite")
+    index = convert_single_file_to_diffusers(args.src, args.dst, args.family, configs=_read_configs(args.configs),
+                                             allow_pickle=args.allow_pickle, dtype=dtype)
+    notes = []
+    if args.prediction_type is not None:
+        path = os.path.join(args.dst, "scheduler", "scheduler_config.json")
+        with open(path) as f:
+            sched = json.load(f)
+        sched["prediction_type"] = args.prediction_type
+        with open(path, "w") as f:
+            json.dump(sched, f, indent=2)
+    missing = []
+    for enc in ("text_encoder", "text_encoder_2"):
+        if enc not in index:
+            continue
+        name = "tokenizer" + enc[len("text_encoder"):]
+        value = args.tokenizer_2 if name == "tokenizer_2" else args.tokenizer
+        if value is None and name == "tokenizer_2" and args.tokenizer and os.path.isdir(
+                os.path.join(args.tokenizer, "tokenizer_2")):
+            value = args.tokenizer  # a pipeline folder given as --tokenizer supplies tokenizer_2 too
+        if value is None:
+            missing.append(name)
+            continue
+        tok = load_tokenizer(value, name)
+        tok.save_pretrained(os.path.join(args.dst, name))
+        index[name] = ["transformers", type(tok).__name__]
+    if "text_encoder" in index or "text_encoder_2" in index:
+        if index.get("_class_name") == "StableDiffusionPipeline":  # what diffusers writes without them
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        with open(os.path.join(args.dst, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    if missing:
+        flags = " / ".join("--" + n.replace("_", "-") for n in missing)
+        notes.append(f"note: a single file holds no tokenizer, so {', '.join(missing)} not written; pass {flags} "
+                     f"(a tokenizer folder or a diffusers pipeline folder of the same family) or copy "
+                     f"{'/ and '.join(missing)}/ from one into {args.dst}")
+    parts = ", ".join(k for k in index if not k.startswith("_") and isinstance(index[k], list) and index[k][0])
+    return "\n".join([f"wrote {args.dst} ({parts}; {_size(args.dst)})"] + notes)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from velodiff.loading import CheckpointError, is_pickle_path
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        if os.path.isdir(args.src):
+            message = _folder_to_file(args, dtype)
+        elif os.path.isfile(args.src):
+            message = _file_to_folder(args, dtype)
+        else:
+            raise FileNotFoundError(f"SRC {args.src!r}: no such file or folder")
+    except (CheckpointError, ValueError, TypeError, OSError) as e:
+        hint = ""
+        if is_pickle_path(args.src) and not args.allow_pickle and "allow_pickle" in str(e):
+            hint = " (on the command line: --allow-pickle)"
+        print(f"velodiff convert: {e}{hint}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velodiff", description="Fast, correct diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
 
     p_gen = sub.add_parser("generate", help="generate images and write DIR/000.png ... and DIR/grid.png")
-    p_gen.add_argument("--model", default="digits", help="built-in model name or a diffusers pipeline folder")
+    p_gen.add_argument("--model", default="digits",
+                       help="built-in model name, a diffusers pipeline folder or a single-file checkpoint")
     p_gen.add_argument("--prompt", required=True)
     p_gen.add_argument("--negative-prompt", default=None)
     p_gen.add_argument("--steps", type=int, default=20)
@@ -90,7 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p_gen.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p_gen.add_argument("--outdir", default="out")
+    p_gen.add_argument("--tokenizer", default=None,
+                       help="single-file --model: a tokenizer folder or a diffusers pipeline folder to take it from")
+    p_gen.add_argument("--tokenizer-2", default=None, help="single-file SDXL --model: the second tokenizer")
+    p_gen.add_argument("--allow-pickle", action="store_true",
+                       help="single-file --model: read a pickled .ckpt/.pt/.bin (only files you trust)")
+    p_gen.add_argument("--configs", default=None,
+                       help="single-file --model: JSON (file or inline) of config overrides per component")
+    p_gen.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+                       help="single-file --model: the scheduler's prediction type (SD 2.x 768-v: v_prediction)")
     p_gen.set_defaults(func=_cmd_generate)
+
+    p_conv = sub.add_parser(
+        "convert", help="diffusers folder <-> single-file checkpoint",
+        description="Convert a diffusers SD1/SD2/SDXL pipeline folder to one original-layout .safetensors file, "
+                    "or a single-file checkpoint (family auto-detected) to a diffusers pipeline folder.")
+    p_conv.add_argument("src", metavar="SRC", help="a diffusers pipeline folder or a single-file checkpoint")
+    p_conv.add_argument("dst", metavar="DST", help="the .safetensors file or the (new or empty) folder to write")
+    p_conv.add_argument("--family", choices=list(FAMILIES), default=None,
+                        help="override the detected model family")
+    p_conv.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast floating weights (default: keep the stored dtypes)")
+    p_conv.add_argument("--allow-pickle", action="store_true",
+                        help="read a pickled SRC (.ckpt/.pt/.pth/.bin) with torch.load(weights_only=True); "
+                             "only for files you trust")
+    p_conv.add_argument("--configs", default=None,
+                        help="file -> folder: JSON (file or inline) of config overrides, e.g. "
+                             "'{\"unet\": {\"attention_head_dim\": 8}}'")
+    p_conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+                        help="file -> folder: the scheduler's prediction type (SD 2.x 768-v: v_prediction)")
+    p_conv.add_argument("--tokenizer", default=None,
+                        help="file -> folder: copy the tokenizer from this tokenizer folder or diffusers "
+                             "pipeline folder (a pipeline folder also supplies tokenizer_2)")
+    p_conv.add_argument("--tokenizer-2", default=None, help="file -> folder: the SDXL second tokenizer")
+    p_conv.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -74,3 +74,19 @@ def test_prepacked_channels_last_unet_matches_diffusers():
         x, ctx = torch.randn(shape, generator=g), torch.randn(shape[0], 5, 12, generator=g)
         with torch.no_grad():
             assert rel(ours(x, 321, ctx), theirs(x, 321, ctx).sample) <= 1e-5
+
+
+def test_packed_conv_follows_input_shape_changes():
+    """The packed weight is keyed on the input shape as well: alternating sizes give the plain conv's results."""
+    from velodiff.models.conv_prepack import prepack_convs
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(16, 32, 3, padding=1).eval()
+    packed = torch.nn.Conv2d(16, 32, 3, padding=1).eval()
+    packed.load_state_dict(plain.state_dict())
+    prepack_convs(packed)
+    with torch.no_grad():
+        for shape in [(2, 16, 8, 8), (1, 16, 13, 5), (2, 16, 8, 8), (3, 16, 32, 32)]:
+            x = torch.randn(shape).to(memory_format=torch.channels_last)
+            ref = plain(x)
+            out = packed(x)
+            assert float((out - ref).norm() / ref.norm()) <= 1e-5

@@ -80,3 +80,16 @@ def test_optimize_and_restore_attention_backend(pipes):
     vd.restore(ours)
     assert {m.backend for m in ours.unet.modules() if hasattr(m, "backend")} == {"sdpa"}
     assert np.abs(alt - base).max() <= 1e-4
+
+
+def test_cpu_conv_prepack_config(pipes):
+    """vd.accel.CPUConvPrepack keeps the images and vd.restore puts plain convs back."""
+    import torch.nn as nn
+    _, _, ours = pipes
+    kw = dict(prompt="lower", num_inference_steps=2, height=32, width=32, output_type="np")
+    base = ours(generator=torch.Generator().manual_seed(0), **kw).images
+    vd.optimize(ours, vd.accel.CPUConvPrepack())
+    fast = ours(generator=torch.Generator().manual_seed(0), **kw).images
+    vd.restore(ours)
+    assert all(type(m) is nn.Conv2d for m in ours.unet.modules() if isinstance(m, nn.Conv2d))
+    assert np.abs(fast - base).max() <= 1e-4

@@ -30,7 +30,8 @@ class PackedConv2d(nn.Conv2d):
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        # oneDNN may choose the packed layout by input shape, so a new input shape repacks too
+        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
         if getattr(self, "_pack_key", None) != key:
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))

@@ -1,17 +1,18 @@
 """Pipelines with diffusers' call signatures over velodiff's models and samplers.
 
-``Pipeline.from_pretrained(path, dtype=..., device=...)`` reads a diffusers pipeline folder and returns the
-matching pipeline; ``velodiff.optimize`` / ``velodiff.restore`` apply and undo techniques on it.
+``Pipeline.from_pretrained(path, dtype=..., device=...)`` reads a diffusers pipeline folder (or an SD1 / SD2 /
+SDXL single-file checkpoint) and returns the matching pipeline; ``velodiff.optimize`` / ``velodiff.restore``
+apply and undo techniques on it.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from velodiff.pipelines.base import BasePipeline, PipelineOutput
-from velodiff.pipelines.components import load_components
+from velodiff.pipelines.components import load_components, load_single_file_components
 from velodiff.pipelines.dit import DiTPipeline
 from velodiff.pipelines.pixart import PixArtPipeline, PixArtSigmaPipeline
 from velodiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -26,24 +27,52 @@ PIPELINES = {
 
 
 class Pipeline:
-    """Entry point: ``Pipeline.from_pretrained(path)`` returns the pipeline class the folder declares."""
+    """Entry point: ``Pipeline.from_pretrained(path)`` returns the pipeline class the folder (or single file)
+    declares."""
 
     @staticmethod
     def from_pretrained(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
                         device: Union[str, torch.device] = "cpu", variant: Optional[str] = None,
-                        torch_dtype: Optional[torch.dtype] = None) -> BasePipeline:
-        """Load a local diffusers pipeline folder (safetensors only). ``torch_dtype`` is accepted as diffusers'
-        older name for ``dtype``; giving both is an error."""
+                        torch_dtype: Optional[torch.dtype] = None, *, tokenizer=None, tokenizer_2=None,
+                        configs: Optional[Dict[str, Dict[str, Any]]] = None, family: Optional[str] = None,
+                        prediction_type: Optional[str] = None, allow_pickle: bool = False) -> BasePipeline:
+        """Load a local diffusers pipeline folder (safetensors only) or an SD1 / SD2 / SDXL single-file
+        checkpoint. ``torch_dtype`` is accepted as diffusers' older name for ``dtype``; giving both is an error.
+
+        Single files (``.safetensors``; ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` only with ``allow_pickle=True``,
+        read with ``torch.load(weights_only=True)``): the family is detected from the keys (``family=`` to
+        override: "sd1", "sd2", "sdxl", "sdxl_refiner"), the models are built in memory from the converted
+        weights with the family's default configs plus what the weights tell, and ``configs={"unet": {...},
+        "vae": {...}, "text_encoder": {...}, "text_encoder_2": {...}, "scheduler": {...}}`` overrides config
+        fields (see :func:`velodiff.pipelines.components.load_single_file_components` for which fields come
+        from the weights). The scheduler is the family default (epsilon prediction); SD 2.x 768-v files need
+        ``prediction_type="v_prediction"``, which the weights do not reveal. A single file holds no tokenizer:
+        pass ``tokenizer=`` (and ``tokenizer_2=`` for SDXL) as a tokenizer object, a tokenizer folder, or a
+        local diffusers pipeline folder of the same family (its ``tokenizer/`` and ``tokenizer_2/`` are used).
+        The single-file options are errors with a folder, which carries all of that itself.
+        """
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass dtype or torch_dtype, not both")
         dtype = dtype or torch_dtype or torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path} is not a folder; velodiff loads diffusers pipeline folders "
-                                    "(model_index.json plus component subfolders)")
-        components = load_components(path, dtype, device, variant)
+        single = dict(tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs, family=family,
+                      prediction_type=prediction_type)
+        if os.path.isfile(path):
+            if variant is not None:
+                raise ValueError(f"variant={variant!r} selects weight files inside a folder; {path} is a file")
+            components = load_single_file_components(path, dtype, device, allow_pickle=allow_pickle, **single)
+        elif os.path.isdir(path):
+            given = [name for name, value in single.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for single-file checkpoints; {path} is a diffusers "
+                                 "folder, which carries its own tokenizers, configs and scheduler")
+            components = load_components(path, dtype, device, variant)
+        else:
+            raise FileNotFoundError(f"{path} is neither a folder nor a file; velodiff loads diffusers pipeline "
+                                    "folders (model_index.json plus component subfolders) and SD1/SD2/SDXL "
+                                    "single-file checkpoints (.safetensors)")
         class_name = components["_class_name"]
         try:
             cls = PIPELINES[class_name]
