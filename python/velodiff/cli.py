@@ -1,4 +1,4 @@
-"""The ``velodiff`` command line: ``info``, ``generate`` and ``convert``."""
+"""The ``velodiff`` command line: ``info``, ``generate``, ``convert`` and ``eval``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: default --guidance of the built-in models (measured best, see python/velodiff/data/*/README.md); other
+#: models get the pipeline's own default (7.5 for Stable Diffusion)
+BUILTIN_GUIDANCE = {"digits": 3.0}
 #: model families of ``velodiff convert --family`` (velodiff.loading.FAMILIES, kept here so --help is cheap)
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "dit", "pixart")
 
@@ -49,22 +52,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from velodiff.pipelines import Pipeline
 
-    if args.model == "digits":
-        print("velodiff generate: the built-in model 'digits' is not part of this build yet; "
-              "pass --model PATH to a diffusers pipeline folder or a single-file checkpoint", file=sys.stderr)
-        return 2
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     single = {}
     if os.path.isfile(args.model):  # a single-file checkpoint: it brings no tokenizer, configs or scheduler
         single = dict(tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2, allow_pickle=args.allow_pickle,
                       configs=_read_configs(args.configs), prediction_type=args.prediction_type)
-    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device, **single)
+    try:
+        pipe = Pipeline.from_pretrained(args.model, dtype=dtype, device=device, **single)
+    except FileNotFoundError as e:
+        print(f"velodiff generate: {e}", file=sys.stderr)
+        return 2
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images, generator=generator,
                   sampler=args.sampler, height=args.height, width=args.width)
-    if args.guidance is not None:
-        kwargs["guidance_scale"] = args.guidance
+    guidance = args.guidance if args.guidance is not None else BUILTIN_GUIDANCE.get(args.model)
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     out = pipe(args.prompt, negative_prompt=args.negative_prompt, **kwargs)
     os.makedirs(args.outdir, exist_ok=True)
     for i, image in enumerate(out.images):
@@ -193,6 +197,67 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _sampler_name(text: str) -> str:
+    from velodiff.sampling import SAMPLERS  # only when --sampler is given, so --help stays cheap
+    if text not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; choose from {', '.join(SAMPLERS)}")
+    return text
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from velodiff.eval import evaluate, format_table
+    from velodiff.pipelines import Pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pipe = Pipeline.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"velodiff eval: --model {args.model!r}: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                          per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
+                          prompt_template=args.prompt_template, upsample=args.upsample)
+    except ValueError as e:
+        print(f"velodiff eval: {e}", file=sys.stderr)
+        return 2
+    result = {"model": args.model, **result}
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velodiff", description="Fast, correct diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_gen = sub.add_parser("generate", help="generate images and write DIR/000.png ... and DIR/grid.png")
     p_gen.add_argument("--model", default="digits",
-                       help="built-in model name, a diffusers pipeline folder or a single-file checkpoint")
+                       help="built-in model name (default: digits, 16x16 handwritten digits), a diffusers pipeline "
+                            "folder or a single-file checkpoint")
     p_gen.add_argument("--prompt", required=True)
     p_gen.add_argument("--negative-prompt", default=None)
     p_gen.add_argument("--steps", type=int, default=20)
     p_gen.add_argument("--sampler", default=None, help="a sampler name (default: the model's scheduler)")
-    p_gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p_gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 3 for the built-in digits, "
+                       "else the pipeline's default)")
     p_gen.add_argument("--seed", type=int, default=0)
     p_gen.add_argument("--height", type=int, default=None)
     p_gen.add_argument("--width", type=int, default=None)
@@ -249,6 +316,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "pipeline folder (a pipeline folder also supplies tokenizer_2)")
     p_conv.add_argument("--tokenizer-2", default=None, help="file -> folder: the SDXL second tokenizer")
     p_conv.set_defaults(func=_cmd_convert)
+
+    p_eval = sub.add_parser(
+        "eval", help="judge a model on handwritten digits: conditional accuracy, Frechet distance, speed",
+        description="Generate --per-class images of each digit 0..9 and judge them against scikit-learn's real "
+                    "digits (see velodiff.eval for the classifier, the feature space and the conversions).")
+    p_eval.add_argument("--model", default="digits", help="built-in model name or a diffusers pipeline folder")
+    p_eval.add_argument("--sampler", type=_sampler_name, default="dpmpp_2m", help="a sampler name")
+    p_eval.add_argument("--steps", type=_positive_int, default=20)
+    p_eval.add_argument("--guidance", type=_nonnegative_float, default=5.0, help="classifier-free guidance scale (default: 3 for the built-in digits, "
+                       "else the pipeline's default)")
+    p_eval.add_argument("--per-class", type=_positive_int, default=100, help="images per digit")
+    p_eval.add_argument("--seed", type=_nonnegative_int, default=0)
+    p_eval.add_argument("--batch-size", type=_positive_int, default=100)
+    p_eval.add_argument("--prompt-template", default="a handwritten {d}",
+                        help="text-to-image models: the prompt, {d} = the digit, {word} = its name")
+    p_eval.add_argument("--upsample", choices=["bilinear", "nearest", "none"], default="bilinear",
+                        help="how real digits are rendered at the generated size before comparison")
+    p_eval.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p_eval.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p_eval.add_argument("--json", action="store_true", help="print JSON for machines")
+    p_eval.set_defaults(func=_cmd_eval)
     return parser
 
 

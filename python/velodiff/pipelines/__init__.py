@@ -17,6 +17,11 @@ from velodiff.pipelines.dit import DiTPipeline
 from velodiff.pipelines.pixart import PixArtPipeline, PixArtSigmaPipeline
 from velodiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+#: built-in model name -> its diffusers pipeline folder inside the package (trained by scripts/train_digits.py)
+BUILTIN_MODELS = {
+    "digits": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits"),
+}
+
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
@@ -36,8 +41,10 @@ class Pipeline:
                         torch_dtype: Optional[torch.dtype] = None, *, tokenizer=None, tokenizer_2=None,
                         configs: Optional[Dict[str, Dict[str, Any]]] = None, family: Optional[str] = None,
                         prediction_type: Optional[str] = None, allow_pickle: bool = False) -> BasePipeline:
-        """Load a local diffusers pipeline folder (safetensors only) or an SD1 / SD2 / SDXL single-file
-        checkpoint. ``torch_dtype`` is accepted as diffusers' older name for ``dtype``; giving both is an error.
+        """Load a built-in model by name (:data:`BUILTIN_MODELS`, e.g. ``"digits"``; the name wins over a local
+        folder of that name, which ``"./digits"`` reaches), a local diffusers pipeline folder (safetensors only) or
+        an SD1 / SD2 / SDXL single-file checkpoint. ``torch_dtype`` is accepted as diffusers' older name for
+        ``dtype``; giving both is an error.
 
         Single files (``.safetensors``; ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` only with ``allow_pickle=True``,
         read with ``torch.load(weights_only=True)``): the family is detected from the keys (``family=`` to
@@ -57,6 +64,12 @@ class Pipeline:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         path = os.fspath(path)
+        if path in BUILTIN_MODELS:
+            if not os.path.isfile(os.path.join(BUILTIN_MODELS[path], "model_index.json")):
+                raise FileNotFoundError(f"the built-in model {path!r} is missing from this installation (expected "
+                                        f"{BUILTIN_MODELS[path]}); reinstall velodiff or retrain it with "
+                                        "scripts/train_digits.py")
+            path = BUILTIN_MODELS[path]
         single = dict(tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs, family=family,
                       prediction_type=prediction_type)
         if os.path.isfile(path):
@@ -82,5 +95,5 @@ class Pipeline:
         return cls(components, dtype, torch.device(device))
 
 
-__all__ = ["Pipeline", "PipelineOutput", "PIPELINES", "DiTPipeline", "StableDiffusionPipeline",
+__all__ = ["BUILTIN_MODELS", "Pipeline", "PipelineOutput", "PIPELINES", "DiTPipeline", "StableDiffusionPipeline",
            "StableDiffusionXLPipeline"]
