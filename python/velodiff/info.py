@@ -9,6 +9,19 @@ import torch
 from velodiff._version import __version__
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu
+
+
 def _cpu_isa() -> str:
     try:
         return torch.backends.cpu.get_cpu_capability()

@@ -193,17 +193,10 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
 def machine(pipe=None) -> Dict[str, Any]:
     """Where the numbers were measured: OS, CPU model, cores, torch threads, device (and GPU name)."""
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+
+    from velodiff.info import cpu_model
     device = str(getattr(pipe, "device", "cpu"))
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device,
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None}
 
