@@ -99,3 +99,16 @@ def test_prompt_conditions_the_digit(pipe):
                    generator=torch.Generator().manual_seed(digit))
         correct += int((clf.predict(_features(out.images)) == digit).sum())
     assert correct >= 18, f"{correct}/30 generated digits classified as asked"
+
+
+def test_every_sampler_builds_from_the_digits_scheduler_config():
+    """A folder's scheduler config (here DPMSolverMultistepScheduler's, with its None-valued keys) must be usable
+    by every sampler a user may pick."""
+    from velodiff.pipelines.scheduling import make_plan
+    from velodiff.sampling import SAMPLERS
+    pipe = Pipeline.from_pretrained("digits")
+    for name in sorted(SAMPLERS):
+        if name == "flow_euler":
+            continue  # flow matching: not an epsilon model's sampler
+        sampler, plan = make_plan(name, pipe.scheduler_config, 7)
+        assert sampler == name and len(plan.calls) >= 7

@@ -52,9 +52,17 @@ def sampler_options(config: Dict[str, Any]) -> Dict[str, Any]:
         opts["final_sigma"] = config["final_sigmas_type"]
     for key in ("lower_order_final", "euler_at_final", "solver_type", "original_inference_steps",
                 "timestep_scaling", "shift", "variance_type"):
-        if key in config:
+        if config.get(key) is not None:  # None means "this scheduler's default" (e.g. DPM's variance_type)
             opts[key] = config[key]
     return opts
+
+
+# solver_type values each sampler family takes, and what another family's value maps to (as diffusers'
+# from_config does: DPM-Solver turns bh1/bh2/logrho into midpoint, UniPC turns midpoint/heun/logrho into bh2).
+SOLVER_TYPES = {"unipc": (("bh1", "bh2"), "bh2")}
+for _name in ("dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_exact",
+              "dpmpp_2m_sde"):
+    SOLVER_TYPES[_name] = (("midpoint", "heun"), "midpoint")
 
 
 def accepted(builder, options: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,6 +80,10 @@ def make_plan(sampler: Optional[str], scheduler_config: Dict[str, Any], num_step
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
     builder = SAMPLERS[name]
     options = accepted(builder, sampler_options(scheduler_config))
+    if "solver_type" in options and name in SOLVER_TYPES:
+        allowed, fallback = SOLVER_TYPES[name]
+        if options["solver_type"] not in allowed:
+            options["solver_type"] = fallback
     for key, value in (overrides or {}).items():
         if key not in inspect.signature(builder).parameters:
             raise ValueError(f"sampler {name!r} has no option {key!r}")
