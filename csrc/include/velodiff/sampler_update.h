@@ -36,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace velodiff {
 
@@ -57,6 +58,23 @@ enum SamplerCoef : int {
 constexpr int kMaxHistory = 8;  // ring buffer slots a kernel handles; enough for order-5 multistep + momentum
 
 inline constexpr int sampler_coef_count(int K) { return kCoefHeader + 3 * K; }
+
+// Calls f(std::integral_constant<int, K>{}) for a runtime K in [0, kMaxHistory], so kernels can unroll over the
+// history slots; returns false for any other K. Shared by the CPU and CUDA launchers.
+template <int N = 0, typename F>
+inline bool dispatch_history(int K, F&& f) {
+  if constexpr (N > kMaxHistory) {
+    (void)K;
+    (void)f;
+    return false;
+  } else {
+    if (K == N) {
+      f(std::integral_constant<int, N>{});
+      return true;
+    }
+    return dispatch_history<N + 1>(K, f);
+  }
+}
 
 // Model-output storage types the kernels accept.
 enum class ModelDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

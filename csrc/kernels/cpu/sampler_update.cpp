@@ -202,21 +202,7 @@ bool sampler_update_cpu(const SamplerUpdateArgs& a, char* error) {
   std::vector<float> factor;
   if (a.guidance_rescale > 0.f) factor = rescale_factors(a, cond, uncond, a.coef[kCoefW], a.coef[kCoefDelta]);
   const float* fp = factor.empty() ? nullptr : factor.data();
-  switch (K) {
-#define VELODIFF_CASE(KK) \
-  case KK: update_all<KK>(a, cond, up, fp); break;
-    VELODIFF_CASE(0)
-    VELODIFF_CASE(1)
-    VELODIFF_CASE(2)
-    VELODIFF_CASE(3)
-    VELODIFF_CASE(4)
-    VELODIFF_CASE(5)
-    VELODIFF_CASE(6)
-    VELODIFF_CASE(7)
-    VELODIFF_CASE(8)
-#undef VELODIFF_CASE
-    default: return false;
-  }
+  if (!dispatch_history(K, [&](auto k) { update_all<decltype(k)::value>(a, cond, up, fp); })) return false;
   return true;
 }
 

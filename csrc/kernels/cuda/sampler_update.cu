@@ -125,21 +125,10 @@ cudaError_t launch_typed(const SamplerUpdateArgs& a, double* workspace, cudaStre
                                                         workspace);
     stats = workspace;
   }
-  switch (a.history_slots) {
-#define VELODIFF_CASE(KK) \
-  case KK: sampler_update_kernel<T, KK><<<blocks, threads, 0, stream>>>(a, stats); break;
-    VELODIFF_CASE(0)
-    VELODIFF_CASE(1)
-    VELODIFF_CASE(2)
-    VELODIFF_CASE(3)
-    VELODIFF_CASE(4)
-    VELODIFF_CASE(5)
-    VELODIFF_CASE(6)
-    VELODIFF_CASE(7)
-    VELODIFF_CASE(8)
-#undef VELODIFF_CASE
-    default: return cudaErrorInvalidValue;
-  }
+  const bool launched = dispatch_history(a.history_slots, [&](auto k) {
+    sampler_update_kernel<T, decltype(k)::value><<<blocks, threads, 0, stream>>>(a, stats);
+  });
+  if (!launched) return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 

@@ -82,6 +82,23 @@ class BasePipeline:
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
 
+    def guided_fn(self, call, guided: bool, cond_first: bool, channels: Optional[int] = None):
+        """The model callable of the sampling loop for a denoiser ``call(batch, timesteps [N]) -> out``: under
+        guidance the batch is [x; x] and the output halves are returned as (cond, uncond); ``cond_first`` says
+        which half the caller's conditioning puts first; ``channels`` keeps the first output channels (learned
+        sigma models)."""
+        def fn(x: torch.Tensor, t: float):
+            x = x.to(self.dtype)
+            batch = torch.cat([x, x]) if guided else x
+            out = call(batch, torch.full((batch.shape[0],), t, device=self.device))
+            if channels is not None:
+                out = out[:, :channels]
+            if not guided:
+                return out
+            first, second = out.chunk(2)
+            return (first, second) if cond_first else (second, first)
+        return fn
+
     def finish(self, final: torch.Tensor, name: str, nfe: int, output_type: str) -> PipelineOutput:
         """Decode the final latents with the pipeline's VAE (unless ``output_type='latent'``) into the output."""
         if output_type == "latent":

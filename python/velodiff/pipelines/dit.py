@@ -16,17 +16,10 @@ class DiTPipeline(BasePipeline):
         channels = self.transformer.config.in_channels
         null = torch.full_like(labels, self.transformer.config.num_embeds_ada_norm)
 
-        def fn(x: torch.Tensor, t: float):
-            x = x.to(self.dtype)
-            batch = torch.cat([x, x]) if guided else x
-            ts = torch.full((batch.shape[0],), t, device=self.device)
-            out = self.transformer(batch, ts, torch.cat([labels, null]) if guided else labels)
-            out = out[:, :channels]  # learned sigma: the sampler uses the noise prediction only
-            if not guided:
-                return out
-            cond, uncond = out.chunk(2)
-            return cond, uncond
-        return fn
+        conditioning = torch.cat([labels, null]) if guided else labels
+        # learned sigma: the sampler uses the noise prediction (the first `channels` channels) only
+        return self.guided_fn(lambda batch, ts: self.transformer(batch, ts, conditioning), guided, cond_first=True,
+                              channels=channels)
 
     @torch.no_grad()
     def __call__(self, class_labels: Sequence[int], guidance_scale: float = 4.0, generator=None,

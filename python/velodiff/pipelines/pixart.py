@@ -35,17 +35,10 @@ class PixArtPipeline(BasePipeline):
             if added is not None:
                 added = {k: torch.cat([v, v]) for k, v in added.items()}
 
-        def fn(x: torch.Tensor, t: float):
-            x = x.to(self.dtype)
-            batch = torch.cat([x, x]) if guided else x
-            ts = torch.full((batch.shape[0],), t, device=self.device)
-            out = self.transformer(batch, emb, ts, added_cond_kwargs=added, encoder_attention_mask=mask)
-            out = out[:, :channels]  # learned sigma: the sampler uses the noise prediction only
-            if not guided:
-                return out
-            uncond, cond = out.chunk(2)
-            return cond, uncond
-        return fn
+        # learned sigma: the sampler uses the noise prediction (the first `channels` channels) only
+        return self.guided_fn(lambda batch, ts: self.transformer(batch, emb, ts, added_cond_kwargs=added,
+                                                                 encoder_attention_mask=mask),
+                              guided, cond_first=False, channels=channels)
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str]] = "",
