@@ -15,6 +15,12 @@ TORCH_LIBRARY(velodiff, m) {
   m.def(
       "sampler_update(Tensor x, Tensor cond, Tensor? uncond, Tensor? anchor, Tensor? noise, Tensor(a!)? history, "
       "Tensor coef, int write_slot, float guidance_rescale, bool want_y) -> (Tensor, Tensor)");
+  // Quantized GEMM family (SVDQuant W4A4 + low-rank branch, W8A8); format in csrc/include/velodiff/qgemm.h.
+  // quantize_act -> (qx packed, ascales [M, Kp/64] fp32, lora_act [M, R] fp32)
+  m.def("quantize_act(Tensor x, Tensor? smooth, Tensor? lora_down, int bits) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "qgemm(Tensor qx, Tensor ascales, Tensor qw, Tensor wscales, Tensor? bias, Tensor? lora_act, "
+      "Tensor? lora_up, Tensor? lora_scales, int bits, int activation) -> Tensor");
 }
 
 namespace py = pybind11;

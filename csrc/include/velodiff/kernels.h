@@ -1,6 +1,7 @@
 // Entry points of the torch-free kernels. The torch glue in csrc/ops/ calls these.
 #pragma once
 
+#include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
 
 namespace velodiff {
@@ -9,10 +10,20 @@ namespace velodiff {
 // to `error` (at least 256 bytes) on invalid arguments.
 bool sampler_update_cpu(const SamplerUpdateArgs& args, char* error);
 
+// Quantized GEMM family (csrc/kernels/cpu/qgemm.cpp; format in velodiff/qgemm.h). Return false and write a
+// message to `error` (at least 256 bytes) on invalid arguments.
+bool quantize_act_cpu(const QuantizeActArgs& args, char* error);
+bool qgemm_cpu(const QGemmArgs& args, char* error);
+
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
 // 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).
 int sampler_update_cuda(const SamplerUpdateArgs& args, double* workspace, void* stream);
+
+// Quantized GEMM family (csrc/kernels/cuda/qgemm.cu). `args.lora_act` must be zero-filled by the caller
+// (partial down-projections are added atomically). Return the cudaError_t as int (0 = success).
+int quantize_act_cuda(const QuantizeActArgs& args, void* stream);
+int qgemm_cuda(const QGemmArgs& args, void* stream);
 #endif
 
 }  // namespace velodiff

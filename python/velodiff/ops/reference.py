@@ -81,3 +81,101 @@ def sampler_update(
     if cd != torch.float64:
         x_next = x_next.to(torch.float32)
     return x_next, y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantized GEMM family (format: csrc/include/velodiff/qgemm.h)
+# ----------------------------------------------------------------------------------------------------------------
+
+QGROUP = 64
+QACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def qgemm_padded_k(k: int) -> int:
+    """K rounded up to a multiple of the group size 64."""
+    return (k + QGROUP - 1) // QGROUP * QGROUP
+
+
+def quantize_groups(v: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-(row, group of 64) quantization of fp32 ``v`` [rows, K] (the rule of qgemm.h).
+
+    Returns (codes int8 [rows, Kp] in [-Q-1, Q], scales float32 [rows, Kp/64]); Q = 7 (4 bits) or 127 (8 bits)."""
+    qmax = 7 if bits == 4 else 127
+    rows, k = v.shape
+    kp = qgemm_padded_k(k)
+    v = torch.nn.functional.pad(v.float(), (0, kp - k)).reshape(rows, kp // QGROUP, QGROUP)
+    scale = v.abs().amax(-1) / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale[..., None] > 0, torch.round(v / safe[..., None]), torch.zeros_like(v))
+    return q.clamp(-qmax - 1, qmax).to(torch.int8).reshape(rows, kp), scale
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [rows, Kp] in [-8, 7] -> uint8 [rows, Kp/2]: element 2j in the low nibble of byte j."""
+    c = codes.to(torch.int16) & 0xF
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, Kp/2] -> int8 codes [rows, Kp] (inverse of :func:`pack_int4`)."""
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    both = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 codes [rows, Kp] -> the packed storage of ``bits`` (uint8 nibbles for 4, int8 as is for 8)."""
+    return pack_int4(codes) if bits == 4 else codes.to(torch.int8).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_int4(packed) if bits == 4 else packed
+
+
+def quantize_act(x: torch.Tensor, smooth: Optional[torch.Tensor], lora_down: Optional[torch.Tensor],
+                 bits: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``velodiff::quantize_act``: x [M, K] -> (qx packed, ascales float32 [M, Kp/64],
+    lora_act float32 [M, R] = x @ lora_down in fp32, on the unsmoothed x)."""
+    v = x.float()
+    if smooth is not None:
+        v = v / smooth.float()
+    codes, scales = quantize_groups(v, bits)
+    if lora_down is None:
+        lora_act = torch.zeros(x.shape[0], 0, dtype=torch.float32, device=x.device)
+    else:
+        lora_act = (x.double() @ lora_down.double()).float()
+    return pack_codes(codes, bits), scales, lora_act
+
+
+def _activation(acc: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == 1:
+        return torch.nn.functional.gelu(acc)
+    if activation == 2:
+        return torch.nn.functional.gelu(acc, approximate="tanh")
+    if activation == 3:
+        return torch.nn.functional.silu(acc)
+    return acc
+
+
+def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: torch.Tensor,
+          bias: Optional[torch.Tensor], lora_act: Optional[torch.Tensor], lora_up: Optional[torch.Tensor],
+          lora_scales: Optional[torch.Tensor], bits: int = 4, activation: int = 0) -> torch.Tensor:
+    """Reference of ``velodiff::qgemm`` (float64 accumulation, exact integer group sums): -> y [M, N] in
+    ``wscales``' dtype. See csrc/include/velodiff/qgemm.h for the formula."""
+    cx = unpack_codes(qx, bits).double()
+    cw = unpack_codes(qw, bits).double()
+    m, n, groups = cx.shape[0], cw.shape[0], ascales.shape[1]
+    acc = torch.zeros(m, n, dtype=torch.float64, device=qx.device)
+    for g in range(groups):
+        sl = slice(g * QGROUP, (g + 1) * QGROUP)
+        dot = cx[:, sl] @ cw[:, sl].T  # integers below 2^31: exact in float64
+        acc += dot * (ascales[:, g].double()[:, None] * wscales[:, g].double()[None, :])
+    if bias is not None:
+        acc += bias.double()[None, :]
+    if lora_act is not None and lora_up is not None and lora_act.shape[1] > 0:
+        la = lora_act.double()
+        if lora_scales is not None:
+            la = la * lora_scales.double()[None, :]
+        acc += la @ lora_up.double().T
+    return _activation(acc, activation).to(wscales.dtype)
