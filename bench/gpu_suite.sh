@@ -33,5 +33,6 @@ step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops -k "matches_reference or guidance_rescale or optional"
 step bench_sampler_update $py bench/bench_sampler_update.py --device cuda --out "$out"
 step bench_sampling_loop $py bench/bench_sampling_loop.py --device cuda --out "$out"
+step bench_qgemm_cuda $py bench/bench_qgemm_cuda.py --out "$out"
 echo "gpu_suite: $([ $status -eq 0 ] && echo all steps passed || echo some steps FAILED)"
 exit $status

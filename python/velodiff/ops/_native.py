@@ -45,3 +45,18 @@ if _C is not None:
                              want_y):
         y = torch.empty_like(x) if want_y else x.new_empty((0,))
         return torch.empty_like(x), y
+
+    @torch.library.register_fake("velodiff::quantize_act")
+    def _quantize_act_fake(x, smooth, lora_down, bits):
+        m, k = x.shape
+        kp = (k + 63) // 64 * 64
+        if bits == 4:
+            qx = x.new_empty((m, kp // 2), dtype=torch.uint8)
+        else:
+            qx = x.new_empty((m, kp), dtype=torch.int8)
+        r = 0 if lora_down is None else lora_down.shape[1]
+        return qx, x.new_empty((m, kp // 64), dtype=torch.float32), x.new_empty((m, r), dtype=torch.float32)
+
+    @torch.library.register_fake("velodiff::qgemm")
+    def _qgemm_fake(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation):
+        return wscales.new_empty((qx.shape[0], qw.shape[0]))

@@ -1,0 +1,727 @@
+// CPU kernels of the quantized GEMM family: velodiff::quantize_act and velodiff::qgemm.
+// Format and semantics: csrc/include/velodiff/qgemm.h. Torch-free.
+//
+// Two code paths with identical integer results (integer group sums are exact in any order):
+//  * AVX2 + FMA + F16C, chosen at run time (__builtin_cpu_supports; the library is compiled for baseline x86-64,
+//    so these functions carry target attributes). Setting VELODIFF_QGEMM_SCALAR=1 in the environment forces the
+//    portable path (read at every call; used by the tests to compare the two).
+//  * portable scalar C++.
+//
+// quantize_act: per row, fp32 conversion (+ the low-rank down projection on the unsmoothed row), IEEE division by
+// smooth, per-group amax / Q, IEEE division by the scale, round half to even, clamp, pack. Bit-exact with the
+// reference (_mm256_div_ps / _mm256_round_ps(nearest) are the IEEE operations the scalar path performs).
+//
+// qgemm (AVX2): one parallel region. The weights are repacked once per call into 16-column panels; work items
+// (a chunk of rows x a group of 8 panels) are scheduled dynamically, each unpacking its rows once; a 4 x 16
+// register-blocked micro-kernel computes one group of 64 at a time in integers and folds it into fp32
+// accumulators with ascale * wscale.
+//  * 4 bits: activation codes are offset to unsigned (a + 8 in [0, 15]) so _mm256_maddubs_epi16 (u8 x s8, pairs
+//    summed to int16) applies without the sign trick; |pair| <= 2 * 15 * 8 = 240, a group of 16 such steps stays
+//    below 2^12 in int16, and sum (a + 8) w = sum a w + 8 sum w is corrected with per-(column, group) weight sums.
+//  * 8 bits: codes widened to int16, _mm256_madd_epi16 (pairs summed to int32) accumulated in int32.
+// The epilogue adds the bias and the low-rank branch (fp32 FMA over R), applies the activation and converts to the
+// model dtype (round to nearest even).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VELODIFF_QGEMM_X86 1
+#endif
+
+#include "velodiff/float16.h"
+#include "velodiff/kernels.h"
+
+namespace velodiff {
+namespace {
+
+constexpr int64_t kG = kQGroup;     // 64
+constexpr int64_t kMR = 4;          // micro-tile rows (4 x 16: 8 accumulators, no spills)
+constexpr int64_t kNR = 16;         // micro-tile columns (two 8-lane vectors)
+
+// ---------------------------------------------------------------------------------------------------------------
+// Element conversions
+// ---------------------------------------------------------------------------------------------------------------
+
+inline float load_elem(QDtype dt, const void* p, int64_t i) {
+  switch (dt) {
+    case QDtype::kFloat16: return fp16_to_float_branchless(static_cast<const uint16_t*>(p)[i]);
+    case QDtype::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// float32 -> binary16, round to nearest even (overflow to inf, subnormals rounded, NaN -> quiet NaN).
+inline uint16_t float_to_fp16_rne(float f) {
+  uint32_t x = float_to_bits(f);
+  const uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  uint32_t o;
+  if (x >= 0x47800000u) {  // |f| >= 2^16 (always inf after rounding), inf or nan
+    o = x > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (x < 0x38800000u) {  // |f| < 2^-14: subnormal or zero; one fp32 add rounds the mantissa
+    const uint32_t magic = 126u << 23;  // 0.5f
+    o = float_to_bits(bits_to_float(x) + bits_to_float(magic)) - magic;
+  } else {
+    const uint32_t mant_odd = (x >> 13) & 1u;
+    x += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mant_odd;
+    o = x >> 13;
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+// float32 -> bfloat16, round to nearest even (NaN -> quiet NaN), as torch does.
+inline uint16_t float_to_bf16_rne(float f) {
+  const uint32_t u = float_to_bits(f);
+  if (f != f) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline void store_elem(QDtype dt, void* p, int64_t i, float v) {
+  switch (dt) {
+    case QDtype::kFloat16: static_cast<uint16_t*>(p)[i] = float_to_fp16_rne(v); break;
+    case QDtype::kBFloat16: static_cast<uint16_t*>(p)[i] = float_to_bf16_rne(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Written without the cancellation of 1 + erf(.) / 1 + tanh(.) for negative v, so small outputs keep their
+// relative accuracy: GELU = v/2 erfc(-v / sqrt 2); tanh GELU = v / (1 + exp(-2u)), u = sqrt(2/pi)(v + 0.044715 v^3).
+inline float activate(float v, QActivation a) {
+  switch (a) {
+    case QActivation::kGelu: return 0.5f * v * std::erfc(v * -0.70710678118654752f);
+    case QActivation::kGeluTanh: {
+      const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return v / (1.f + std::exp(-2.f * u));
+    }
+    case QActivation::kSilu: return v / (1.f + std::exp(-v));
+    default: return v;
+  }
+}
+
+inline int8_t nibble_code(uint8_t nib) { return static_cast<int8_t>(static_cast<int>(nib ^ 8u) - 8); }
+
+bool use_simd() {
+#ifdef VELODIFF_QGEMM_X86
+  static const bool have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  const char* e = std::getenv("VELODIFF_QGEMM_SCALAR");
+  return have && !(e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0);
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// quantize_act
+// ---------------------------------------------------------------------------------------------------------------
+
+// lora_act[r] = sum_k xf[k] * ld[k, r] (fp32). Inlined into both the scalar and the AVX2 row functions, so the
+// loop over r vectorises with the ISA of the caller.
+__attribute__((always_inline)) inline void lora_down_row(const float* __restrict__ xf, const float* __restrict__ ld,
+                                                         int64_t K, int64_t R, float* __restrict__ out) {
+  for (int64_t r = 0; r < R; ++r) out[r] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float xk = xf[k];
+    const float* __restrict__ row = ld + k * R;
+    for (int64_t r = 0; r < R; ++r) out[r] += xk * row[r];
+  }
+}
+
+// Writes codes of one group (64 int8 codes in `c`) to the packed row.
+inline void store_group_codes(const int8_t* c, int bits, void* qrow, int64_t g) {
+  if (bits == 8) {
+    std::memcpy(static_cast<int8_t*>(qrow) + g * kG, c, kG);
+  } else {
+    uint8_t* o = static_cast<uint8_t*>(qrow) + g * (kG / 2);
+    for (int64_t j = 0; j < kG / 2; ++j)
+      o[j] = static_cast<uint8_t>((c[2 * j] & 0xF) | ((c[2 * j + 1] & 0xF) << 4));
+  }
+}
+
+// Row m: xf = float(x[m]) (K values), v = xf / smooth zero-padded to Kp, then the groups.
+void quantize_row_scalar(const QuantizeActArgs& a, const float* ld, int64_t m, float* xf, float* v) {
+  const int64_t K = a.K, Kp = qgemm_padded_k(K), ng = Kp / kG;
+  const float Q = a.bits == 4 ? 7.f : 127.f;
+  for (int64_t k = 0; k < K; ++k) xf[k] = load_elem(a.dtype, a.x, m * K + k);
+  if (a.R > 0) lora_down_row(xf, ld, K, a.R, a.lora_act + m * a.R);
+  for (int64_t k = 0; k < K; ++k) v[k] = a.smooth != nullptr ? xf[k] / a.smooth[k] : xf[k];
+  for (int64_t k = K; k < Kp; ++k) v[k] = 0.f;
+  void* qrow = static_cast<uint8_t*>(a.qx) + m * (a.bits == 4 ? Kp / 2 : Kp);
+  int8_t codes[kG];
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* vg = v + g * kG;
+    float amax = 0.f;
+    for (int64_t j = 0; j < kG; ++j) amax = std::max(amax, std::fabs(vg[j]));
+    const float s = amax / Q;
+    a.ascales[m * ng + g] = s;
+    for (int64_t j = 0; j < kG; ++j) {
+      float q = 0.f;
+      if (s != 0.f) q = std::min(std::max(std::nearbyint(vg[j] / s), -Q - 1.f), Q);
+      codes[j] = static_cast<int8_t>(q);
+    }
+    store_group_codes(codes, a.bits, qrow, g);
+  }
+}
+
+#ifdef VELODIFF_QGEMM_X86
+#define VD_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// 8 values of dtype at p -> fp32
+VD_AVX2 inline __m256 load8(QDtype dt, const void* p, int64_t i) {
+  switch (dt) {
+    case QDtype::kFloat16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+    case QDtype::kBFloat16: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    default: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  }
+}
+
+VD_AVX2 void quantize_row_avx2(const QuantizeActArgs& a, const float* ld, int64_t m, float* xf, float* v) {
+  const int64_t K = a.K, Kp = qgemm_padded_k(K), ng = Kp / kG;
+  const float Q = a.bits == 4 ? 7.f : 127.f;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(xf + k, load8(a.dtype, a.x, m * K + k));
+  for (; k < K; ++k) xf[k] = load_elem(a.dtype, a.x, m * K + k);
+  if (a.R > 0) lora_down_row(xf, ld, K, a.R, a.lora_act + m * a.R);
+  k = 0;
+  if (a.smooth != nullptr) {
+    for (; k + 8 <= K; k += 8)
+      _mm256_storeu_ps(v + k, _mm256_div_ps(_mm256_loadu_ps(xf + k), _mm256_loadu_ps(a.smooth + k)));
+    for (; k < K; ++k) v[k] = xf[k] / a.smooth[k];
+  } else {
+    std::memcpy(v, xf, sizeof(float) * K);
+  }
+  for (k = K; k < Kp; ++k) v[k] = 0.f;
+
+  void* qrow = static_cast<uint8_t*>(a.qx) + m * (a.bits == 4 ? Kp / 2 : Kp);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 lo = _mm256_set1_ps(-Q - 1.f), hi = _mm256_set1_ps(Q);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* vg = v + g * kG;
+    __m256 x[8];
+    __m256 mx = _mm256_setzero_ps();
+    for (int j = 0; j < 8; ++j) {
+      x[j] = _mm256_loadu_ps(vg + 8 * j);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(x[j], absmask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float s = _mm_cvtss_f32(m4) / Q;
+    a.ascales[m * ng + g] = s;
+    __m256i bytes[2];
+    if (s == 0.f) {
+      bytes[0] = bytes[1] = _mm256_setzero_si256();
+    } else {
+      const __m256 sv = _mm256_set1_ps(s);
+      __m256i c[8];
+      for (int j = 0; j < 8; ++j) {
+        const __m256 q = _mm256_round_ps(_mm256_div_ps(x[j], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256i p01 = _mm256_packs_epi32(c[4 * h], c[4 * h + 1]);
+        const __m256i p23 = _mm256_packs_epi32(c[4 * h + 2], c[4 * h + 3]);
+        bytes[h] = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);  // codes 32h .. 32h + 31
+      }
+    }
+    if (a.bits == 8) {
+      int8_t* o = static_cast<int8_t*>(qrow) + g * kG;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), bytes[0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32), bytes[1]);
+    } else {
+      // 16-bit lane j holds codes (2j, 2j + 1): byte = (lo & 0xF) | (hi & 0xF) << 4
+      const __m256i m0f = _mm256_set1_epi16(0x000f), mf0 = _mm256_set1_epi16(0x00f0);
+      __m256i r[2];
+      for (int h = 0; h < 2; ++h)
+        r[h] = _mm256_or_si256(_mm256_and_si256(bytes[h], m0f), _mm256_and_si256(_mm256_srli_epi16(bytes[h], 4), mf0));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(r[0], r[1]), 0xd8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint8_t*>(qrow) + g * (kG / 2)), packed);
+    }
+  }
+}
+#endif  // VELODIFF_QGEMM_X86
+
+// ---------------------------------------------------------------------------------------------------------------
+// qgemm: portable path
+// ---------------------------------------------------------------------------------------------------------------
+
+// Codes of row `row` of a packed matrix (width Kp) as int8.
+inline void unpack_row(const void* packed, int bits, int64_t row, int64_t Kp, int8_t* out) {
+  if (bits == 8) {
+    std::memcpy(out, static_cast<const int8_t*>(packed) + row * Kp, Kp);
+  } else {
+    const uint8_t* p = static_cast<const uint8_t*>(packed) + row * (Kp / 2);
+    for (int64_t j = 0; j < Kp / 2; ++j) {
+      out[2 * j] = nibble_code(p[j] & 0xF);
+      out[2 * j + 1] = nibble_code(p[j] >> 4);
+    }
+  }
+}
+
+// Model-dtype operands of the portable path in fp32.
+struct QGemmFloats {
+  std::vector<float> wscales;  // [N, ng]
+  std::vector<float> bias;     // [N] or empty
+  std::vector<float> lora_up;  // [N, R] or empty
+};
+
+void to_float(QDtype dt, const void* src, int64_t n, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem(dt, src, i);
+}
+
+void qgemm_scalar(const QGemmArgs& a) {
+  const int64_t M = a.M, N = a.N, Kp = a.K, R = a.R, ng = Kp / kG;
+  QGemmFloats f;
+  to_float(a.dtype, a.wscales, N * ng, f.wscales);
+  if (a.bias != nullptr) to_float(a.dtype, a.bias, N, f.bias);
+  if (R > 0) to_float(a.dtype, a.lora_up, N * R, f.lora_up);
+  std::vector<int8_t> w(static_cast<size_t>(N * Kp));
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) unpack_row(a.qw, a.bits, n, Kp, w.data() + n * Kp);
+#pragma omp parallel
+  {
+    std::vector<int8_t> x(static_cast<size_t>(Kp));
+    std::vector<float> la(static_cast<size_t>(R));
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t m = 0; m < M; ++m) {
+      unpack_row(a.qx, a.bits, m, Kp, x.data());
+      for (int64_t r = 0; r < R; ++r)
+        la[r] = a.lora_act[m * R + r] * (a.lora_scales != nullptr ? a.lora_scales[r] : 1.f);
+      const float* as = a.ascales + m * ng;
+      for (int64_t n = 0; n < N; ++n) {
+        const int8_t* wn = w.data() + n * Kp;
+        const float* ws = f.wscales.data() + n * ng;
+        float acc = 0.f;
+        for (int64_t g = 0; g < ng; ++g) {
+          int32_t isum = 0;
+          for (int64_t j = g * kG; j < (g + 1) * kG; ++j) isum += int32_t(x[j]) * int32_t(wn[j]);
+          acc += as[g] * ws[g] * static_cast<float>(isum);
+        }
+        if (!f.bias.empty()) acc += f.bias[n];
+        const float* lu = R > 0 ? f.lora_up.data() + n * R : nullptr;
+        for (int64_t r = 0; r < R; ++r) acc += la[r] * lu[r];
+        store_elem(a.dtype, a.y, m * N + n, activate(acc, a.activation));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// qgemm: AVX2 path
+// ---------------------------------------------------------------------------------------------------------------
+#ifdef VELODIFF_QGEMM_X86
+
+// Weights and model-dtype vectors repacked into np = ceil(N / 16) column panels (columns >= N are zero).
+struct PackedW {
+  int64_t np = 0, ng = 0, Kp = 0, R = 0;
+  // panel p at p * Kp * 16 elements:
+  //   4 bits: int8, element (n, k) at (k / 4) * 64 + (n / 8 % 2) * 32 + (n % 8) * 4 + k % 4
+  //   8 bits: int16, element (n, k) at (k / 2) * 32 + (n / 8 % 2) * 16 + (n % 8) * 2 + k % 2
+  std::vector<int8_t> w4;
+  std::vector<int16_t> w8;
+  std::vector<int32_t> corr;  // 4 bits: [np][ng][16] 8 * sum_{k in g} w[n, k]
+  std::vector<float> wsc;     // [np][ng][16]
+  std::vector<float> bias;    // [np * 16] (zeros when absent)
+  std::vector<float> lup;     // [np][R][16]
+};
+
+// Byte b of packed int4 codes -> its two codes as int8 bytes (low nibble first), and their sum.
+struct NibbleTable {
+  uint16_t pair[256];
+  int8_t sum[256];
+  NibbleTable() {
+    for (int b = 0; b < 256; ++b) {
+      const int8_t lo = nibble_code(static_cast<uint8_t>(b & 0xF)), hi = nibble_code(static_cast<uint8_t>(b >> 4));
+      pair[b] = static_cast<uint16_t>(static_cast<uint8_t>(lo) | (static_cast<uint8_t>(hi) << 8));
+      sum[b] = static_cast<int8_t>(lo + hi);
+    }
+  }
+};
+const NibbleTable kNibbles;
+
+// Column n of the weights into its panel (one thread per column: no two threads write the same element).
+void pack_weight_column(const QGemmArgs& a, PackedW& P, int64_t n) {
+  const int64_t Kp = P.Kp, ng = P.ng, R = P.R;
+  const int64_t p = n / kNR, c = n % kNR, half = c / 8, lane = c % 8;
+  if (a.bits == 4) {
+    const uint8_t* src = static_cast<const uint8_t*>(a.qw) + n * (Kp / 2);
+    int8_t* dst = P.w4.data() + p * Kp * kNR + half * 32 + lane * 4;
+    for (int64_t g = 0; g < ng; ++g) {
+      int32_t s = 0;
+      for (int64_t q = g * (kG / 4); q < (g + 1) * (kG / 4); ++q) {  // 4 codes = 2 bytes
+        const uint8_t b0 = src[2 * q], b1 = src[2 * q + 1];
+        const uint32_t word = kNibbles.pair[b0] | (static_cast<uint32_t>(kNibbles.pair[b1]) << 16);
+        std::memcpy(dst + q * 64, &word, sizeof(word));
+        s += kNibbles.sum[b0] + kNibbles.sum[b1];
+      }
+      P.corr[(p * ng + g) * kNR + c] = 8 * s;
+    }
+  } else {
+    const int8_t* src = static_cast<const int8_t*>(a.qw) + n * Kp;
+    int16_t* dst = P.w8.data() + p * Kp * kNR + half * 16 + lane * 2;
+    for (int64_t k = 0; k < Kp; k += 2) {
+      dst[k * 16] = src[k];
+      dst[k * 16 + 1] = src[k + 1];
+    }
+  }
+  for (int64_t g = 0; g < ng; ++g) P.wsc[(p * ng + g) * kNR + c] = load_elem(a.dtype, a.wscales, n * ng + g);
+  if (a.bias != nullptr) P.bias[p * kNR + c] = load_elem(a.dtype, a.bias, n);
+  for (int64_t r = 0; r < R; ++r) P.lup[(p * R + r) * kNR + c] = load_elem(a.dtype, a.lora_up, n * R + r);
+}
+
+// A block of activation rows [m0, m0 + rows) unpacked for the micro-kernel (rows beyond M are zero codes with
+// zero scales): 4 bits: uint8 a + 8; 8 bits: int16. Plus ascales and lora_act * lora_scales of those rows.
+struct RowBlock {
+  std::vector<uint8_t> x4;
+  std::vector<int16_t> x8;
+  std::vector<float> asc;  // [rows, ng]
+  std::vector<float> las;  // [rows, R]
+};
+
+void unpack_rows(const QGemmArgs& a, int64_t m0, int64_t rows, RowBlock& B) {
+  const int64_t Kp = a.K, ng = Kp / kG, R = a.R;
+  const int64_t valid = std::max<int64_t>(0, std::min(rows, a.M - m0));
+  if (a.bits == 4) {
+    B.x4.resize(static_cast<size_t>(rows * Kp));
+    const uint8_t* src = static_cast<const uint8_t*>(a.qx) + m0 * (Kp / 2);
+    uint8_t* dst = B.x4.data();
+    for (int64_t j = 0; j < valid * Kp / 2; ++j) {
+      dst[2 * j] = static_cast<uint8_t>((src[j] & 0xF) ^ 8);
+      dst[2 * j + 1] = static_cast<uint8_t>((src[j] >> 4) ^ 8);
+    }
+    std::memset(dst + valid * Kp, 8, static_cast<size_t>((rows - valid) * Kp));
+  } else {
+    B.x8.resize(static_cast<size_t>(rows * Kp));
+    const int8_t* src = static_cast<const int8_t*>(a.qx) + m0 * Kp;
+    int16_t* dst = B.x8.data();
+    for (int64_t j = 0; j < valid * Kp; ++j) dst[j] = src[j];
+    std::fill(dst + valid * Kp, dst + rows * Kp, int16_t{0});
+  }
+  B.asc.assign(static_cast<size_t>(rows * ng), 0.f);
+  std::memcpy(B.asc.data(), a.ascales + m0 * ng, sizeof(float) * valid * ng);
+  B.las.assign(static_cast<size_t>(rows * R), 0.f);
+  for (int64_t i = 0; i < valid; ++i)
+    for (int64_t r = 0; r < R; ++r)
+      B.las[i * R + r] = a.lora_act[(m0 + i) * R + r] * (a.lora_scales != nullptr ? a.lora_scales[r] : 1.f);
+}
+
+VD_AVX2 inline __m256i bcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+// Keeps the accumulators in registers: GCC otherwise spills some of them inside the hot loop.
+#define VD_PIN_ACC(acc)                                                   \
+  _Pragma("GCC unroll 8") for (int i_ = 0; i_ < kMR; ++i_) {              \
+    __asm__("" : "+x"(acc[i_][0]), "+x"(acc[i_][1]));                     \
+  }
+
+// c[i][j] += (ascale[i] * wsc[j]) * float(s[i][j]) for one group.
+VD_AVX2 inline void fold_group(const __m256i (&s)[kMR][2], const float* asc, int64_t ng, const float* wsc,
+                               float* c) {
+  const __m256 w0 = _mm256_loadu_ps(wsc), w1 = _mm256_loadu_ps(wsc + 8);
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+    const __m256 ai = _mm256_set1_ps(asc[i * ng]);
+    float* ci = c + i * kNR;
+    _mm256_storeu_ps(ci, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][0]), _mm256_mul_ps(ai, w0), _mm256_loadu_ps(ci)));
+    _mm256_storeu_ps(ci + 8,
+                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][1]), _mm256_mul_ps(ai, w1), _mm256_loadu_ps(ci + 8)));
+  }
+}
+
+// One kMR x 16 micro-tile over all groups, 4-bit codes. x: kMR rows of a + 8 (stride Kp); w: the panel.
+VD_AVX2 void tile_w4(int64_t Kp, const uint8_t* x, const int8_t* w, const int32_t* corr, const float* wsc,
+                     const float* asc, float* c) {
+  const int64_t ng = Kp / kG;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i acc[kMR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    const uint8_t* xg = x + g * kG;
+    const int8_t* wg = w + g * kG * kNR;
+    for (int q = 0; q < kG / 4; ++q) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + q * 64));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + q * 64 + 32));
+#pragma GCC unroll 8
+      for (int i = 0; i < kMR; ++i) {
+        const __m256i xi = bcast32(xg + i * Kp + q * 4);
+        acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(xi, w0));
+        acc[i][1] = _mm256_add_epi16(acc[i][1], _mm256_maddubs_epi16(xi, w1));
+      }
+      VD_PIN_ACC(acc)
+    }
+    const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + g * kNR));
+    const __m256i k1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + g * kNR + 8));
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) {
+      acc[i][0] = _mm256_sub_epi32(_mm256_madd_epi16(acc[i][0], ones), k0);
+      acc[i][1] = _mm256_sub_epi32(_mm256_madd_epi16(acc[i][1], ones), k1);
+    }
+    fold_group(acc, asc + g, ng, wsc + g * kNR, c);
+  }
+}
+
+// The same for 8-bit codes widened to int16.
+VD_AVX2 void tile_w8(int64_t Kp, const int16_t* x, const int16_t* w, const float* wsc, const float* asc,
+                     float* c) {
+  const int64_t ng = Kp / kG;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i acc[kMR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    const int16_t* xg = x + g * kG;
+    const int16_t* wg = w + g * kG * kNR;
+    for (int q = 0; q < kG / 2; ++q) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + q * 32));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + q * 32 + 16));
+#pragma GCC unroll 8
+      for (int i = 0; i < kMR; ++i) {
+        const __m256i xi = bcast32(xg + i * Kp + q * 2);
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(xi, w0));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(xi, w1));
+      }
+      VD_PIN_ACC(acc)
+    }
+    fold_group(acc, asc + g, ng, wsc + g * kNR, c);
+  }
+}
+
+VD_AVX2 inline void store8(QDtype dt, void* y, int64_t i, __m256 v) {
+  switch (dt) {
+    case QDtype::kFloat16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case QDtype::kBFloat16: {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+      const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i),
+                       _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+      break;
+    }
+    default: _mm256_storeu_ps(static_cast<float*>(y) + i, v);
+  }
+}
+
+// Bias, low-rank branch, activation, conversion and store of one micro-tile (rows m0.., panel p); `las` points at
+// the tile's first row of lora_act * lora_scales.
+VD_AVX2 void tile_epilogue(const QGemmArgs& a, const PackedW& P, int64_t p, int64_t m0, const float* las, float* c) {
+  const int64_t R = P.R;
+  __m256 v[kMR][2];
+  const __m256 b0 = _mm256_loadu_ps(P.bias.data() + p * kNR), b1 = _mm256_loadu_ps(P.bias.data() + p * kNR + 8);
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+    v[i][0] = _mm256_add_ps(_mm256_loadu_ps(c + i * kNR), b0);
+    v[i][1] = _mm256_add_ps(_mm256_loadu_ps(c + i * kNR + 8), b1);
+  }
+  const float* lu = P.lup.data() + p * R * kNR;
+  for (int64_t r = 0; r < R; ++r) {
+    const __m256 u0 = _mm256_loadu_ps(lu + r * kNR), u1 = _mm256_loadu_ps(lu + r * kNR + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) {
+      const __m256 l = _mm256_set1_ps(las[i * R + r]);
+      v[i][0] = _mm256_fmadd_ps(l, u0, v[i][0]);
+      v[i][1] = _mm256_fmadd_ps(l, u1, v[i][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+    _mm256_storeu_ps(c + i * kNR, v[i][0]);
+    _mm256_storeu_ps(c + i * kNR + 8, v[i][1]);
+  }
+  const int64_t n0 = p * kNR;
+  const int64_t rows = std::min<int64_t>(kMR, a.M - m0), cols = std::min<int64_t>(kNR, a.N - n0);
+  if (a.activation != QActivation::kNone)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) c[i * kNR + j] = activate(c[i * kNR + j], a.activation);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t o = (m0 + i) * a.N + n0;
+    if (cols == kNR) {
+      store8(a.dtype, a.y, o, _mm256_loadu_ps(c + i * kNR));
+      store8(a.dtype, a.y, o + 8, _mm256_loadu_ps(c + i * kNR + 8));
+    } else {
+      for (int64_t j = 0; j < cols; ++j) store_elem(a.dtype, a.y, o + j, c[i * kNR + j]);
+    }
+  }
+}
+
+// Work item (row chunk, panel group): unpack the chunk's rows once, then every panel of the group against them
+// (the panel, 16 * Kp codes, stays in L1 across the chunk's micro-tiles; the chunk stays in L2).
+VD_AVX2 void gemm_item(const QGemmArgs& a, const PackedW& P, int64_t m0, int64_t rows, int64_t p0, int64_t p1,
+                       RowBlock& B) {
+  const int64_t Kp = P.Kp, ng = P.ng, R = P.R;
+  unpack_rows(a, m0, rows, B);
+  alignas(32) float c[kMR * kNR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* wsc = P.wsc.data() + p * ng * kNR;
+    for (int64_t t = 0; t < rows; t += kMR) {
+      std::memset(c, 0, sizeof(c));
+      if (a.bits == 4)
+        tile_w4(Kp, B.x4.data() + t * Kp, P.w4.data() + p * Kp * kNR, P.corr.data() + p * ng * kNR, wsc,
+                B.asc.data() + t * ng, c);
+      else
+        tile_w8(Kp, B.x8.data() + t * Kp, P.w8.data() + p * Kp * kNR, wsc, B.asc.data() + t * ng, c);
+      tile_epilogue(a, P, p, m0 + t, B.las.data() + t * R, c);
+    }
+  }
+}
+
+void qgemm_avx2(const QGemmArgs& a) {
+  const int64_t M = a.M, N = a.N, Kp = a.K, R = a.R;
+  PackedW P;
+  P.np = (N + kNR - 1) / kNR;
+  P.ng = Kp / kG;
+  P.Kp = Kp;
+  P.R = R;
+  const int64_t np = P.np, ng = P.ng;
+  if (a.bits == 4) {
+    P.w4.assign(static_cast<size_t>(np * Kp * kNR), 0);
+    P.corr.assign(static_cast<size_t>(np * ng * kNR), 0);
+  } else {
+    P.w8.assign(static_cast<size_t>(np * Kp * kNR), 0);
+  }
+  P.wsc.assign(static_cast<size_t>(np * ng * kNR), 0.f);
+  P.bias.assign(static_cast<size_t>(np * kNR), 0.f);
+  P.lup.assign(static_cast<size_t>(np * R * kNR), 0.f);
+
+  // Row chunks of up to 32 micro-tiles, fewer when a chunk's unpacked codes would pass ~128 KiB.
+  const int64_t elem = a.bits == 4 ? 1 : 2;
+  const int64_t chunk_tiles =
+      std::max<int64_t>(1, std::min<int64_t>(32, (128 << 10) / (kMR * std::max<int64_t>(Kp, 1) * elem)));
+  const int64_t chunk_rows = chunk_tiles * kMR;
+  const int64_t mtiles = (M + kMR - 1) / kMR;
+  const int64_t chunks = (mtiles + chunk_tiles - 1) / chunk_tiles;
+  constexpr int64_t kPanelGroup = 8;
+  const int64_t groups = (np + kPanelGroup - 1) / kPanelGroup;
+  const int64_t items = chunks * groups;
+  [[maybe_unused]] const double work = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(Kp + R);
+  // One parallel region (each region end is a barrier, costly when the cores are shared).
+#pragma omp parallel if (work >= 2e6)
+  {
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) pack_weight_column(a, P, n);
+    RowBlock B;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t chunk = it / groups, grp = it % groups;
+      const int64_t m0 = chunk * chunk_rows;
+      const int64_t rows = std::min(chunk_rows, (mtiles * kMR) - m0);
+      gemm_item(a, P, m0, rows, grp * kPanelGroup, std::min(np, (grp + 1) * kPanelGroup), B);
+    }
+  }
+}
+#endif  // VELODIFF_QGEMM_X86
+
+bool check_bits(const char* fn, int bits, char* error) {
+  if (bits == 4 || bits == 8) return true;
+  std::snprintf(error, 256, "%s: bits must be 4 or 8, got %d", fn, bits);
+  return false;
+}
+
+bool check_ptr(const char* fn, const char* name, const void* p, int64_t count, char* error) {
+  if (p != nullptr || count == 0) return true;
+  std::snprintf(error, 256, "%s: %s must be non-null (%lld elements)", fn, name, static_cast<long long>(count));
+  return false;
+}
+
+}  // namespace
+
+bool quantize_act_cpu(const QuantizeActArgs& a, char* error) {
+  const char* fn = "quantize_act_cpu";
+  if (!check_bits(fn, a.bits, error)) return false;
+  if (a.M < 0 || a.K < 0 || a.R < 0) {
+    std::snprintf(error, 256, "%s: sizes must be >= 0, got M=%lld K=%lld R=%lld", fn, static_cast<long long>(a.M),
+                  static_cast<long long>(a.K), static_cast<long long>(a.R));
+    return false;
+  }
+  const int64_t Kp = qgemm_padded_k(a.K);
+  if (!check_ptr(fn, "x", a.x, a.M * a.K, error) || !check_ptr(fn, "qx", a.qx, a.M * Kp, error) ||
+      !check_ptr(fn, "ascales", a.ascales, a.M * (Kp / kG), error) ||
+      !check_ptr(fn, "lora_down", a.lora_down, a.K * a.R, error) ||
+      !check_ptr(fn, "lora_act", a.lora_act, a.M * a.R, error))
+    return false;
+  if (a.M == 0) return true;
+  if (Kp == 0) {  // no columns: lora_act is an empty sum
+    for (int64_t i = 0; i < a.M * a.R; ++i) a.lora_act[i] = 0.f;
+    return true;
+  }
+  // lora_down as fp32 (shared by all rows)
+  std::vector<float> ld_buf;
+  const float* ld = nullptr;
+  if (a.R > 0) {
+    if (a.dtype == QDtype::kFloat32) {
+      ld = static_cast<const float*>(a.lora_down);
+    } else {
+      to_float(a.dtype, a.lora_down, a.K * a.R, ld_buf);
+      ld = ld_buf.data();
+    }
+  }
+  const bool simd = use_simd();
+  (void)simd;
+#pragma omp parallel if (a.M * (Kp + a.K * a.R) >= (1 << 15))
+  {
+    std::vector<float> xf(static_cast<size_t>(a.K)), v(static_cast<size_t>(Kp));
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < a.M; ++m) {
+#ifdef VELODIFF_QGEMM_X86
+      if (simd) {
+        quantize_row_avx2(a, ld, m, xf.data(), v.data());
+        continue;
+      }
+#endif
+      quantize_row_scalar(a, ld, m, xf.data(), v.data());
+    }
+  }
+  return true;
+}
+
+bool qgemm_cpu(const QGemmArgs& a, char* error) {
+  const char* fn = "qgemm_cpu";
+  if (!check_bits(fn, a.bits, error)) return false;
+  if (a.M < 0 || a.N < 0 || a.K < 0 || a.R < 0 || a.K % kG != 0) {
+    std::snprintf(error, 256, "%s: sizes must be >= 0 with K a multiple of 64, got M=%lld N=%lld K=%lld R=%lld",
+                  fn, static_cast<long long>(a.M), static_cast<long long>(a.N), static_cast<long long>(a.K),
+                  static_cast<long long>(a.R));
+    return false;
+  }
+  const int act = static_cast<int>(a.activation);
+  if (act < 0 || act > 3) {
+    std::snprintf(error, 256, "%s: activation must be 0..3, got %d", fn, act);
+    return false;
+  }
+  const int64_t ng = a.K / kG;
+  if (!check_ptr(fn, "qx", a.qx, a.M * a.K, error) || !check_ptr(fn, "ascales", a.ascales, a.M * ng, error) ||
+      !check_ptr(fn, "qw", a.qw, a.N * a.K, error) || !check_ptr(fn, "wscales", a.wscales, a.N * ng, error) ||
+      !check_ptr(fn, "lora_act", a.lora_act, a.M * a.R, error) ||
+      !check_ptr(fn, "lora_up", a.lora_up, a.N * a.R, error) || !check_ptr(fn, "y", a.y, a.M * a.N, error))
+    return false;
+  if (a.M == 0 || a.N == 0) return true;
+#ifdef VELODIFF_QGEMM_X86
+  if (use_simd()) {
+    qgemm_avx2(a);
+    return true;
+  }
+#endif
+  qgemm_scalar(a);
+  return true;
+}
+
+}  // namespace velodiff
