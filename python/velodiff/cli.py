@@ -1,4 +1,4 @@
-"""The ``velodiff`` command line: ``info``, ``generate``, ``convert`` and ``eval``."""
+"""The ``velodiff`` command line: ``info``, ``generate``, ``convert``, ``eval`` and ``quantize``."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: default --guidance of the built-in models (measured best, see python/velodiff/data/*/README.md); other
 #: models get the pipeline's own default (7.5 for Stable Diffusion)
-BUILTIN_GUIDANCE = {"digits": 3.0}
+BUILTIN_GUIDANCE = {"digits": 3.0, "digits-dit": 1.5}
 #: model families of ``velodiff convert --family`` (velodiff.loading.FAMILIES, kept here so --help is cheap)
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "dit", "pixart")
 
@@ -69,7 +69,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     guidance = args.guidance if args.guidance is not None else BUILTIN_GUIDANCE.get(args.model)
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, **kwargs)
+    if hasattr(pipe, "transformer") and type(pipe).__name__ == "DiTPipeline":  # class-conditional
+        if args.class_label is None:
+            print(f"velodiff generate: {args.model} is class-conditional (DiT): pass --class-label N "
+                  f"(0 <= N < {pipe.transformer.config.num_embeds_ada_norm}) instead of --prompt", file=sys.stderr)
+            return 2
+        for unused in ("height", "width", "negative_prompt"):
+            kwargs.pop(unused, None)
+        num = kwargs.pop("num_images_per_prompt")
+        try:
+            out = pipe([args.class_label] * num, **kwargs)
+        except ValueError as e:
+            print(f"velodiff generate: {e}", file=sys.stderr)
+            return 2
+    else:
+        if args.prompt is None:
+            print("velodiff generate: --prompt is required for text-to-image models", file=sys.stderr)
+            return 2
+        out = pipe(args.prompt, negative_prompt=args.negative_prompt, **kwargs)
     os.makedirs(args.outdir, exist_ok=True)
     for i, image in enumerate(out.images):
         image.save(os.path.join(args.outdir, f"{i:03d}.png"))
@@ -246,6 +263,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from velodiff import quant
+    from velodiff.pipelines import Pipeline
+
+    try:
+        pipe = Pipeline.from_pretrained(args.model, dtype=torch.float32, device=args.device)
+        rank = args.rank if args.method == "svdquant" else 0
+        config = quant.QuantConfig(args.method, rank=rank, calibration_images=args.calibration_images,
+                                   calibration_steps=args.calibration_steps, seed=args.seed)
+        report = quant.quantize(pipe, config)
+        quant.save_quantized(pipe, args.out, dtype=getattr(torch, DTYPES[args.dtype]))
+    except (ValueError, TypeError, OSError) as e:
+        print(f"velodiff quantize: {e}", file=sys.stderr)
+        return 2
+    print(f"quantized {report['layers']} layers of the {report['component']} with {args.method}"
+          f"{f' (rank {rank})' if rank else ''} in {report['seconds']:.1f} s: layer weights "
+          f"{report['layer_bytes_before'] / 2 ** 20:.2f} MiB -> {report['layer_bytes_after'] / 2 ** 20:.2f} MiB; "
+          f"wrote {args.out} ({_size(args.out)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velodiff", description="Fast, correct diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--model", default="digits",
                        help="built-in model name (default: digits, 16x16 handwritten digits), a diffusers pipeline "
                             "folder or a single-file checkpoint")
-    p_gen.add_argument("--prompt", required=True)
+    p_gen.add_argument("--prompt", default=None, help="the text prompt (text-to-image models)")
+    p_gen.add_argument("--class-label", type=int, default=None,
+                       help="class-conditional models (DiT, e.g. digits-dit): the class to draw")
     p_gen.add_argument("--negative-prompt", default=None)
     p_gen.add_argument("--steps", type=int, default=20)
     p_gen.add_argument("--sampler", default=None, help="a sampler name (default: the model's scheduler)")
@@ -312,8 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--model", default="digits", help="built-in model name or a diffusers pipeline folder")
     p_eval.add_argument("--sampler", type=_sampler_name, default="dpmpp_2m", help="a sampler name")
     p_eval.add_argument("--steps", type=_positive_int, default=20)
-    p_eval.add_argument("--guidance", type=_nonnegative_float, default=5.0, help="classifier-free guidance scale (default: 3 for the built-in digits, "
-                       "else the pipeline's default)")
+    p_eval.add_argument("--guidance", type=_nonnegative_float, default=5.0, help="classifier-free guidance scale")
     p_eval.add_argument("--per-class", type=_positive_int, default=100, help="images per digit")
     p_eval.add_argument("--seed", type=_nonnegative_int, default=0)
     p_eval.add_argument("--batch-size", type=_positive_int, default=100)
@@ -325,6 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p_eval.add_argument("--json", action="store_true", help="print JSON for machines")
     p_eval.set_defaults(func=_cmd_eval)
+
+    p_q = sub.add_parser(
+        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8) into a loadable folder",
+        description="Calibrate on the model's own sampling trajectory, quantize the linear layers of the "
+                    "denoiser's transformer blocks and write a pipeline folder that generate and eval load.")
+    p_q.add_argument("--model", default="digits", help="built-in model name or a diffusers pipeline folder")
+    p_q.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8"], required=True)
+    p_q.add_argument("--rank", type=_positive_int, default=32, help="svdquant: rank of the 16-bit low-rank branch")
+    p_q.add_argument("--out", required=True, help="the folder to write")
+    p_q.add_argument("--calibration-images", type=_positive_int, default=16)
+    p_q.add_argument("--calibration-steps", type=_positive_int, default=20)
+    p_q.add_argument("--seed", type=_nonnegative_int, default=0)
+    p_q.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                     help="dtype of the stored floating parts (scales, low-rank branch, unquantized layers); "
+                          "the quantizer itself computes in fp32")
+    p_q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p_q.set_defaults(func=_cmd_quantize)
     return parser
 
 

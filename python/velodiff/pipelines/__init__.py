@@ -20,6 +20,7 @@ from velodiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableD
 #: built-in model name -> its diffusers pipeline folder inside the package (trained by scripts/train_digits.py)
 BUILTIN_MODELS = {
     "digits": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits"),
+    "digits-dit": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits-dit"),
 }
 
 PIPELINES = {
@@ -92,7 +93,9 @@ class Pipeline:
         except KeyError:
             raise ValueError(f"{path}: pipeline {class_name!r} is not supported; supported: "
                              f"{', '.join(sorted(PIPELINES))}") from None
-        return cls(components, dtype, torch.device(device))
+        pipe = cls(components, dtype, torch.device(device))
+        pipe.name_or_path = path  # the folder or file it came from (built-in names resolved)
+        return pipe
 
 
 __all__ = ["BUILTIN_MODELS", "Pipeline", "PipelineOutput", "PIPELINES", "DiTPipeline", "StableDiffusionPipeline",

@@ -62,7 +62,10 @@ def model_class_for(class_name: str, config: Dict[str, Any]):
 def load_model(folder: str, class_name: str, dtype: torch.dtype, device, variant: Optional[str] = None):
     """Build velodiff's model from ``folder/config.json`` and load its safetensors weights into it."""
     from velodiff.loading import find_weights, read_safetensors
+    from velodiff.quant.checkpoint import is_quantized_folder, load_quantized_model
 
+    if is_quantized_folder(folder):  # written by velodiff quantize (velodiff/quant/checkpoint.py)
+        return load_quantized_model(folder, class_name, dtype, device)
     config = read_json(os.path.join(folder, "config.json"))
     cls = model_class_for(class_name, config)
     state: Dict[str, torch.Tensor] = {}
