@@ -1,0 +1,190 @@
+"""Quantized checkpoints: a diffusers pipeline folder whose denoiser folder (``unet/`` or ``transformer/``) holds
+``config.json`` and ``velodiff_quantized.safetensors`` instead of ``diffusion_pytorch_model.safetensors``.
+
+The safetensors file holds the whole denoiser state dict, with every quantized layer's buffers (``qweight``,
+``wscales``, ``smooth``, ``lora_down``, ``lora_up``, ``lora_scales``, ``bias``; see
+:mod:`velodiff.quant.linear`) in place of its ``weight`` and ``bias``. Its metadata:
+
+    velodiff_quant_format   "1" (:data:`FORMAT_VERSION`); another value is refused with a clear message
+    method                  "svdquant" | "naive-w4a4" | "w8a8"
+    model_class             the diffusers class of the denoiser, e.g. "UNet2DConditionModel"
+    model_config            JSON of the denoiser's config (a checkpoint only loads into an identical model)
+    layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method"}}
+
+``Pipeline.from_pretrained`` loads such a folder like any other; :func:`load_quantized` puts a quantized file into
+an existing, unquantized model of the same architecture.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from velodiff.quant.linear import QuantizedLinear
+
+FORMAT_VERSION = "1"
+QUANTIZED_FILE = "velodiff_quantized.safetensors"
+#: buffers kept in float32 whatever the model dtype
+FLOAT32_BUFFERS = ("smooth", "lora_scales")
+
+
+class QuantizedCheckpointError(ValueError):
+    """A quantized checkpoint that does not fit: unknown format version, another model, missing keys."""
+
+
+def is_quantized_folder(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, QUANTIZED_FILE))
+
+
+def _config_dict(model: nn.Module) -> Dict[str, Any]:
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def _jsonable(config: Dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
+
+
+def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
+    return {"in": module.in_features, "out": module.out_features, "bits": module.bits,
+            "rank": 0 if module.lora_down is None else module.lora_down.shape[1],
+            "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method}
+
+
+def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.dtype = None) -> None:
+    """Write ``model`` (a denoiser with QuantizedLinear layers) to the safetensors file ``path``, floating tensors
+    cast to ``dtype`` (default: as they are) except the float32 :data:`FLOAT32_BUFFERS`."""
+    from velodiff.loading import write_safetensors
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ValueError("the model has no quantized layers; run velodiff.quant.quantize first")
+    with_lora = [name for name, m in layers.items() if m.loras]
+    if with_lora:
+        raise ValueError(f"remove the LoRAs from {with_lora[:3]} before saving (a checkpoint stores the quantizer's "
+                         "branch only)")
+    metadata = {"velodiff_quant_format": FORMAT_VERSION, "method": method, "model_class": type(model).__name__,
+                "model_config": _jsonable(_config_dict(model)),
+                "layers": json.dumps({name: _layer_spec(m) for name, m in layers.items()})}
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() and k.rsplit(".", 1)[-1] not in FLOAT32_BUFFERS else v
+                 for k, v in state.items()}
+    write_safetensors(state, path, metadata=metadata)
+
+
+def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16) -> str:
+    """Write a quantized pipeline as a folder: the source folder's other components copied, the denoiser as
+    ``config.json`` + :data:`QUANTIZED_FILE` with floating parts in ``dtype``. The pipeline must come from a folder (convert single files first
+    with ``velodiff convert``). Returns ``out``."""
+    from velodiff.quant import denoiser_of
+    quant = getattr(pipe, "quantization", None)
+    if not quant:
+        raise ValueError("the pipeline is not quantized; run velodiff.quant.quantize(pipe, config) first")
+    source = getattr(pipe, "name_or_path", None)
+    if not source or not os.path.isfile(os.path.join(source, "model_index.json")):
+        raise ValueError(f"save_quantized copies the unquantized components from the pipeline's folder, and this "
+                         f"pipeline has none ({source!r}); convert a single file with `velodiff convert` first")
+    component, model = denoiser_of(pipe)
+    if os.path.abspath(out) == os.path.abspath(source):
+        raise ValueError(f"out must differ from the source folder {source}")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns(component))
+    target = os.path.join(out, component)
+    os.makedirs(target)
+    shutil.copy(os.path.join(source, component, "config.json"), os.path.join(target, "config.json"))
+    save_quantized_model(model, os.path.join(target, QUANTIZED_FILE), quant["method"], dtype)
+    return out
+
+
+def _read_metadata(path: str) -> Dict[str, Any]:
+    from velodiff.loading import read_safetensors_header
+    _, meta, _ = read_safetensors_header(path)
+    meta = meta or {}
+    version = meta.get("velodiff_quant_format")
+    if version is None:
+        raise QuantizedCheckpointError(f"{path}: not a velodiff quantized checkpoint (no velodiff_quant_format in "
+                                       "its metadata)")
+    if version != FORMAT_VERSION:
+        raise QuantizedCheckpointError(f"{path}: quantized format version {version!r} is unknown to this velodiff "
+                                       f"(it reads version {FORMAT_VERSION}); re-quantize with `velodiff quantize` "
+                                       "or upgrade velodiff")
+    try:
+        return {"method": meta["method"], "model_class": meta["model_class"],
+                "model_config": json.loads(meta["model_config"]), "layers": json.loads(meta["layers"])}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise QuantizedCheckpointError(f"{path}: damaged quantized-checkpoint metadata ({exc})") from None
+
+
+def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: torch.dtype, path: str) -> None:
+    from velodiff.quant import _set_module
+    for name, spec in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise QuantizedCheckpointError(f"{path}: quantized layer {name!r} does not exist in this "
+                                           f"{type(model).__name__}") from None
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
+            raise QuantizedCheckpointError(
+                f"{path}: layer {name!r} is [{spec['out']}, {spec['in']}] in the checkpoint but "
+                f"{type(old).__name__}{tuple(getattr(old, 'weight', torch.empty(0)).shape)} in this model")
+        with torch.device("meta"):
+            shell = QuantizedLinear(spec["in"], spec["out"], bits=spec["bits"], rank=spec["rank"],
+                                    smooth=spec["smooth"], bias=spec["bias"], dtype=dtype, method=spec["method"])
+        _set_module(model, name, shell)
+
+
+def _read_state(path: str, dtype: torch.dtype, device) -> Dict[str, torch.Tensor]:
+    from velodiff.loading import read_safetensors
+    state = read_safetensors(path, device=device)
+    for key, t in state.items():
+        if t.is_floating_point() and not key.rsplit(".", 1)[-1] in FLOAT32_BUFFERS:
+            state[key] = t.to(dtype)
+        elif t.is_floating_point():
+            state[key] = t.float()
+    return state
+
+
+def load_quantized_model(folder: str, class_name: str, dtype: torch.dtype, device) -> nn.Module:
+    """Build the denoiser of a quantized folder (used by ``Pipeline.from_pretrained``)."""
+    from velodiff.loading import load_state_dict_into
+    from velodiff.pipelines.components import model_class_for, read_json
+    path = os.path.join(folder, QUANTIZED_FILE)
+    meta = _read_metadata(path)
+    if meta["model_class"] != class_name:
+        raise QuantizedCheckpointError(f"{path}: made for a {meta['model_class']}, but the pipeline declares a "
+                                       f"{class_name} here")
+    config = read_json(os.path.join(folder, "config.json"))
+    cls = model_class_for(class_name, config)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    _check_config(model, meta, path)
+    _install_shells(model, meta["layers"], dtype, path)
+    load_state_dict_into(model, _read_state(path, dtype, device), source=path, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _check_config(model: nn.Module, meta: Dict[str, Any], path: str) -> None:
+    if type(model).__name__ != meta["model_class"]:
+        raise QuantizedCheckpointError(f"{path}: made for a {meta['model_class']}, not a {type(model).__name__}")
+    mine = json.loads(_jsonable(_config_dict(model)))
+    theirs = meta["model_config"]
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {mine.get(k)!r}" for k in diff[:4])
+        raise QuantizedCheckpointError(f"{path}: made for another {meta['model_class']} ({detail})")
+
+
+def load_quantized(model: nn.Module, path: str) -> nn.Module:
+    """Put the quantized checkpoint ``path`` into ``model`` (an unquantized denoiser of the same class and config),
+    replacing the listed linear layers in place. Returns ``model``."""
+    from velodiff.loading import load_state_dict_into
+    meta = _read_metadata(path)
+    _check_config(model, meta, path)
+    param = next(model.parameters())
+    _install_shells(model, meta["layers"], param.dtype, path)
+    load_state_dict_into(model, _read_state(path, param.dtype, param.device), source=path, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,135 @@
+"""Per-layer quantization math: SVDQuant (smoothing + low-rank branch + 4-bit residual), naive W4A4 and W8A8.
+
+SVDQuant (Li et al., "SVDQuant: Absorbing Outliers by Low-Rank Components for 4-Bit Diffusion Models", ICLR
+2025), for a layer y = x W^T with W [N, K]:
+
+1. Smoothing (SmoothQuant, Xiao et al. 2023, eq. 4): x^ = x / lambda, W^ = W * lambda (per input channel k),
+   lambda_k = max|x_k|^alpha / max|W_:,k|^(1 - alpha), alpha grid-searched per layer on the calibration inputs
+   (the objective is the layer's output error with the low-rank branch in place, as in SVDQuant / deepcompressor).
+2. Low rank (SVDQuant eq. 5): W^ = L2 L1^T + R with L2 L1^T the rank-r truncated SVD of W^ (float64). Optionally
+   refined by the fixed-point iteration L <- SVD_r(W^ - Q(W^ - L)) (deepcompressor's low-rank calibration), which
+   lets the branch absorb part of the residual's quantization error.
+3. The residual R is quantized to int4 per (output channel, group of 64 input channels) with the rule of
+   csrc/include/velodiff/qgemm.h; the branch is stored as lora_down = L1 / lambda (it multiplies the *unsmoothed*
+   x) and lora_up = L2 in the model dtype.
+
+Naive W4A4: no smoothing, no branch, W quantized as is. W8A8: the same with 8-bit codes (per group of 64).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from velodiff.ops import reference
+from velodiff.quant.linear import QuantizedLinear
+
+DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(0, 21))  # 0.0, 0.05, ..., 1.0
+
+
+@dataclass
+class LayerStats:
+    """Calibration data of one linear layer's input: ``absmax`` [K] float32 over every calibration token, and
+    ``sample`` [S, K] float32, a fixed-size subsample of input rows used for the search objective."""
+
+    absmax: torch.Tensor
+    sample: torch.Tensor
+
+
+def _fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """W [N, K] -> its quantized-dequantized float32 copy (per output channel, group of 64)."""
+    codes, scales = reference.quantize_groups(w.float(), bits)
+    return (codes.float() * scales.repeat_interleave(reference.QGROUP, 1))[:, : w.shape[1]]
+
+
+def _fake_quant_act(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return _fake_quant_weight(x, bits)  # the same per-(row, group) rule
+
+
+def low_rank(w: torch.Tensor, rank: int, bits: int, iters: int = 1):
+    """Split W^ [N, K] (float64) into (L2 [N, r], L1 [K, r], R [N, K]) with W^ = L2 L1^T + R; ``iters`` > 1 refines
+    the branch with L <- SVD_r(W^ - Q(W^ - L))."""
+    target = w
+    best = None
+    # float64 SVD (as deepcompressor) for small layers; float32 above 2^20 elements, where float64 costs seconds
+    # per call and the rank-r factors agree to ~1e-6 relative anyway
+    svd_dtype = torch.float64 if w.numel() <= 1 << 20 else torch.float32
+    for _ in range(max(1, iters)):
+        u, s, vh = (t.double() for t in torch.linalg.svd(target.to(svd_dtype), full_matrices=False))
+        l2 = u[:, :rank] * s[:rank]
+        l1 = vh[:rank].T
+        residual = w - l2 @ l1.T
+        err = (w - l2 @ l1.T - _fake_quant_weight(residual, bits).double()).norm()
+        if best is not None and err >= best[0]:
+            break
+        best = (err, l2, l1, residual)
+        target = w - _fake_quant_weight(residual, bits).double()
+    return best[1], best[2], best[3]
+
+
+def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: str, stats: Optional[LayerStats],
+                   rank: int = 32, alphas: Sequence[float] = DEFAULT_ALPHAS, lowrank_iters: int = 1,
+                   dtype: Optional[torch.dtype] = None) -> QuantizedLinear:
+    """Quantize one linear layer (``weight`` [N, K], ``bias`` [N] or None) into a :class:`QuantizedLinear` in
+    ``dtype`` (default: the weight's). ``stats`` (calibration inputs) is required for SVDQuant's smoothing search;
+    without it SVDQuant uses lambda = 1 (low rank only)."""
+    n, k = weight.shape
+    dtype = dtype or weight.dtype
+    device = weight.device
+    w = weight.detach().double().cpu()
+    bits = 8 if method == "w8a8" else 4
+    if method in ("naive-w4a4", "w8a8"):
+        layer = QuantizedLinear(k, n, bits=bits, rank=0, smooth=False, bias=bias is not None, dtype=dtype,
+                                method=method)
+        codes, scales = reference.quantize_groups(w.float(), bits)
+        layer.qweight.copy_(reference.pack_codes(codes, bits))
+        layer.wscales.copy_(scales.to(dtype))
+    elif method == "svdquant":
+        rank = min(rank, n, k)
+        best = None
+        candidates = alphas if stats is not None else (None,)
+        for alpha in candidates:
+            lam = smoothing_factor(stats.absmax.double(), w, alpha) if alpha is not None else torch.ones(k).double()
+            l2, l1, residual = low_rank(w * lam[None, :], rank, bits, lowrank_iters)
+            if stats is None:
+                best = (0.0, lam, l2, l1, residual)
+                break
+            err = _output_error(stats.sample.double(), w, lam, l2, l1, residual, bits)
+            if best is None or err < best[0]:
+                best = (err, lam, l2, l1, residual)
+        _, lam, l2, l1, residual = best
+        layer = QuantizedLinear(k, n, bits=4, rank=rank, smooth=True, bias=bias is not None, dtype=dtype,
+                                method=method)
+        codes, scales = reference.quantize_groups(residual.float(), bits)
+        layer.qweight.copy_(reference.pack_codes(codes, bits))
+        layer.wscales.copy_(scales.to(dtype))
+        layer.smooth.copy_(lam.float())
+        layer.lora_down.copy_((l1 / lam[:, None]).to(dtype))
+        layer.lora_up.copy_(l2.to(dtype))
+    else:
+        raise ValueError(f"method must be one of svdquant, naive-w4a4, w8a8; got {method!r}")
+    if bias is not None:
+        layer.bias.copy_(bias.detach().to(dtype))
+    return layer.to(device)
+
+
+def smoothing_factor(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lambda [K] = max|x_k|^alpha / max_n |W[n, k]|^(1 - alpha), normalised to geometric mean 1 and kept away
+    from 0 (a channel that never fires gets lambda from the weight alone)."""
+    wmax = w.abs().amax(0).clamp_min(1e-8)
+    xmax = x_absmax.clamp_min(1e-8)
+    lam = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
+    lam = lam / lam.log().mean().exp()
+    return lam.clamp(1e-4, 1e4)
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, lam: torch.Tensor, l2: torch.Tensor, l1: torch.Tensor,
+                  residual: torch.Tensor, bits: int) -> float:
+    """Squared output error of the quantized layer on the calibration rows ``x`` [S, K] (activations and residual
+    fake-quantized with the kernels' rule; the branch in float64)."""
+    ref = x @ w.T
+    xs = x / lam[None, :]
+    q = _fake_quant_act(xs.float(), bits).double() @ _fake_quant_weight(residual.float(), bits).double().T
+    out = q + (x @ (l1 / lam[:, None])) @ l2.T
+    return float((out - ref).pow(2).sum())
