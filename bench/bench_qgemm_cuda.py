@@ -168,7 +168,7 @@ def main():
             row[f"tops{bits}"] = 2 * m * n * k / tq / 1e12
         rows.append(row)
         print({c: (round(v, 4) if isinstance(v, float) else v) for c, v in row.items()}, flush=True)
-        del sets
+        sets = s0 = None  # free the GPU buffers before the next shape
         torch.cuda.empty_cache()
 
     gpu = torch.cuda.get_device_name(0)

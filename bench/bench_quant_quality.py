@@ -17,19 +17,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
 
-import torch  # noqa: E402
 
 import velodiff as vd  # noqa: E402
+from velodiff.cli import BUILTIN_GUIDANCE  # noqa: E402
 from velodiff.eval import evaluate  # noqa: E402
 
 METHODS = [("fp32", None), ("svdquant r32", vd.quant.SVDQuant(32)), ("svdquant r8", vd.quant.SVDQuant(8)),
            ("svdquant r4", vd.quant.SVDQuant(4)), ("naive-w4a4", vd.quant.NaiveW4A4()), ("w8a8", vd.quant.W8A8())]
-
-
-def layer_bytes_fp16(pipe) -> int:
-    _, model = vd.quant.denoiser_of(pipe)
-    layers = vd.quant.select_layers(model)
-    return sum(2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in layers.values())
 
 
 def main():
@@ -37,7 +31,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=["digits", "digits-dit"])
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="default: the model's velodiff generate default (digits 3, digits-dit 1.5)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     rows = []
@@ -45,14 +40,14 @@ def main():
         for label, config in METHODS:
             pipe = vd.Pipeline.from_pretrained(model)
             pipe.set_progress_bar_config(disable=True)
-            fp16 = layer_bytes_fp16(pipe)
             t0 = time.time()
             report = vd.quant.quantize(pipe, config, progress=False) if config is not None else None
             t_quant = time.time() - t0
-            r = evaluate(pipe, sampler="dpmpp_2m", steps=args.steps, guidance=args.guidance,
+            guidance = args.guidance if args.guidance is not None else BUILTIN_GUIDANCE[model]
+            r = evaluate(pipe, sampler="dpmpp_2m", steps=args.steps, guidance=guidance,
                          per_class=args.per_class, seed=0, n_boot=500, fd_boot=100)
-            row = {"model": model, "method": label, "layers": report["layers"] if report else 0,
-                   "layer_bytes_vs_fp16": round(report["layer_bytes_after"] / fp16, 3) if report else 1.0,
+            row = {"model": model, "method": label, "guidance": guidance, "layers": report["layers"] if report else 0,
+                   "layer_bytes_vs_fp16": round(report["layer_bytes_after"] / report["layer_bytes_before"], 3) if report else 1.0,
                    "accuracy": r["conditional_accuracy"],
                    "accuracy_ci": "[{:.3f}, {:.3f}]".format(*r["conditional_accuracy_ci"]),
                    "fd": r["frechet_distance"], "fd_ci": "[{:.3f}, {:.3f}]".format(*r["frechet_distance_ci"]),
@@ -61,9 +56,9 @@ def main():
             rows.append(row)
             print(row, flush=True)
     write_results("quant_quality_digits", rows,
-                  ["model", "method", "layers", "layer_bytes_vs_fp16", "accuracy", "accuracy_ci", "fd", "fd_ci",
+                  ["model", "method", "guidance", "layers", "layer_bytes_vs_fp16", "accuracy", "accuracy_ci", "fd", "fd_ci",
                    "fd_real_vs_real", "quantize_s", "s_per_image"], args.out,
-                  note=f"{args.steps} steps of dpmpp_2m, guidance {args.guidance}, {args.per_class} images per digit, "
+                  note=f"{args.steps} steps of dpmpp_2m, {args.per_class} images per digit, "
                        "seed 0 (digits: prompt 'a handwritten {d}'; digits-dit: class label d). Quantized: the "
                        "linear layers of the denoiser's transformer blocks (velodiff.quant.DEFAULT_LAYERS); "
                        "SVDQuant calibrated on 16 generated images x 20 steps. layer_bytes_vs_fp16: bytes of the "

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from velodiff.ops import reference
+from velodiff.ops._checks import check_tensor
 from velodiff.ops._native import native_op
 
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -14,18 +15,7 @@ MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_like_x(name: str, t, x: torch.Tensor, dtypes, optional: bool = True) -> None:
     """t must be a contiguous tensor with x's shape and device and a dtype in ``dtypes`` (None allowed if
     ``optional``)."""
-    if t is None and optional:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {t.dtype}")
-    if t.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous())")
+    check_tensor(name, t, dtypes, tuple(x.shape), x.device, optional=optional)
 
 
 def check_sampler_update_args(x, cond, uncond, anchor, noise, history, coef, write_slot, guidance_rescale):

@@ -132,7 +132,8 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
              _originals: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Any]:
-    """Quantize ``pipe``'s denoiser in place per ``config``; returns a report (layers, seconds, weight bytes)."""
+    """Quantize ``pipe``'s denoiser in place per ``config``; returns a report (layers, seconds, and the bytes of the
+    quantized layers before and after, both counted as a 16-bit checkpoint stores them)."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a velodiff.quant.QuantConfig, got {type(config).__name__}")
     t0 = time.time()
@@ -145,9 +146,8 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                           steps=config.calibration_steps, guidance=config.calibration_guidance,
                           sampler=config.calibration_sampler, rows=config.calibration_rows, seed=config.seed)
     t_cal = time.time() - t0
-    before = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * m.bias.element_size()
-                                                              if m.bias is not None else 0)
-                 for m in layers.values())
+    # sizes as 16-bit checkpoints store them (the quantized side: codes + 16-bit scales/branch/bias)
+    before = sum(2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in layers.values())
     iterator = layers.items()
     if progress:
         from tqdm.auto import tqdm
@@ -159,7 +159,7 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
         if _originals is not None:
             _originals[name] = linear
         _set_module(model, name, q)
-        after += q.weight_bytes()
+        after += q.weight_bytes(float_bytes=2)
     pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": config.rank,
                          "component": component, "layers": sorted(layers)}
     return {"method": config.method, "rank": config.rank, "component": component, "layers": len(layers),

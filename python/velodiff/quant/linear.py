@@ -16,7 +16,7 @@ forward(x [..., K] in T) -> [..., N] in T:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
@@ -127,9 +127,17 @@ class QuantizedLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def weight_bytes(self) -> int:
-        """Bytes of every buffer (what the layer stores instead of a 16-bit weight)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def weight_bytes(self, float_bytes: int = None) -> int:
+        """Bytes of every buffer (what the layer stores instead of its weight and bias). ``float_bytes``: count the
+        model-dtype buffers (scales, branch, bias) at that width, e.g. 2 for a 16-bit checkpoint of an fp32 model;
+        the integer codes and the float32 smoothing / strength vectors keep theirs."""
+        total = 0
+        for name, b in self.named_buffers():
+            width = b.element_size()
+            if float_bytes is not None and b.is_floating_point() and name not in ("smooth", "lora_scales"):
+                width = float_bytes
+            total += b.numel() * width
+        return total
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float32 weight [N, K] (for tests and error analysis; the layer never builds it)."""
