@@ -9,7 +9,7 @@ error is ||y_q - y|| / ||y|| on the test rows against the fp32 layer, computed w
 Random weights have no low-rank structure of their own, so the gain of the low-rank branch here comes from the
 outlier channels that smoothing moves into the weights, not from the weights: a lower bound on real models.
 
-  python bench/bench_quant_layers.py [--widths 320 1280] [--tokens 1024] [--out bench/results]
+  python bench/bench_quant_layers.py [--widths 320 640 1280] [--tokens 1024] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 def layer_types(c: int):
     """(name, in_features, out_features) of one SD 1.5 transformer block of width c."""
-    return [("attn1.to_q/k/v", c, c), ("attn1.to_out.0", c, c), ("attn2.to_q", c, c),
-            ("attn2.to_k/v", TEXT_DIM, c), ("ff.net.0.proj (GEGLU)", c, 8 * c), ("ff.net.2", 4 * c, c)]
+    return [("attn1.to_q/k/v/out.0, attn2.to_q/out.0", c, c), ("attn2.to_k/v", TEXT_DIM, c),
+            ("ff.net.0.proj (GEGLU)", c, 8 * c), ("ff.net.2", 4 * c, c)]
 
 
 def activations(rows: int, k: int, gen: torch.Generator, channel_scale: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def activations(rows: int, k: int, gen: torch.Generator, channel_scale: torch.Te
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--widths", type=int, nargs="+", default=[320, 1280])
+    ap.add_argument("--widths", type=int, nargs="+", default=[320, 640, 1280])
     ap.add_argument("--tokens", type=int, default=1024, help="test rows per layer")
     ap.add_argument("--calibration-rows", type=int, default=256)
     ap.add_argument("--rank", type=int, default=32)
