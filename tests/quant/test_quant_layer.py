@@ -141,3 +141,23 @@ def test_weight_bytes_are_a_quarter_of_fp16_plus_overheads():
     expected = 0.25 + 1 / 64 + 2 * 32 / 1280
     assert abs(ratio - expected) < 0.01, ratio
     assert reference.qgemm_padded_k(1280) == 1280
+
+
+def test_randomized_svd_matches_exact_truncation():
+    """Large layers use a seeded randomized range finder; its rank-r approximation error must match the exact
+    truncated SVD's (Eckart-Young optimum) and be reproducible."""
+    from velodiff.quant.svdquant import truncated_svd
+    g = torch.Generator().manual_seed(7)
+    # a weight with a decaying spectrum, as trained weights have, large enough for the randomized path
+    n, k, r = 2048, 640, 32
+    u = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(k, k, generator=g))[0]
+    spectrum = torch.logspace(0, -3, k)
+    w = (u * spectrum) @ v.T
+    assert w.numel() > 1 << 20
+    uu, ss, vh = truncated_svd(w, r)
+    err = float((w.double() - (uu * ss) @ vh).norm())
+    optimum = float(spectrum[r:].double().norm())
+    assert err <= 1.01 * optimum, (err, optimum)
+    again = truncated_svd(w, r)
+    assert torch.equal(again[0], uu) and torch.equal(again[1], ss)

@@ -15,7 +15,7 @@ MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_like_x(name: str, t, x: torch.Tensor, dtypes, optional: bool = True) -> None:
     """t must be a contiguous tensor with x's shape and device and a dtype in ``dtypes`` (None allowed if
     ``optional``)."""
-    check_tensor(name, t, dtypes, tuple(x.shape), x.device, optional=optional)
+    check_tensor(name, t, dtypes, tuple(x.shape), x.device, optional=optional, like="x")
 
 
 def check_sampler_update_args(x, cond, uncond, anchor, noise, history, coef, write_slot, guidance_rescale):
