@@ -161,3 +161,20 @@ def test_config_validation():
         QuantConfig("svdquant", rank=0)
     with pytest.raises(TypeError, match="QuantConfig"):
         vd.quant.quantize(vd.Pipeline.from_pretrained("digits"), "svdquant")
+
+
+@pytest.mark.cuda
+def test_quantized_folder_runs_on_cuda(quantized):
+    """The same quantized folder on the GPU kernels: one UNet forward agrees with the CPU kernels to well within
+    the quantization error (activation codes may flip at rounding boundaries, so not bit for bit)."""
+    pipe, _, out, _ = quantized
+    gpu = vd.Pipeline.from_pretrained(out, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    original = vd.Pipeline.from_pretrained("digits").unet(x, t, e)
+    cpu = pipe.unet(x, t, e)
+    cuda = gpu.unet(x.cuda(), t.cuda(), e.cuda()).cpu()
+    assert float((cuda - cpu).norm()) < 0.5 * float((cpu - original).norm())
+    lat = gpu(["a handwritten 3"], num_inference_steps=4, guidance_scale=3.0, output_type="latent",
+              generator=torch.Generator().manual_seed(1)).images
+    assert lat.is_cuda and torch.isfinite(lat).all()

@@ -161,3 +161,32 @@ def test_randomized_svd_matches_exact_truncation():
     assert err <= 1.01 * optimum, (err, optimum)
     again = truncated_svd(w, r)
     assert torch.equal(again[0], uu) and torch.equal(again[1], ss)
+
+
+@pytest.mark.parametrize("approximate,name", [("none", "gelu"), ("tanh", "gelu_tanh")])
+def test_fused_gelu_epilogue_equals_module_gelu(approximate, name):
+    from velodiff.models.feedforward import GELU
+    w, b, x = _layer_data(n=96, k=128)
+    module = GELU(128, 96, approximate=approximate)
+    module.proj = quantize_layer(w, b, "svdquant", LayerStats(x.abs().amax(0), x[:64]), rank=8, alphas=(0.5,))
+    unfused = module(x)
+    module.proj.fused_activation = name
+    fused = module(x)
+    assert _rel(fused, unfused) < 1e-5
+    # a proj fusing another activation than the module's is not taken for it: the module applies its own on top
+    module.proj.fused_activation = "gelu" if name == "gelu_tanh" else "gelu_tanh"
+    assert _rel(module(x), torch.nn.functional.gelu(module.proj(x), approximate=approximate)) < 1e-6
+    with pytest.raises(ValueError, match="fused_activation"):
+        QuantizedLinear(8, 8, fused_activation="relu")
+
+
+def test_dit_quantization_fuses_the_mlp_gelu(tmp_path):
+    import velodiff as vd
+    pipe = vd.Pipeline.from_pretrained("digits-dit")
+    vd.quant.quantize(pipe, vd.quant.NaiveW4A4(), progress=False)
+    fused = {n: m.fused_activation for n, m in pipe.transformer.named_modules() if isinstance(m, QuantizedLinear)}
+    assert {n for n, a in fused.items() if a != "none"} == {f"transformer_blocks.{i}.ff.net.0.proj" for i in range(6)}
+    assert set(fused.values()) == {"none", "gelu_tanh"}
+    out = vd.quant.save_quantized(pipe, str(tmp_path / "q"))
+    loaded = vd.Pipeline.from_pretrained(out)
+    assert loaded.transformer.transformer_blocks[0].ff.net[0].proj.fused_activation == "gelu_tanh"

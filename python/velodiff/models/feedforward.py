@@ -9,14 +9,22 @@ ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
 
 
 class GELU(nn.Module):
-    """``proj`` then GELU (exact, or the tanh approximation)."""
+    """``proj`` then GELU (exact, or the tanh approximation). A ``proj`` that applies the activation itself (a
+    quantized layer whose GEMM epilogue computes it: ``fused_activation`` = "gelu" / "gelu_tanh") is used as is."""
 
     def __init__(self, dim_in: int, dim_out: int, approximate: str = "none", bias: bool = True):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out, bias=bias)
         self.approximate = approximate
 
+    @property
+    def activation_name(self) -> str:
+        """The activation as velodiff's ops name it (``"gelu"`` or ``"gelu_tanh"``)."""
+        return "gelu_tanh" if self.approximate == "tanh" else "gelu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.proj, "fused_activation", "none") == self.activation_name:
+            return self.proj(x)
         return F.gelu(self.proj(x), approximate=self.approximate)
 
 

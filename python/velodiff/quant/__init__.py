@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from velodiff.models.feedforward import GELU
 from velodiff.quant.calibrate import calibrate, default_prompts
 from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized,
                                        is_quantized_folder)
@@ -49,6 +50,7 @@ class QuantConfig:
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
     alphas: the smoothing-strength grid searched per layer; lowrank_iters: refinement iterations of the branch.
     include / skip: fnmatch patterns of qualified module names (``include=None``: the family default).
+    fuse_activations: compute a feed-forward GELU in the GEMM epilogue of the layer before it.
     calibration: number of images generated for calibration, their steps, guidance and sampler (None: the
     pipeline's defaults), prompts (None: :func:`velodiff.quant.calibrate.default_prompts`), rows kept per layer.
     """
@@ -66,6 +68,7 @@ class QuantConfig:
     calibration_prompts: Optional[Tuple[Any, ...]] = None
     calibration_rows: int = 256
     seed: int = 0
+    fuse_activations: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -156,6 +159,9 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     for name, linear in iterator:
         q = quantize_layer(linear.weight, linear.bias, config.method, stats[name], rank=config.rank,
                            alphas=config.alphas, lowrank_iters=config.lowrank_iters, dtype=linear.weight.dtype)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if config.fuse_activations and isinstance(parent, GELU) and name.endswith(".proj"):
+            q.fused_activation = parent.activation_name  # the GEMM epilogue computes the GELU (DiT, PixArt MLPs)
         if _originals is not None:
             _originals[name] = linear
         _set_module(model, name, q)

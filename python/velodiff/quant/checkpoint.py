@@ -9,7 +9,8 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
     method                  "svdquant" | "naive-w4a4" | "w8a8"
     model_class             the diffusers class of the denoiser, e.g. "UNet2DConditionModel"
     model_config            JSON of the denoiser's config (a checkpoint only loads into an identical model)
-    layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method"}}
+    layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method",
+                            "fused_activation"}}
 
 ``Pipeline.from_pretrained`` loads such a folder like any other; :func:`load_quantized` puts a quantized file into
 an existing, unquantized model of the same architecture.
@@ -51,7 +52,8 @@ def _jsonable(config: Dict[str, Any]) -> str:
 def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
     return {"in": module.in_features, "out": module.out_features, "bits": module.bits,
             "rank": 0 if module.lora_down is None else module.lora_down.shape[1],
-            "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method}
+            "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method,
+            "fused_activation": module.fused_activation}
 
 
 def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.dtype = None) -> None:
@@ -133,7 +135,8 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
                 f"{type(old).__name__}{tuple(getattr(old, 'weight', torch.empty(0)).shape)} in this model")
         with torch.device("meta"):
             shell = QuantizedLinear(spec["in"], spec["out"], bits=spec["bits"], rank=spec["rank"],
-                                    smooth=spec["smooth"], bias=spec["bias"], dtype=dtype, method=spec["method"])
+                                    smooth=spec["smooth"], bias=spec["bias"], dtype=dtype, method=spec["method"],
+                                    fused_activation=spec.get("fused_activation", "none"))
         _set_module(model, name, shell)
 
 

@@ -12,7 +12,8 @@ R = rank of the low-rank branch including appended LoRAs, T = the model dtype):
     bias         T [N] or None
 
 forward(x [..., K] in T) -> [..., N] in T:
-    y = Q(x / lambda) Q(R)^T  +  (x L1/lambda) diag(lora_scales) L2^T  +  bias      (SVDQuant, Li et al. 2025, eq. 5)
+    y = act( Q(x / lambda) Q(R)^T  +  (x L1/lambda) diag(lora_scales) L2^T  +  bias )   (SVDQuant, Li et al. 2025,
+    eq. 5; act is ``fused_activation``, identity unless the quantizer fused the following GELU)
 """
 from __future__ import annotations
 
@@ -31,10 +32,16 @@ class QuantizedLinear(nn.Module):
     """A linear layer with quantized weights (see the module docstring for the buffers and the math)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, rank: int = 0, smooth: bool = False,
-                 bias: bool = True, dtype: torch.dtype = torch.float32, device=None, method: str = "svdquant"):
+                 bias: bool = True, dtype: torch.dtype = torch.float32, device=None, method: str = "svdquant",
+                 fused_activation: str = "none"):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        if fused_activation not in reference.QACTIVATIONS:
+            raise ValueError(f"fused_activation must be one of {tuple(reference.QACTIVATIONS)}, got "
+                             f"{fused_activation!r}")
+        #: activation computed in the GEMM epilogue (the module after this one then skips its own)
+        self.fused_activation = fused_activation
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.in_features, self.out_features, self.bits, self.method = in_features, out_features, bits, method
@@ -57,7 +64,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
-                f"bits={self.bits}, rank={self.base_rank}, loras={list(self.loras)}")
+                f"bits={self.bits}, rank={self.base_rank}, fused_activation={self.fused_activation}, "
+                f"loras={list(self.loras)}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,7 +79,7 @@ class QuantizedLinear(nn.Module):
         qx, ascales, lora_act = native_op("quantize_act")(x2, self.smooth, self.lora_down, self.bits)
         y = native_op("qgemm")(qx, ascales, self.qweight, self.wscales, self.bias,
                                lora_act if self.lora_down is not None else None, self.lora_up, self.lora_scales,
-                               self.bits, 0)
+                               self.bits, reference.QACTIVATIONS[self.fused_activation])
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------------------------------------------------

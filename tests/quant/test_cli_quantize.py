@@ -1,0 +1,33 @@
+"""``velodiff quantize`` writes a folder that ``velodiff generate`` and ``velodiff eval`` load like any model."""
+import json
+
+import pytest
+
+from velodiff.cli import main
+
+
+@pytest.mark.parametrize("method", ["svdquant", "naive-w4a4", "w8a8"])
+def test_quantize_then_generate_and_eval(method, tmp_path, capsys):
+    out = str(tmp_path / method)
+    args = ["quantize", "--model", "digits", "--method", method, "--out", out, "--calibration-images", "2",
+            "--calibration-steps", "3"]
+    if method == "svdquant":
+        args += ["--rank", "8"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"quantized 32 layers of the unet with {method}" in printed and out in printed
+    assert main(["generate", "--model", out, "--prompt", "a handwritten 5", "--steps", "4", "--num-images", "2",
+                 "--guidance", "3", "--outdir", str(tmp_path / "img")]) == 0
+    assert (tmp_path / "img" / "001.png").is_file() and (tmp_path / "img" / "grid.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--model", out, "--steps", "4", "--per-class", "2", "--guidance", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == out and result["num_images"] == 20 and result["conditional_accuracy"] > 0.5
+
+
+def test_quantize_errors(tmp_path, capsys):
+    assert main(["quantize", "--model", str(tmp_path / "nothing"), "--method", "w8a8", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "velodiff quantize:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "gptq", "--out", str(tmp_path / "o")])
