@@ -249,6 +249,62 @@ VD_AVX2 void quantize_row_avx2(const QuantizeActArgs& a, const float* ld, int64_
     }
   }
 }
+
+// Low-rank down-projection of a block of kLoraRows rows: out[i, r] = sum_k x[i, k] * ld[k, r] (fp32), x = rows of
+// float(x) (stride K; rows past `rows` are zero), ld [K, R] fp32. Register tile kLoraRows x 16 (12 accumulators),
+// so ld is streamed once per block of rows instead of once per row; R tails of 8 and scalar after.
+constexpr int kLoraRows = 6;
+
+VD_AVX2 void lora_down_block_avx2(const float* x, int64_t K, int rows, const float* ld, int64_t R, float* out) {
+  int64_t r = 0;
+  for (; r + 16 <= R; r += 16) {
+    __m256 acc[kLoraRows][2];
+    for (int i = 0; i < kLoraRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(ld + k * R + r), b1 = _mm256_loadu_ps(ld + k * R + r + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < kLoraRows; ++i) {
+        const __m256 xi = _mm256_broadcast_ss(x + i * K + k);
+        acc[i][0] = _mm256_fmadd_ps(xi, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xi, b1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < rows; ++i) {
+      _mm256_storeu_ps(out + i * R + r, acc[i][0]);
+      _mm256_storeu_ps(out + i * R + r + 8, acc[i][1]);
+    }
+  }
+  for (; r + 8 <= R; r += 8) {
+    __m256 acc[kLoraRows];
+    for (int i = 0; i < kLoraRows; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 b = _mm256_loadu_ps(ld + k * R + r);
+      for (int i = 0; i < kLoraRows; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * K + k), b, acc[i]);
+    }
+    for (int i = 0; i < rows; ++i) _mm256_storeu_ps(out + i * R + r, acc[i]);
+  }
+  for (; r < R; ++r)
+    for (int i = 0; i < rows; ++i) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += x[i * K + k] * ld[k * R + r];
+      out[i * R + r] = sum;
+    }
+}
+
+// Rows [m0, m0 + rows) of float(x), zero-filled to kLoraRows rows, into buf [kLoraRows, K].
+VD_AVX2 void load_rows_avx2(const QuantizeActArgs& a, int64_t m0, int rows, float* buf) {
+  const int64_t K = a.K;
+  for (int i = 0; i < kLoraRows; ++i) {
+    float* dst = buf + i * K;
+    if (i >= rows) {
+      std::memset(dst, 0, sizeof(float) * K);
+      continue;
+    }
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load8(a.dtype, a.x, (m0 + i) * K + k));
+    for (; k < K; ++k) dst[k] = load_elem(a.dtype, a.x, (m0 + i) * K + k);
+  }
+}
 #endif  // VELODIFF_QGEMM_X86
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -676,19 +732,35 @@ bool quantize_act_cpu(const QuantizeActArgs& a, char* error) {
   }
   const bool simd = use_simd();
   (void)simd;
+#ifdef VELODIFF_QGEMM_X86
+  if (simd) {
+    // Blocks of kLoraRows rows: the block's down-projection with the register-tiled micro-kernel, then each
+    // row's quantization (which then skips the down-projection: R = 0 in its arguments).
+    QuantizeActArgs rows_only = a;
+    rows_only.R = 0;
+    const int64_t blocks = (a.M + kLoraRows - 1) / kLoraRows;
+#pragma omp parallel if (a.M * (Kp + a.K * a.R) >= (1 << 15))
+    {
+      std::vector<float> xf(static_cast<size_t>(a.K) * kLoraRows), v(static_cast<size_t>(Kp));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t m0 = b * kLoraRows;
+        const int rows = static_cast<int>(std::min<int64_t>(kLoraRows, a.M - m0));
+        if (a.R > 0) {
+          load_rows_avx2(a, m0, rows, xf.data());
+          lora_down_block_avx2(xf.data(), a.K, rows, ld, a.R, a.lora_act + m0 * a.R);
+        }
+        for (int i = 0; i < rows; ++i) quantize_row_avx2(rows_only, nullptr, m0 + i, xf.data(), v.data());
+      }
+    }
+    return true;
+  }
+#endif
 #pragma omp parallel if (a.M * (Kp + a.K * a.R) >= (1 << 15))
   {
     std::vector<float> xf(static_cast<size_t>(a.K)), v(static_cast<size_t>(Kp));
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < a.M; ++m) {
-#ifdef VELODIFF_QGEMM_X86
-      if (simd) {
-        quantize_row_avx2(a, ld, m, xf.data(), v.data());
-        continue;
-      }
-#endif
-      quantize_row_scalar(a, ld, m, xf.data(), v.data());
-    }
+    for (int64_t m = 0; m < a.M; ++m) quantize_row_scalar(a, ld, m, xf.data(), v.data());
   }
   return true;
 }
