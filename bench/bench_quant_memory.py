@@ -3,8 +3,9 @@ their fp16 checkpoints. The models are built on the meta device from their real 
 velodiff.quant quantizes by default are replaced by QuantizedLinear shells of the same shapes, so the byte counts
 are exact without any weights (16-bit scales, branch and bias; int4 codes; float32 smoothing and strengths).
 
-Also the "all linears" variant (every nn.Linear of the transformer blocks, cross-attention k/v included), and the
-share of the fp16 bytes that sits in the quantized layers (convolutions stay 16-bit in a UNet).
+Also the ``layers="all"`` preset (velodiff.quant.ALL_LAYERS: convolutions of the ResNet blocks and resamplers,
+cross-attention k/v, time and adaLN modulation layers too), and the share of the fp16 bytes that sits in the
+quantized layers.
 
   python bench/bench_quant_memory.py [--rank 32]
 """
@@ -20,9 +21,7 @@ from common import write_results  # noqa: E402
 import torch  # noqa: E402
 
 from velodiff.loading import DIT_CONFIG, PIXART_CONFIG, default_unet_config  # noqa: E402
-from velodiff.quant import DEFAULT_LAYERS, QuantizedLinear, select_layers  # noqa: E402
-
-ALL_BLOCK_LINEARS = ("*transformer_blocks.*.attn*", "*transformer_blocks.*.ff.*")
+from velodiff.quant import QuantizedLinear, select_layers  # noqa: E402
 
 
 def build(name: str):
@@ -38,15 +37,16 @@ def build(name: str):
         return PixArtTransformer2DModel.from_config(PIXART_CONFIG)
 
 
-def measure(model, include, rank: int):
-    layers = select_layers(model, include)
+def measure(model, preset: str, rank: int):
+    layers = select_layers(model, layers=preset)
     total_fp16 = 2 * sum(p.numel() for p in model.parameters())
     layer_fp16 = 2 * sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in layers.values())
+    quant = 0
     with torch.device("meta"):
-        quant = sum(QuantizedLinear(m.in_features, m.out_features, bits=4, rank=min(rank, m.in_features,
-                                                                                     m.out_features),
-                                    smooth=True, bias=m.bias is not None, dtype=torch.float16).weight_bytes()
-                    for m in layers.values())
+        for m in layers.values():
+            n, k = m.weight.shape[0], m.weight[0].numel()  # a conv is a linear layer over its im2col patches
+            quant += QuantizedLinear(k, n, bits=4, rank=min(rank, n, k), smooth=True, bias=m.bias is not None,
+                                     dtype=torch.float16).weight_bytes()
     return len(layers), total_fp16, layer_fp16, quant
 
 
@@ -58,8 +58,8 @@ def main():
     rows = []
     for name in ("sd1", "sd2", "sdxl", "dit", "pixart"):
         model = build(name)
-        for label, include in (("default", None), ("all block linears", ALL_BLOCK_LINEARS)):
-            n, total, layer, quant = measure(model, include, args.rank)
+        for label in ("default", "all"):
+            n, total, layer, quant = measure(model, label, args.rank)
             after = total - layer + quant
             rows.append({"model": name, "class": type(model).__name__, "layers": label, "quantized_layers": n,
                          "fp16_MiB": round(total / 2 ** 20, 1), "share_in_quantized_layers": round(layer / total, 3),

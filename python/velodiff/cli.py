@@ -272,7 +272,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
         pipe = Pipeline.from_pretrained(args.model, dtype=torch.float32, device=args.device)
         rank = args.rank if args.method == "svdquant" else 0
-        config = quant.QuantConfig(args.method, rank=rank, calibration_images=args.calibration_images,
+        config = quant.QuantConfig(args.method, rank=rank, layers=args.layers,
+                                   calibration_images=args.calibration_images,
                                    calibration_steps=args.calibration_steps, seed=args.seed)
         report = quant.quantize(pipe, config)
         quant.save_quantized(pipe, args.out, dtype=getattr(torch, DTYPES[args.dtype]))
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8"], required=True)
     p_q.add_argument("--rank", type=_positive_int, default=32, help="svdquant: rank of the 16-bit low-rank branch")
     p_q.add_argument("--out", required=True, help="the folder to write")
+    p_q.add_argument("--layers", choices=["default", "all"], default="default",
+                     help="default: the linear layers of the transformer blocks; all: also convolutions, "
+                          "cross-attention k/v and modulation layers (see velodiff.quant.ALL_LAYERS)")
     p_q.add_argument("--calibration-images", type=_positive_int, default=16)
     p_q.add_argument("--calibration-steps", type=_positive_int, default=20)
     p_q.add_argument("--seed", type=_nonnegative_int, default=0)

@@ -203,7 +203,9 @@ class UNet2DConditionModel(nn.Module):
         """True after ``unet.to(memory_format=torch.channels_last)``: inputs are then converted to channels-last
         too, so every conv runs NHWC without per-call weight reorders and the transformers need no layout copies
         (the faster layout on CPU)."""
-        w = self.down_blocks[0].resnets[0].conv1.weight  # always 3x3, so the two layouts are distinguishable
+        # a 3x3 conv, so the two layouts are distinguishable (conv_in when conv1 is a quantized layer)
+        conv1 = self.down_blocks[0].resnets[0].conv1
+        w = conv1.weight if isinstance(conv1, nn.Conv2d) else self.conv_in.weight
         return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
     @property

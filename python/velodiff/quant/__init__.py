@@ -26,6 +26,7 @@ from torch import nn
 
 from velodiff.models.feedforward import GELU
 from velodiff.quant.calibrate import calibrate, default_prompts
+from velodiff.quant.conv import QuantizedConv2d, conv_is_supported
 from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized,
                                        is_quantized_folder)
 from velodiff.quant.linear import METHODS, QuantizedLinear
@@ -40,6 +41,20 @@ DEFAULT_LAYERS: Dict[str, Tuple[str, ...]] = {
     "DiTTransformer2DModel": tuple(f"transformer_blocks.*.{n}" for n in _BLOCK_LINEARS),
     "PixArtTransformer2DModel": tuple(f"transformer_blocks.*.{n}" for n in _BLOCK_LINEARS),
 }
+#: ``layers="all"``: also the cross-attention key/value projections, and in a UNet the ResNet convolutions and
+#: time projections and the resampling convolutions (QuantizedConv2d); in DiT the adaLN modulation, in PixArt the
+#: shared adaLN and the caption projection. conv_in / conv_out, the embeddings, the transformers' proj_in / proj_out
+#: (applied as token linears on the weight itself) and the final layers stay 16-bit.
+ALL_LAYERS: Dict[str, Tuple[str, ...]] = {
+    "UNet2DConditionModel": ("*transformer_blocks.*.attn*", "*transformer_blocks.*.ff.*", "*resnets.*.conv1",
+                             "*resnets.*.conv2", "*resnets.*.conv_shortcut", "*resnets.*.time_emb_proj",
+                             "*samplers.*.conv"),
+    "DiTTransformer2DModel": ("transformer_blocks.*.attn1.*", "transformer_blocks.*.ff.*",
+                              "transformer_blocks.*.norm1.linear"),
+    "PixArtTransformer2DModel": ("transformer_blocks.*.attn*", "transformer_blocks.*.ff.*", "adaln_single.linear",
+                                 "caption_projection.*"),
+}
+LAYER_PRESETS = {"default": DEFAULT_LAYERS, "all": ALL_LAYERS}
 
 
 @dataclass(frozen=True)
@@ -49,7 +64,8 @@ class QuantConfig:
     method: "svdquant" (smoothing + rank-``rank`` 16-bit branch + int4 residual, W4A4), "naive-w4a4" or "w8a8".
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
     alphas: the smoothing-strength grid searched per layer; lowrank_iters: refinement iterations of the branch.
-    include / skip: fnmatch patterns of qualified module names (``include=None``: the family default).
+    layers: "default" (:data:`DEFAULT_LAYERS`) or "all" (:data:`ALL_LAYERS`, convolutions included).
+    include / skip: fnmatch patterns of qualified module names (``include`` overrides ``layers``).
     fuse_activations: compute a feed-forward GELU in the GEMM epilogue of the layer before it.
     calibration: number of images generated for calibration, their steps, guidance and sampler (None: the
     pipeline's defaults), prompts (None: :func:`velodiff.quant.calibrate.default_prompts`), rows kept per layer.
@@ -59,6 +75,7 @@ class QuantConfig:
     rank: int = 32
     alphas: Tuple[float, ...] = DEFAULT_ALPHAS
     lowrank_iters: int = 1
+    layers: str = "default"
     include: Optional[Tuple[str, ...]] = None
     skip: Tuple[str, ...] = ()
     calibration_images: int = 16
@@ -75,6 +92,8 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not isinstance(self.rank, int) or self.rank < 0 or (self.method == "svdquant" and self.rank == 0):
             raise ValueError(f"rank must be a positive integer for svdquant, got {self.rank!r}")
+        if self.layers not in LAYER_PRESETS:
+            raise ValueError(f"layers must be one of {tuple(LAYER_PRESETS)}, got {self.layers!r}")
         if self.calibration_images < 1 or self.calibration_steps < 1:
             raise ValueError("calibration_images and calibration_steps must be >= 1")
 
@@ -111,19 +130,23 @@ def denoiser_of(pipe) -> Tuple[str, nn.Module]:
     raise ValueError(f"{type(pipe).__name__} has no unet or transformer to quantize")
 
 
-def select_layers(model: nn.Module, include: Optional[Sequence[str]] = None,
-                  skip: Sequence[str] = ()) -> Dict[str, nn.Linear]:
-    """Qualified name -> nn.Linear of the layers to quantize in ``model``."""
+def select_layers(model: nn.Module, include: Optional[Sequence[str]] = None, skip: Sequence[str] = (),
+                  layers: str = "default") -> Dict[str, nn.Module]:
+    """Qualified name -> nn.Linear (or plain nn.Conv2d) of the layers to quantize in ``model``: those matching
+    ``include`` (default: the ``layers`` preset of the model's class) and no ``skip`` pattern."""
     cls = type(model).__name__
     if include is None:
-        if cls not in DEFAULT_LAYERS:
-            raise ValueError(f"no default layer selection for {cls}; pass include=(fnmatch patterns, ...)")
-        include = DEFAULT_LAYERS[cls]
+        preset = LAYER_PRESETS[layers]
+        if cls not in preset:
+            raise ValueError(f"no {layers!r} layer selection for {cls}; pass include=(fnmatch patterns, ...)")
+        include = preset[cls]
     chosen = {name: m for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in include)
+              if (isinstance(m, nn.Linear) or conv_is_supported(m)) and not isinstance(m, QuantizedLinear)
+              and any(fnmatch.fnmatchcase(name, p) for p in include)
               and not any(fnmatch.fnmatchcase(name, p) for p in skip)}
     if not chosen:
-        raise ValueError(f"no nn.Linear of {cls} matches include={tuple(include)} (skip={tuple(skip)})")
+        raise ValueError(f"no nn.Linear / nn.Conv2d of {cls} matches include={tuple(include)} "
+                         f"(skip={tuple(skip)})")
     return chosen
 
 
@@ -141,7 +164,7 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
         raise TypeError(f"config must be a velodiff.quant.QuantConfig, got {type(config).__name__}")
     t0 = time.time()
     component, model = denoiser_of(pipe)
-    layers = select_layers(model, config.include, config.skip)
+    layers = select_layers(model, config.include, config.skip, config.layers)
     stats: Dict[str, Optional[LayerStats]] = {name: None for name in layers}
     if config.method == "svdquant":
         prompts = config.calibration_prompts or default_prompts(pipe)
@@ -157,8 +180,11 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
         iterator = tqdm(list(iterator), desc=f"quantize ({config.method})", leave=False)
     after = 0
     for name, linear in iterator:
-        q = quantize_layer(linear.weight, linear.bias, config.method, stats[name], rank=config.rank,
-                           alphas=config.alphas, lowrank_iters=config.lowrank_iters, dtype=linear.weight.dtype)
+        q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
+                           stats[name], rank=config.rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
+                           dtype=linear.weight.dtype)
+        if isinstance(linear, nn.Conv2d):
+            q = QuantizedConv2d.from_linear(q, linear)
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         if config.fuse_activations and isinstance(parent, GELU) and name.endswith(".proj"):
             q.fused_activation = parent.activation_name  # the GEMM epilogue computes the GELU (DiT, PixArt MLPs)
@@ -173,6 +199,6 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
             "layer_bytes_before": before, "layer_bytes_after": after}
 
 
-__all__ = ["DEFAULT_LAYERS", "FORMAT_VERSION", "METHODS", "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
-           "QuantizedLinear", "SVDQuant", "W8A8", "add_lora", "denoiser_of", "is_quantized_folder", "load_quantized",
+__all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "METHODS", "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
+           "QuantizedConv2d", "QuantizedLinear", "SVDQuant", "W8A8", "add_lora", "denoiser_of", "is_quantized_folder", "load_quantized",
            "quantize", "remove_lora", "save_quantized", "select_layers", "set_lora_strength"]

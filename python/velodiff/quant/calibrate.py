@@ -21,15 +21,16 @@ GENERIC_PROMPTS = ("a photograph of an astronaut riding a horse", "a red fox in 
 class _Recorder:
     """Forward pre-hook state of one layer: running absmax [K] and a reservoir of at most ``rows`` input rows."""
 
-    def __init__(self, rows: int, generator: torch.Generator):
-        self.rows, self.gen = rows, generator
+    def __init__(self, rows: int, generator: torch.Generator, to_rows=None):
+        self.rows, self.gen, self.to_rows = rows, generator, to_rows
         self.absmax = None
         self.sample: List[torch.Tensor] = []
         self.seen = 0
 
     def __call__(self, module: nn.Module, args) -> None:
         x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float().cpu()
+        x = self.to_rows(x) if self.to_rows is not None else x.reshape(-1, x.shape[-1])
+        x = x.float().cpu()
         amax = x.abs().amax(0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         # reservoir sampling of rows: every row seen so far is kept with probability rows / seen
@@ -57,7 +58,7 @@ def calibrate(pipe, layers: Dict[str, nn.Linear], prompts: Sequence = None, imag
     """Run ``pipe`` on ``images`` calibration images (prompts cycled; class labels for class-conditional
     pipelines) and return the input statistics of each layer in ``layers`` (qualified name -> module)."""
     gen = torch.Generator().manual_seed(seed)
-    recorders = {name: _Recorder(rows, gen) for name in layers}
+    recorders = {name: _Recorder(rows, gen, _patch_rows(module)) for name, module in layers.items()}
     handles = [module.register_forward_pre_hook(recorders[name]) for name, module in layers.items()]
     was = getattr(pipe, "progress", True)
     pipe.set_progress_bar_config(disable=True)
@@ -83,6 +84,15 @@ def calibrate(pipe, layers: Dict[str, nn.Linear], prompts: Sequence = None, imag
     if missing:
         raise RuntimeError(f"calibration never ran layer(s) {missing[:5]}; are they part of the denoiser?")
     return {name: r.stats() for name, r in recorders.items()}
+
+
+def _patch_rows(module: nn.Module):
+    """For a convolution: its input's im2col rows (what its quantized GEMM will see); None for a linear layer."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    from velodiff.quant.conv import conv_geometry, conv_patches
+    geometry = conv_geometry(module)
+    return lambda x: conv_patches(x, geometry)
 
 
 def _class_conditional(pipe) -> bool:

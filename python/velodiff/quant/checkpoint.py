@@ -10,7 +10,7 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
     model_class             the diffusers class of the denoiser, e.g. "UNet2DConditionModel"
     model_config            JSON of the denoiser's config (a checkpoint only loads into an identical model)
     layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method",
-                            "fused_activation"}}
+                            "fused_activation", and for a convolution "conv": its geometry}}
 
 ``Pipeline.from_pretrained`` loads such a folder like any other; :func:`load_quantized` puts a quantized file into
 an existing, unquantized model of the same architecture.
@@ -25,6 +25,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from velodiff.quant.conv import QuantizedConv2d, conv_geometry
 from velodiff.quant.linear import QuantizedLinear
 
 FORMAT_VERSION = "1"
@@ -50,7 +51,8 @@ def _jsonable(config: Dict[str, Any]) -> str:
 
 
 def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
-    return {"in": module.in_features, "out": module.out_features, "bits": module.bits,
+    spec = {"conv": module.geometry} if isinstance(module, QuantizedConv2d) else {}
+    return {**spec, "in": module.in_features, "out": module.out_features, "bits": module.bits,
             "rank": 0 if module.lora_down is None else module.lora_down.shape[1],
             "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method,
             "fused_activation": module.fused_activation}
@@ -129,14 +131,20 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
         except AttributeError:
             raise QuantizedCheckpointError(f"{path}: quantized layer {name!r} does not exist in this "
                                            f"{type(model).__name__}") from None
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in"], spec["out"]):
+        conv = spec.get("conv")
+        fits = (isinstance(old, nn.Conv2d) and conv_geometry(old) == conv and old.out_channels == spec["out"]
+                if conv is not None else
+                isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (spec["in"], spec["out"]))
+        if not fits:
             raise QuantizedCheckpointError(
-                f"{path}: layer {name!r} is [{spec['out']}, {spec['in']}] in the checkpoint but "
-                f"{type(old).__name__}{tuple(getattr(old, 'weight', torch.empty(0)).shape)} in this model")
+                f"{path}: layer {name!r} is a {'conv' if conv else 'linear'} [{spec['out']}, {spec['in']}] in the "
+                f"checkpoint but {type(old).__name__}{tuple(getattr(old, 'weight', torch.empty(0)).shape)} here")
+        options = dict(bits=spec["bits"], rank=spec["rank"], smooth=spec["smooth"], bias=spec["bias"], dtype=dtype,
+                       method=spec["method"], fused_activation=spec.get("fused_activation", "none"))
         with torch.device("meta"):
-            shell = QuantizedLinear(spec["in"], spec["out"], bits=spec["bits"], rank=spec["rank"],
-                                    smooth=spec["smooth"], bias=spec["bias"], dtype=dtype, method=spec["method"],
-                                    fused_activation=spec.get("fused_activation", "none"))
+            shell = (QuantizedConv2d(conv["in_channels"], spec["out"], conv["kernel_size"], conv["stride"],
+                                     conv["padding"], conv["dilation"], **options) if conv is not None else
+                     QuantizedLinear(spec["in"], spec["out"], **options))
         _set_module(model, name, shell)
 
 
