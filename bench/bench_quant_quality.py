@@ -4,6 +4,7 @@ and Frechet distance with 95% intervals, plus the quantized layers' bytes relati
 
 The built-in models are tiny (widths 32..96), so a rank-32 branch is a large share of each layer (for width-32
 layers it is the whole weight); the smaller-rank rows show the method where the branch cannot hold everything.
+"all layers" rows use the ``layers="all"`` preset (convolutions, cross-attention k/v and modulation layers too).
 
   python bench/bench_quant_quality.py [--per-class 100] [--models digits digits-dit] [--out bench/results]
 """
@@ -23,7 +24,11 @@ from velodiff.cli import BUILTIN_GUIDANCE  # noqa: E402
 from velodiff.eval import evaluate  # noqa: E402
 
 METHODS = [("fp32", None), ("svdquant r32", vd.quant.SVDQuant(32)), ("svdquant r8", vd.quant.SVDQuant(8)),
-           ("svdquant r4", vd.quant.SVDQuant(4)), ("naive-w4a4", vd.quant.NaiveW4A4()), ("w8a8", vd.quant.W8A8())]
+           ("svdquant r4", vd.quant.SVDQuant(4)), ("naive-w4a4", vd.quant.NaiveW4A4()), ("w8a8", vd.quant.W8A8()),
+           ("svdquant r32, all layers", vd.quant.SVDQuant(32, layers="all")),
+           ("svdquant r8, all layers", vd.quant.SVDQuant(8, layers="all")),
+           ("naive-w4a4, all layers", vd.quant.NaiveW4A4(layers="all")),
+           ("w8a8, all layers", vd.quant.W8A8(layers="all"))]
 
 
 def main():
@@ -60,7 +65,8 @@ def main():
                    "fd_real_vs_real", "quantize_s", "s_per_image"], args.out,
                   note=f"{args.steps} steps of dpmpp_2m, {args.per_class} images per digit, "
                        "seed 0 (digits: prompt 'a handwritten {d}'; digits-dit: class label d). Quantized: the "
-                       "linear layers of the denoiser's transformer blocks (velodiff.quant.DEFAULT_LAYERS); "
+                       "linear layers of the denoiser's transformer blocks (velodiff.quant.DEFAULT_LAYERS), 'all layers': "
+                       "velodiff.quant.ALL_LAYERS; "
                        "SVDQuant calibrated on 16 generated images x 20 steps. layer_bytes_vs_fp16: bytes of the "
                        "quantized layers (int codes, scales, branch, smoothing, bias) over the same layers in fp16. "
                        "CPU kernels (velodiff::quantize_act / qgemm).")
