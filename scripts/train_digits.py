@@ -196,7 +196,7 @@ def train_unet(latents_mean, latents_std, labels, tok, steps: int, batch: int = 
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05,
                                                 final_div_factor=20)
-    ema = {name: [p.detach().clone() for p in m.parameters()] for name, m in (("unet", unet), ("text", text))}
+    ema = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(SEED + 3)
     unet.train(), text.train()
     t_last, running = time.time(), 0.0
@@ -214,16 +214,7 @@ def train_unet(latents_mean, latents_std, labels, tok, steps: int, batch: int = 
         emb = text(tokens)[0]
         pred = unet(zt, t, emb).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, m in (("unet", unet), ("text", text)):
-                for e, p in zip(ema[name], m.parameters()):
-                    e.lerp_(p.detach(), 1 - decay)
+        train_step(loss, opt, sched, params, ema, step)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 200 == 0 or step == steps - 1:
             now = time.time()
@@ -231,10 +222,23 @@ def train_unet(latents_mean, latents_std, labels, tok, steps: int, batch: int = 
                 f"({(now - t_last) / (200 if step else 1):.3f} s/step)")
             t_last = now
     with torch.no_grad():
-        for name, m in (("unet", unet), ("text", text)):
-            for e, p in zip(ema[name], m.parameters()):
-                p.copy_(e)
+        for e, p in zip(ema, params):
+            p.copy_(e)
     return unet.eval(), text.eval()
+
+
+def train_step(loss, opt, sched, params, ema, step: int) -> None:
+    """Backward, gradient clipping at 1, optimizer and LR-schedule step, then the EMA of ``params`` in ``ema``
+    (decay min(0.999, (1 + step) / (10 + step))). Shared with scripts/train_digits_dit.py."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - decay)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +253,12 @@ def save(out: str, vae, unet, text, tok, train_idx, test_idx, info):
     pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text.half(), tokenizer=tok, unet=unet.half(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    write_folder(pipe, out, train_idx, test_idx, info)
+
+
+def write_folder(pipe, out: str, train_idx, test_idx, info) -> None:
+    """Save a diffusers pipeline as the model folder ``out`` (keeping its hand-written README.md), with the data
+    split (split.json) and the training record (training.json). Shared with scripts/train_digits_dit.py."""
     readme = os.path.join(out, "README.md")
     keep = open(readme).read() if os.path.isfile(readme) else None
     if os.path.isdir(out):
@@ -267,8 +277,14 @@ def save(out: str, vae, unet, text, tok, train_idx, test_idx, info):
     log(f"saved {out} ({size / 2 ** 20:.2f} MiB)")
 
 
-def quality_check(out: str, guidances, per_digit: int, steps: int, seed: int = 1234):
-    """Conditional accuracy of the saved folder through velodiff's own pipeline."""
+def draw_prompt(pipe, digit: int, count: int, **kwargs):
+    """``count`` images of ``digit`` from the text-to-image pipeline ([count, 3, H, W] in [0, 1])."""
+    return pipe(f"a handwritten {digit}", num_images_per_prompt=count, output_type="pt", **kwargs).images
+
+
+def quality_check(out: str, guidances, per_digit: int, steps: int, seed: int = 1234, draw=draw_prompt):
+    """Conditional accuracy of the saved folder through velodiff's own pipeline; ``draw(pipe, digit, count,
+    **sampling options)`` makes the images (a prompt here, a class label for scripts/train_digits_dit.py)."""
     from velodiff.pipelines import Pipeline
     images, labels, train_idx, test_idx = load_data()
     clf = fit_classifier(images, labels, test_idx)
@@ -282,9 +298,9 @@ def quality_check(out: str, guidances, per_digit: int, steps: int, seed: int = 1
         correct, t0 = np.zeros(10), time.time()
         for d in range(10):
             gen = torch.Generator().manual_seed(seed + d)
-            res = pipe(f"a handwritten {d}", num_inference_steps=steps, guidance_scale=g, sampler="dpmpp_2m",
-                       num_images_per_prompt=per_digit, generator=gen, output_type="pt")
-            correct[d] = (clf.predict(to_8x8_features(res.images)) == d).mean()
+            images = draw(pipe, d, per_digit, num_inference_steps=steps, guidance_scale=g, sampler="dpmpp_2m",
+                          generator=gen)
+            correct[d] = (clf.predict(to_8x8_features(images)) == d).mean()
         results[g] = float(correct.mean())
         log(f"guidance {g}: conditional accuracy {correct.mean():.4f} ({per_digit} per digit, {steps} steps "
             f"dpmpp_2m; per digit {np.round(correct, 3).tolist()}; {time.time() - t0:.1f} s)")

@@ -17,13 +17,10 @@ epsilon prediction on DiT's linear beta schedule (1e-4 .. 0.02, T = 1000), the l
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,15 +75,7 @@ def train_dit(latents_mean, latents_std, labels, steps: int, batch: int = 128):
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = dit(zt, timestep=t, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        td.train_step(loss, opt, sched, params, ema, step)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 200 == 0 or step == steps - 1:
             now = time.time()
@@ -104,43 +93,12 @@ def save(out: str, vae, dit, train_idx, test_idx, info):
     scheduler = DPMSolverMultistepScheduler(**BETAS, prediction_type="epsilon")
     pipe = DiTPipeline(transformer=dit.half(), vae=vae.half(), scheduler=scheduler,
                        id2label={d: td.WORDS[d] for d in range(NUM_CLASSES)})
-    readme = os.path.join(out, "README.md")
-    keep = open(readme).read() if os.path.isfile(readme) else None
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    pipe.save_pretrained(out, safe_serialization=True)
-    if keep is not None:
-        with open(readme, "w") as f:
-            f.write(keep)
-    with open(os.path.join(out, "split.json"), "w") as f:
-        json.dump({"source": "sklearn.datasets.load_digits",
-                   "split": "train_test_split(range(1797), test_size=0.25, stratify=target, random_state=0)",
-                   "train": [int(i) for i in train_idx], "test": [int(i) for i in test_idx]}, f)
-    with open(os.path.join(out, "training.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    size = sum(os.path.getsize(os.path.join(d, n)) for d, _, files in os.walk(out) for n in files)
-    log(f"saved {out} ({size / 2 ** 20:.2f} MiB)")
+    td.write_folder(pipe, out, train_idx, test_idx, info)
 
 
-def quality_check(out: str, guidances, per_digit: int, steps: int, seed: int = 1234):
-    """Conditional accuracy of the saved folder through velodiff's own DiT pipeline."""
-    from velodiff.pipelines import Pipeline
-    images, labels, train_idx, test_idx = td.load_data()
-    clf = td.fit_classifier(images, labels, test_idx)
-    pipe = Pipeline.from_pretrained(out)
-    pipe.set_progress_bar_config(disable=True)
-    results = {}
-    for g in guidances:
-        correct, t0 = np.zeros(10), time.time()
-        for d in range(10):
-            gen = torch.Generator().manual_seed(seed + d)
-            res = pipe([d] * per_digit, num_inference_steps=steps, guidance_scale=g, sampler="dpmpp_2m",
-                       generator=gen, output_type="pt")
-            correct[d] = (clf.predict(td.to_8x8_features(res.images)) == d).mean()
-        results[g] = float(correct.mean())
-        log(f"guidance {g}: conditional accuracy {correct.mean():.4f} ({per_digit} per digit, {steps} steps "
-            f"dpmpp_2m; per digit {np.round(correct, 3).tolist()}; {time.time() - t0:.1f} s)")
-    return results
+def draw_label(pipe, digit: int, count: int, **kwargs):
+    """``count`` images of class ``digit`` from the DiT pipeline ([count, 3, H, W] in [0, 1])."""
+    return pipe([digit] * count, output_type="pt", **kwargs).images
 
 
 def main(argv=None) -> int:
@@ -173,7 +131,7 @@ def main(argv=None) -> int:
                 "torch": torch.__version__}
         save(out, vae, dit, train_idx, test_idx, info)
     if args.eval_per_digit > 0:
-        quality_check(out, args.guidance, args.eval_per_digit, args.eval_steps)
+        td.quality_check(out, args.guidance, args.eval_per_digit, args.eval_steps, draw=draw_label)
     log("done")
     return 0
 
