@@ -7,7 +7,7 @@ Also the ``layers="all"`` preset (velodiff.quant.ALL_LAYERS: convolutions of the
 cross-attention k/v, time and adaLN modulation layers too), and the share of the fp16 bytes that sits in the
 quantized layers.
 
-  python bench/bench_quant_memory.py [--rank 32]
+  python bench/bench_quant_memory.py [--ranks 32 16]
 """
 from __future__ import annotations
 
@@ -52,24 +52,25 @@ def measure(model, preset: str, rank: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[32, 16])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     rows = []
     for name in ("sd1", "sd2", "sdxl", "dit", "pixart"):
         model = build(name)
-        for label in ("default", "all"):
-            n, total, layer, quant = measure(model, label, args.rank)
+        for label, rank in ((label, rank) for rank in args.ranks for label in ("default", "all")):
+            n, total, layer, quant = measure(model, label, rank)
             after = total - layer + quant
-            rows.append({"model": name, "class": type(model).__name__, "layers": label, "quantized_layers": n,
+            rows.append({"model": name, "class": type(model).__name__, "rank": rank, "layers": label,
+                         "quantized_layers": n,
                          "fp16_MiB": round(total / 2 ** 20, 1), "share_in_quantized_layers": round(layer / total, 3),
                          "quantized_MiB": round(after / 2 ** 20, 1), "model_ratio": round(after / total, 3),
                          "layer_ratio": round(quant / layer, 3)})
             print(rows[-1], flush=True)
-    write_results("quant_memory", rows, ["model", "class", "layers", "quantized_layers", "fp16_MiB",
+    write_results("quant_memory", rows, ["model", "class", "rank", "layers", "quantized_layers", "fp16_MiB",
                                          "share_in_quantized_layers", "quantized_MiB", "model_ratio", "layer_ratio"],
                   args.out,
-                  note=f"SVDQuant W4A4, rank {args.rank}, group 64, 16-bit scales/branch/bias. model_ratio: whole "
+                  note=f"SVDQuant W4A4, ranks {args.ranks} (capped at min(N, K)), group 64, 16-bit scales/branch/bias. model_ratio: whole "
                        "denoiser bytes after / fp16 bytes (unquantized layers stay 16-bit); layer_ratio: the quantized "
                        "layers alone. Exact counts from the real configs on the meta device (no weights needed).")
 

@@ -67,6 +67,9 @@ def test_all_layers_quantizes_convolutions(all_layers):
     assert "down_blocks.0.resnets.0.conv1" in convs and "down_blocks.0.downsamplers.0.conv" in convs
     assert any("attn2.to_k" in n for n in linears) and any(n.endswith("time_emb_proj") for n in linears)
     assert not isinstance(pipe.unet.conv_in, QuantizedLinear) and not isinstance(pipe.unet.conv_out, QuantizedLinear)
+    # SD 1.x proj_in / proj_out are 1x1 convs applied to tokens: quantized as linear layers
+    proj = pipe.unet.mid_block.attentions[0].proj_in
+    assert type(proj) is QuantizedLinear and proj.token_conv
     assert report["layers"] == len(linears) and report["layer_bytes_after"] < report["layer_bytes_before"]
 
 
@@ -89,3 +92,17 @@ def test_conv_checkpoint_into_wrong_geometry_is_refused(all_layers, tmp_path):
     fresh.down_blocks[0].resnets[0].conv1 = torch.nn.Conv2d(32, 32, 3, padding=2, dilation=2)
     with pytest.raises(QuantizedCheckpointError, match="down_blocks.0.resnets.0.conv1"):
         vd.quant.load_quantized(fresh, os.path.join(out, "unet", QUANTIZED_FILE))
+
+
+def test_all_layers_optimize_restore_is_exact():
+    pipe = vd.Pipeline.from_pretrained("digits")
+    g = torch.Generator().manual_seed(0)
+    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    before = pipe.unet(x, t, e)
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    vd.optimize(pipe, QuantConfig("naive-w4a4", rank=0, layers="all"))
+    assert not torch.equal(pipe.unet(x, t, e), before)
+    vd.restore(pipe)
+    assert type(pipe.unet.mid_block.attentions[0].proj_in) is torch.nn.Conv2d
+    assert all(torch.equal(v, state[k]) for k, v in pipe.unet.state_dict().items())
+    assert torch.equal(pipe.unet(x, t, e), before)

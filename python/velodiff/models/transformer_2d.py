@@ -103,11 +103,12 @@ class Transformer2DModel(nn.Module):
 
     @staticmethod
     def _token_linear(tokens: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """A Linear, or a 1x1 Conv2d applied as the equivalent Linear, on [B, L, Cin] -> [B, L, Cout]."""
-        weight = layer.weight
-        if weight.dim() == 4:
-            weight = weight.view(weight.shape[0], weight.shape[1])
-        return F.linear(tokens, weight, layer.bias)
+        """A 1x1 Conv2d applied as the equivalent Linear, or a Linear (or any module on tokens, such as a quantized
+        replacement), on [B, L, Cin] -> [B, L, Cout]."""
+        if isinstance(layer, nn.Conv2d):
+            weight = layer.weight
+            return F.linear(tokens, weight.view(weight.shape[0], weight.shape[1]), layer.bias)
+        return layer(tokens)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -42,13 +42,13 @@ DEFAULT_LAYERS: Dict[str, Tuple[str, ...]] = {
     "PixArtTransformer2DModel": tuple(f"transformer_blocks.*.{n}" for n in _BLOCK_LINEARS),
 }
 #: ``layers="all"``: also the cross-attention key/value projections, and in a UNet the ResNet convolutions and
-#: time projections and the resampling convolutions (QuantizedConv2d); in DiT the adaLN modulation, in PixArt the
-#: shared adaLN and the caption projection. conv_in / conv_out, the embeddings, the transformers' proj_in / proj_out
-#: (applied as token linears on the weight itself) and the final layers stay 16-bit.
+#: time projections and the resampling convolutions (QuantizedConv2d), the transformers' proj_in / proj_out (1x1
+#: convs applied to tokens: quantized as linear layers); in DiT the adaLN modulation, in PixArt the shared adaLN and
+#: the caption projection. conv_in / conv_out, the embeddings and the final layers stay 16-bit.
 ALL_LAYERS: Dict[str, Tuple[str, ...]] = {
     "UNet2DConditionModel": ("*transformer_blocks.*.attn*", "*transformer_blocks.*.ff.*", "*resnets.*.conv1",
                              "*resnets.*.conv2", "*resnets.*.conv_shortcut", "*resnets.*.time_emb_proj",
-                             "*samplers.*.conv"),
+                             "*samplers.*.conv", "*attentions.*.proj_in", "*attentions.*.proj_out"),
     "DiTTransformer2DModel": ("transformer_blocks.*.attn1.*", "transformer_blocks.*.ff.*",
                               "transformer_blocks.*.norm1.linear"),
     "PixArtTransformer2DModel": ("transformer_blocks.*.attn*", "transformer_blocks.*.ff.*", "adaln_single.linear",
@@ -150,6 +150,24 @@ def select_layers(model: nn.Module, include: Optional[Sequence[str]] = None, ski
     return chosen
 
 
+def _is_token_conv(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """A 1x1 Conv2d that its parent applies to tokens as a linear layer (a UNet transformer's proj_in / proj_out
+    in SD 1.x): quantized as a QuantizedLinear."""
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and hasattr(parent, "_token_linear")
+            and name.rpartition(".")[2] in ("proj_in", "proj_out"))
+
+
+def _linear_view(conv: nn.Conv2d) -> nn.Linear:
+    """An nn.Linear sharing a 1x1 conv's weight and bias (so calibration hooks see its token inputs)."""
+    with torch.device("meta"):
+        linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+    linear.weight = nn.Parameter(conv.weight.detach().view(conv.out_channels, conv.in_channels), requires_grad=False)
+    if conv.bias is not None:
+        linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return linear
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
@@ -165,6 +183,15 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     t0 = time.time()
     component, model = denoiser_of(pipe)
     layers = select_layers(model, config.include, config.skip, config.layers)
+    token_convs = set()
+    for name, module in list(layers.items()):
+        if _is_token_conv(model, name, module):  # a 1x1 conv that its parent applies to tokens: a linear layer
+            linear = _linear_view(module)
+            _set_module(model, name, linear)
+            if _originals is not None:
+                _originals[name] = module
+            layers[name] = linear
+            token_convs.add(name)
     stats: Dict[str, Optional[LayerStats]] = {name: None for name in layers}
     if config.method == "svdquant":
         prompts = config.calibration_prompts or default_prompts(pipe)
@@ -185,11 +212,12 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                            dtype=linear.weight.dtype)
         if isinstance(linear, nn.Conv2d):
             q = QuantizedConv2d.from_linear(q, linear)
+        q.token_conv = name in token_convs
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         if config.fuse_activations and isinstance(parent, GELU) and name.endswith(".proj"):
             q.fused_activation = parent.activation_name  # the GEMM epilogue computes the GELU (DiT, PixArt MLPs)
         if _originals is not None:
-            _originals[name] = linear
+            _originals.setdefault(name, linear)
         _set_module(model, name, q)
         after += q.weight_bytes(float_bytes=2)
     pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": config.rank,

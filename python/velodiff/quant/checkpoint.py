@@ -10,7 +10,8 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
     model_class             the diffusers class of the denoiser, e.g. "UNet2DConditionModel"
     model_config            JSON of the denoiser's config (a checkpoint only loads into an identical model)
     layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method",
-                            "fused_activation", and for a convolution "conv": its geometry}}
+                            "fused_activation", for a convolution "conv": its geometry, and "token_conv" for a
+                            1x1 convolution that the model applies to tokens, quantized as a linear layer}}
 
 ``Pipeline.from_pretrained`` loads such a folder like any other; :func:`load_quantized` puts a quantized file into
 an existing, unquantized model of the same architecture.
@@ -52,6 +53,8 @@ def _jsonable(config: Dict[str, Any]) -> str:
 
 def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
     spec = {"conv": module.geometry} if isinstance(module, QuantizedConv2d) else {}
+    if getattr(module, "token_conv", False):
+        spec["token_conv"] = True  # a 1x1 conv of the unquantized model, applied to tokens as this linear layer
     return {**spec, "in": module.in_features, "out": module.out_features, "bits": module.bits,
             "rank": 0 if module.lora_down is None else module.lora_down.shape[1],
             "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method,
@@ -132,9 +135,13 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
             raise QuantizedCheckpointError(f"{path}: quantized layer {name!r} does not exist in this "
                                            f"{type(model).__name__}") from None
         conv = spec.get("conv")
-        fits = (isinstance(old, nn.Conv2d) and conv_geometry(old) == conv and old.out_channels == spec["out"]
-                if conv is not None else
-                isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (spec["in"], spec["out"]))
+        if conv is not None:
+            fits = isinstance(old, nn.Conv2d) and conv_geometry(old) == conv and old.out_channels == spec["out"]
+        elif spec.get("token_conv"):
+            fits = (isinstance(old, nn.Conv2d) and tuple(old.kernel_size) == (1, 1)
+                    and (old.in_channels, old.out_channels) == (spec["in"], spec["out"]))
+        else:
+            fits = isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (spec["in"], spec["out"])
         if not fits:
             raise QuantizedCheckpointError(
                 f"{path}: layer {name!r} is a {'conv' if conv else 'linear'} [{spec['out']}, {spec['in']}] in the "
@@ -145,6 +152,7 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
             shell = (QuantizedConv2d(conv["in_channels"], spec["out"], conv["kernel_size"], conv["stride"],
                                      conv["padding"], conv["dilation"], **options) if conv is not None else
                      QuantizedLinear(spec["in"], spec["out"], **options))
+        shell.token_conv = bool(spec.get("token_conv", False))
         _set_module(model, name, shell)
 
 
