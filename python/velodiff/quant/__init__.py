@@ -106,6 +106,7 @@ class QuantConfig:
         def undo() -> None:
             for name, module in originals.items():
                 _set_module(denoiser, name, module)
+            pipe.quantization = None
         return undo
 
 
