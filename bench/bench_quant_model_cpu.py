@@ -22,9 +22,7 @@ import torch  # noqa: E402
 
 from velodiff.loading import DIT_CONFIG  # noqa: E402
 from velodiff.models.dit import DiTTransformer2DModel  # noqa: E402
-from velodiff.models.feedforward import GELU  # noqa: E402
-from velodiff.quant import QuantizedLinear, select_layers  # noqa: E402
-from velodiff.quant import _set_module  # noqa: E402
+from velodiff.quant import QuantizedLinear, install_layer, select_layers  # noqa: E402
 
 
 def random_quantized(linear: torch.nn.Linear, rank: int, gen: torch.Generator) -> QuantizedLinear:
@@ -71,11 +69,7 @@ def main():
     t_fp32 = time_forward(model, x, t, y, args.reps)
     layers = select_layers(model)
     for name, linear in layers.items():
-        q = random_quantized(linear, args.rank, gen)
-        parent = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(parent, GELU):  # as velodiff.quant.quantize does: the MLP's GELU in the GEMM epilogue
-            q.fused_activation = parent.activation_name
-        _set_module(model, name, q)
+        install_layer(model, name, random_quantized(linear, args.rank, gen))  # MLP GELU fused, as quantize does
     t_q = time_forward(model, x, t, y, args.reps)
     row = {"model": "DiT-XL/2 256px", "batch": args.batch, "tokens": 256, "quantized_layers": len(layers),
            "fp32_s": round(t_fp32, 3), "w4a4_s": round(t_q, 3), "speedup": round(t_fp32 / t_q, 2)}

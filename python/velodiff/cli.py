@@ -51,6 +51,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from velodiff.pipelines import Pipeline
+    from velodiff.pipelines.base import is_class_conditional
 
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +70,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     guidance = args.guidance if args.guidance is not None else BUILTIN_GUIDANCE.get(args.model)
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    if hasattr(pipe, "transformer") and type(pipe).__name__ == "DiTPipeline":  # class-conditional
+    if is_class_conditional(pipe):
         if args.class_label is None:
             print(f"velodiff generate: {args.model} is class-conditional (DiT): pass --class-label N "
                   f"(0 <= N < {pipe.transformer.config.num_embeds_ada_norm}) instead of --prompt", file=sys.stderr)

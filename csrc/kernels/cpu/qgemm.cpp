@@ -184,12 +184,16 @@ VD_AVX2 inline __m256 load8(QDtype dt, const void* p, int64_t i) {
   }
 }
 
-VD_AVX2 void quantize_row_avx2(const QuantizeActArgs& a, const float* ld, int64_t m, float* xf, float* v) {
+// Row m; `loaded`: xf already holds float(x[m]) (the blocked down-projection converted it), else it is filled here.
+VD_AVX2 void quantize_row_avx2(const QuantizeActArgs& a, const float* ld, int64_t m, float* xf, float* v,
+                               bool loaded = false) {
   const int64_t K = a.K, Kp = qgemm_padded_k(K), ng = Kp / kG;
   const float Q = a.bits == 4 ? 7.f : 127.f;
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(xf + k, load8(a.dtype, a.x, m * K + k));
-  for (; k < K; ++k) xf[k] = load_elem(a.dtype, a.x, m * K + k);
+  if (!loaded) {
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(xf + k, load8(a.dtype, a.x, m * K + k));
+    for (; k < K; ++k) xf[k] = load_elem(a.dtype, a.x, m * K + k);
+  }
   if (a.R > 0) lora_down_row(xf, ld, K, a.R, a.lora_act + m * a.R);
   k = 0;
   if (a.smooth != nullptr) {
@@ -750,7 +754,8 @@ bool quantize_act_cpu(const QuantizeActArgs& a, char* error) {
           load_rows_avx2(a, m0, rows, xf.data());
           lora_down_block_avx2(xf.data(), a.K, rows, ld, a.R, a.lora_act + m0 * a.R);
         }
-        for (int i = 0; i < rows; ++i) quantize_row_avx2(rows_only, nullptr, m0 + i, xf.data(), v.data());
+        for (int i = 0; i < rows; ++i)
+          quantize_row_avx2(rows_only, nullptr, m0 + i, xf.data() + i * a.K, v.data(), /*loaded=*/a.R > 0);
       }
     }
     return true;

@@ -110,6 +110,12 @@ def quantize_groups(v: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Ten
     return q.clamp(-qmax - 1, qmax).to(torch.int8).reshape(rows, kp), scale
 
 
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
+    """codes [rows, Kp] and scales [rows, Kp/64] -> float32 values [rows, k] (codes * their group's scale, the
+    padding dropped): the inverse of :func:`quantize_groups` up to rounding."""
+    return (codes.float() * scales.float().repeat_interleave(QGROUP, dim=1))[:, :k]
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes [rows, Kp] in [-8, 7] -> uint8 [rows, Kp/2]: element 2j in the low nibble of byte j."""
     c = codes.to(torch.int16) & 0xF

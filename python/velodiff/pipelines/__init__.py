@@ -18,10 +18,8 @@ from velodiff.pipelines.pixart import PixArtPipeline, PixArtSigmaPipeline
 from velodiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 #: built-in model name -> its diffusers pipeline folder inside the package (trained by scripts/train_digits.py)
-BUILTIN_MODELS = {
-    "digits": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits"),
-    "digits-dit": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits-dit"),
-}
+_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+BUILTIN_MODELS = {name: os.path.join(_DATA, name) for name in ("digits", "digits-dit")}
 
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,

@@ -65,6 +65,11 @@ def check_call_args(num_inference_steps, guidance_scale, output_type, num_images
             raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
 
 
+def is_class_conditional(pipe) -> bool:
+    """Whether ``pipe`` is conditioned by class labels (a DiT pipeline, velodiff's or diffusers') not prompts."""
+    return any(cls.__name__ == "DiTPipeline" for cls in type(pipe).__mro__)
+
+
 class BasePipeline:
     """A set of components plus the shared denoising loop. Subclasses implement ``__call__``."""
 

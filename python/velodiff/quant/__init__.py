@@ -154,9 +154,8 @@ def select_layers(model: nn.Module, include: Optional[Sequence[str]] = None, ski
 def _is_token_conv(model: nn.Module, name: str, module: nn.Module) -> bool:
     """A 1x1 Conv2d that its parent applies to tokens as a linear layer (a UNet transformer's proj_in / proj_out
     in SD 1.x): quantized as a QuantizedLinear."""
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and hasattr(parent, "_token_linear")
-            and name.rpartition(".")[2] in ("proj_in", "proj_out"))
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and hasattr(_parent(model, name), "_token_linear") and name.rpartition(".")[2] in ("proj_in", "proj_out"))
 
 
 def _linear_view(conv: nn.Conv2d) -> nn.Linear:
@@ -169,9 +168,22 @@ def _linear_view(conv: nn.Conv2d) -> nn.Linear:
     return linear
 
 
+def _parent(root: nn.Module, name: str) -> nn.Module:
+    parent = name.rpartition(".")[0]
+    return root.get_submodule(parent) if parent else root
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+    setattr(_parent(root, name), name.rpartition(".")[2], module)
+
+
+def install_layer(model: nn.Module, name: str, layer: QuantizedLinear, fuse_activation: bool = True) -> None:
+    """Put the quantized ``layer`` at ``name`` in ``model``; with ``fuse_activation``, a feed-forward GELU that
+    follows it (its parent is a GELU module: DiT and PixArt MLPs) is computed in the GEMM epilogue instead."""
+    parent = _parent(model, name)
+    if fuse_activation and isinstance(parent, GELU) and name.endswith(".proj"):
+        layer.fused_activation = parent.activation_name
+    _set_module(model, name, layer)
 
 
 @torch.no_grad()
@@ -214,12 +226,9 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
         if isinstance(linear, nn.Conv2d):
             q = QuantizedConv2d.from_linear(q, linear)
         q.token_conv = name in token_convs
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if config.fuse_activations and isinstance(parent, GELU) and name.endswith(".proj"):
-            q.fused_activation = parent.activation_name  # the GEMM epilogue computes the GELU (DiT, PixArt MLPs)
         if _originals is not None:
             _originals.setdefault(name, linear)
-        _set_module(model, name, q)
+        install_layer(model, name, q, config.fuse_activations)
         after += q.weight_bytes(float_bytes=2)
     pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": config.rank,
                          "component": component, "layers": sorted(layers)}
@@ -229,5 +238,5 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
 
 
 __all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "METHODS", "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
-           "QuantizedConv2d", "QuantizedLinear", "SVDQuant", "W8A8", "add_lora", "denoiser_of", "is_quantized_folder", "load_quantized",
+           "QuantizedConv2d", "QuantizedLinear", "SVDQuant", "W8A8", "add_lora", "denoiser_of", "install_layer", "is_quantized_folder", "load_quantized",
            "quantize", "remove_lora", "save_quantized", "select_layers", "set_lora_strength"]

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, List, Sequence
 import torch
 from torch import nn
 
+from velodiff.pipelines.base import is_class_conditional
 from velodiff.quant.svdquant import LayerStats
 
 DIGIT_PROMPTS = tuple(f"a handwritten {d}" for d in range(10))
@@ -72,7 +73,7 @@ def calibrate(pipe, layers: Dict[str, nn.Linear], prompts: Sequence = None, imag
                 kwargs["guidance_scale"] = guidance
             if sampler is not None:
                 kwargs["sampler"] = sampler
-            if _class_conditional(pipe):
+            if is_class_conditional(pipe):
                 pipe(class_labels=[int(c) for c in conds], **kwargs)
             else:
                 pipe(list(conds), **kwargs)
@@ -95,14 +96,10 @@ def _patch_rows(module: nn.Module):
     return lambda x: conv_patches(x, geometry)
 
 
-def _class_conditional(pipe) -> bool:
-    return any(cls.__name__ == "DiTPipeline" for cls in type(pipe).__mro__)
-
-
 def default_prompts(pipe) -> Iterable:
     """Class labels 0..9 for class-conditional pipelines, digit prompts for the built-in digits model, generic
     prompts otherwise."""
-    if _class_conditional(pipe):
+    if is_class_conditional(pipe):
         n = pipe.transformer.config.num_embeds_ada_norm
         return tuple(range(min(n, 10))) if n <= 10 else tuple(torch.randperm(n, generator=torch.Generator()
                                                                              .manual_seed(0))[:16].tolist())

@@ -149,9 +149,8 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float32 weight [N, K] (for tests and error analysis; the layer never builds it)."""
-        codes = reference.unpack_codes(self.qweight, self.bits).float()
-        scales = self.wscales.float().repeat_interleave(reference.QGROUP, dim=1)
-        w = (codes * scales)[:, : self.in_features]
+        w = reference.dequantize_groups(reference.unpack_codes(self.qweight, self.bits), self.wscales,
+                                        self.in_features)
         if self.smooth is not None:
             w = w / self.smooth[None, :]
         if self.lora_down is not None:

@@ -80,20 +80,22 @@ def add_lora(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, str
     return len(done)
 
 
-def set_lora_strength(model: nn.Module, name: str, strength: float) -> None:
-    """Change the strength of LoRA ``name`` on every layer that carries it (keeps its alpha / r factor)."""
+def _carrying(model: nn.Module, name: str):
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and name in m.loras]
     if not layers:
         raise KeyError(f"no layer carries a LoRA named {name!r}")
-    for m in layers:
+    return layers
+
+
+def set_lora_strength(model: nn.Module, name: str, strength: float) -> None:
+    """Change the strength of LoRA ``name`` on every layer that carries it (keeps its alpha / r factor)."""
+    for m in _carrying(model, name):
         m.set_lora_strength(name, strength)
 
 
 def remove_lora(model: nn.Module, name: str) -> int:
     """Remove LoRA ``name`` from every layer; returns the number of layers it was on."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and name in m.loras]
-    if not layers:
-        raise KeyError(f"no layer carries a LoRA named {name!r}")
+    layers = _carrying(model, name)
     for m in layers:
         m.remove_lora(name)
     return len(layers)

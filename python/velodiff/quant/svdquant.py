@@ -37,14 +37,10 @@ class LayerStats:
     sample: torch.Tensor
 
 
-def _fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """W [N, K] -> its quantized-dequantized float32 copy (per output channel, group of 64)."""
-    codes, scales = reference.quantize_groups(w.float(), bits)
-    return (codes.float() * scales.repeat_interleave(reference.QGROUP, 1))[:, : w.shape[1]]
-
-
-def _fake_quant_act(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return _fake_quant_weight(x, bits)  # the same per-(row, group) rule
+def _fake_quant(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, K] -> its quantized-dequantized float32 copy per (row, group of 64): the rule of both the weights
+    (rows = output channels) and the activations (rows = tokens)."""
+    return reference.dequantize_groups(*reference.quantize_groups(t.float(), bits), t.shape[1])
 
 
 def low_rank(w: torch.Tensor, rank: int, bits: int, iters: int = 1):
@@ -57,11 +53,11 @@ def low_rank(w: torch.Tensor, rank: int, bits: int, iters: int = 1):
         l2 = u * s
         l1 = vh.T
         residual = w - l2 @ l1.T
-        err = (w - l2 @ l1.T - _fake_quant_weight(residual, bits).double()).norm()
+        err = (w - l2 @ l1.T - _fake_quant(residual, bits).double()).norm()
         if best is not None and err >= best[0]:
             break
         best = (err, l2, l1, residual)
-        target = w - _fake_quant_weight(residual, bits).double()
+        target = w - _fake_quant(residual, bits).double()
     return best[1], best[2], best[3]
 
 
@@ -148,6 +144,6 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, lam: torch.Tensor, l2: torch
     fake-quantized with the kernels' rule; the branch in float64)."""
     ref = x @ w.T
     xs = x / lam[None, :]
-    q = _fake_quant_act(xs.float(), bits).double() @ _fake_quant_weight(residual.float(), bits).double().T
+    q = _fake_quant(xs.float(), bits).double() @ _fake_quant(residual.float(), bits).double().T
     out = q + (x @ (l1 / lam[:, None])) @ l2.T
     return float((out - ref).pow(2).sum())
