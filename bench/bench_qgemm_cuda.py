@@ -10,6 +10,9 @@ Per shape (M tokens, K in, N out):
   tops4/8     2 M N K / q_us, in tera-operations per second
   err4/err8   relative error of qgemm against the float64 reference on the first rows (bf16 output rounding
               gives about 1e-3; above 1e-2 the row is marked FAILED and the timings mean nothing)
+  q4_<path>_us, err4_<path>  the 4-bit GEMM on each tensor-core path this GPU has (VELODIFF_QGEMM_TC: s4 below
+              sm_90, s8 = 4-bit storage on INT8 tensor cores, e4m3 = on FP8 tensor cores from sm_89 on);
+              best4 names the fastest per shape. q4_us is the default path (auto).
 Times are medians of CUDA-event-timed batches, launched behind a GPU sleep so that host overhead stays out;
 inputs rotate over several sets when one set fits in L2. Usage:
   python bench/bench_qgemm_cuda.py [--out bench/results] [--quick]
@@ -81,6 +84,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def tensor_paths() -> list[str]:
+    """The 4-bit tensor-core paths (VELODIFF_QGEMM_TC values) this GPU can run."""
+    major, minor = torch.cuda.get_device_capability()
+    cc = major * 10 + minor
+    return [p for p, ok in (("s4", cc < 90), ("s8", True), ("e4m3", cc >= 89)) if ok]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -107,6 +117,9 @@ def main():
     bf = torch.bfloat16
     rows = []
     failed = False
+    paths = tensor_paths()
+    env_before = os.environ.get("VELODIFF_QGEMM_TC")
+    os.environ.pop("VELODIFF_QGEMM_TC", None)  # the default path first
     for m, k, n, family in shapes(args.quick):
         g = torch.Generator(device=dev).manual_seed(m * 7 + k * 3 + n)
         kp = (k + 63) // 64 * 64
@@ -139,6 +152,8 @@ def main():
                            s0["bias"], s0[f"la{bits}"][:nr], s0["lu"], None, bits, 0)
             qr, ar, lr = ref.quantize_act(s0["x"][:nr], s0["smooth"], s0["ld"], bits)
             err = rel(y[:nr], yr)
+            if bits == 4:
+                yr4 = yr
             exact = torch.equal(qr, s0[f"qx{bits}"][:nr]) and torch.equal(ar, s0[f"as{bits}"][:nr])
             row[f"err{bits}"] = err
             row[f"qa{bits}_exact"] = exact
@@ -166,6 +181,21 @@ def main():
             row[f"ratio{bits}"] = bf_t / tq
             row[f"e2e{bits}"] = bf_t / (tq + ta)
             row[f"tops{bits}"] = 2 * m * n * k / tq / 1e12
+        best = None
+        for tc in paths:
+            os.environ["VELODIFF_QGEMM_TC"] = tc
+            y = ops.qgemm(s0["qx4"], s0["as4"], s0["qw4"], s0["ws4"], s0["bias"], s0["la4"], s0["lu"], None, 4, 0)
+            row[f"err4_{tc}"] = err = rel(y[:nr], yr4)
+            if err > 1e-2:
+                failed = True
+                row["status"] = "FAILED"
+            t = gpu_time(lambda i: ops.qgemm(sets[i]["qx4"], sets[i]["as4"], sets[i]["qw4"], sets[i]["ws4"],
+                                             sets[i]["bias"], sets[i]["la4"], sets[i]["lu"], None, 4, 0), nsets)
+            row[f"q4_{tc}_us"] = t * 1e6
+            if best is None or t < best[1]:
+                best = (tc, t)
+        os.environ.pop("VELODIFF_QGEMM_TC", None)
+        row["best4"] = best[0]
         rows.append(row)
         print({c: (round(v, 4) if isinstance(v, float) else v) for c, v in row.items()}, flush=True)
         sets = s0 = None  # free the GPU buffers before the next shape
@@ -174,13 +204,20 @@ def main():
     gpu = torch.cuda.get_device_name(0)
     tag = gpu.replace(" ", "_").replace("/", "_")
     cols = ["M", "K", "N", "models", "bf16_us", "bf16_tflops", "int8mm_us", "q4_us", "qa4_us", "ratio4", "e2e4",
-            "tops4", "q8_us", "qa8_us", "ratio8", "e2e8", "tops8", "err4", "err8", "status"]
+            "tops4", "q8_us", "qa8_us", "ratio8", "e2e8", "tops8", "err4", "err8"]
+    cols += [f"q4_{tc}_us" for tc in paths] + ["best4"] + [f"err4_{tc}" for tc in paths] + ["status"]
     note = (f"GPU {gpu} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs), torch "
             f"{torch.__version__}, CUDA {torch.version.cuda}. velodiff::qgemm with bias and a rank-{RANK} low-rank "
             "branch, bf16 model dtype; ratio = bf16_us / q_us, e2e = bf16_us / (q_us + qa_us) (> 1: faster than "
             "cuBLAS bf16); tops = 2MNK / q_us. err = relative error against the float64 reference (first 64 rows).")
+    wins = {tc: sum(r["best4"] == tc for r in rows) for tc in paths}
+    note += (" 4-bit tensor-core paths measured: " + ", ".join(paths) + "; fastest per shape: "
+             + ", ".join(f"{tc} {w}/{len(rows)}" for tc, w in wins.items()) + ".")
     path = write_results(f"qgemm_cuda_{tag}", rows, cols, args.out, note=note)
     print("wrote", path)
+    print("bench_qgemm_cuda: fastest 4-bit path per shape:", wins)
+    if env_before is not None:
+        os.environ["VELODIFF_QGEMM_TC"] = env_before
     if failed:
         print("bench_qgemm_cuda: some shapes FAILED the correctness check (see the status column)")
         sys.exit(1)

@@ -31,7 +31,7 @@ $py -m velodiff.cli info --json | tee "$out/info.json"
 step cuda_tests $py -m pytest -q -p no:cacheprovider -m cuda tests/ops tests/quant
 step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops \
-  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group"
+  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles"
 step bench_sampler_update $py bench/bench_sampler_update.py --device cuda --out "$out"
 step bench_sampling_loop $py bench/bench_sampling_loop.py --device cuda --out "$out"
 step bench_qgemm_cuda $py bench/bench_qgemm_cuda.py --out "$out"

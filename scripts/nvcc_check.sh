@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile every CUDA kernel under csrc/kernels/cuda with nvcc for sm_80, sm_89 and sm_90a, without torch.
+# Compile every CUDA kernel under csrc/kernels/cuda with nvcc for sm_80, sm_89 and sm_90a, without torch, then
+# syntax-check their torch glue (csrc/ops/*_cuda.cpp) against the installed torch's headers.
 # Kernels include no torch header (blueprint rule 2), so this runs on a machine whose torch is CPU-only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,3 +22,28 @@ for cu in $(find "$here/csrc/kernels/cuda" -name '*.cu' | sort); do
   echo "nvcc_check: $(basename "$cu") ok for sm_80 sm_89 sm_90a"
 done
 echo "nvcc_check: $n compilations passed"
+
+# The torch glue of the CUDA kernels (csrc/ops/*_cuda.cpp) includes torch's CUDA headers, which a CPU torch
+# ships too: a syntax-only compile against them catches glue errors without a CUDA torch. The one generated
+# header a CPU wheel lacks (c10/cuda/impl/cuda_cmake_macros.h) is stubbed empty.
+py=${PYTHON:-python}
+if tinc=$("$py" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null); then
+  cuinc=""
+  for d in "${CUDA_HOME:-}/include" "$(dirname "$(readlink -f "$(command -v "$nvcc")")")/../include" /usr/local/cuda/include /usr/local/cuda-*/include; do
+    if [ -f "$d/cuda_runtime_api.h" ]; then cuinc=$d; break; fi
+  done
+  if [ -z "$cuinc" ]; then
+    echo "nvcc_check: cuda_runtime_api.h not found (set CUDA_HOME); skipping the glue check"
+    exit 0
+  fi
+  pyinc=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  mkdir -p "$out/stub/c10/cuda/impl" && : >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  for cpp in "$here"/csrc/ops/*_cuda.cpp; do
+    "${CXX:-g++}" -std=c++17 -fsyntax-only -Wall -Werror -DVELODIFF_WITH_CUDA -DUSE_CUDA -isystem "$out/stub" \
+      -isystem "$tinc" -isystem "$tinc/torch/csrc/api/include" -isystem "$cuinc" -isystem "$pyinc" \
+      -I"$here/csrc/include" -I"$here/csrc" "$cpp"
+    echo "nvcc_check: $(basename "$cpp") (torch glue) compiles"
+  done
+else
+  echo "nvcc_check: no importable torch; skipping the glue check"
+fi

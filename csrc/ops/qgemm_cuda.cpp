@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "qgemm_args.h"
@@ -17,6 +19,31 @@ namespace {
 // byte buffer at an odd offset gets an aligned copy.
 at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+// The tensor-core path of 4-bit GEMMs from VELODIFF_QGEMM_TC (auto, s4, s8, e4m3; see QTensorPath in
+// velodiff/qgemm.h), checked against the current device. Read on every call so a benchmark can switch it.
+QTensorPath tensor_path_from_env() {
+  const char* e = std::getenv("VELODIFF_QGEMM_TC");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return QTensorPath::kAuto;
+  int device = 0, major = 0, minor = 0;
+  TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess,
+              "qgemm: cannot read the compute capability of the current CUDA device");
+  const int cc = major * 10 + minor;
+  if (std::strcmp(e, "s8") == 0) return QTensorPath::kS8;
+  if (std::strcmp(e, "s4") == 0) {
+    TORCH_CHECK_VALUE(cc < 90, "VELODIFF_QGEMM_TC=s4: this GPU (sm_", cc,
+                      ") has no int4 tensor cores; use s8 or e4m3, or unset it");
+    return QTensorPath::kS4;
+  }
+  if (std::strcmp(e, "e4m3") == 0) {
+    TORCH_CHECK_VALUE(cc >= 89, "VELODIFF_QGEMM_TC=e4m3 needs FP8 tensor cores (sm_89 or later); this GPU is sm_",
+                      cc, "; use s4 or s8, or unset it");
+    return QTensorPath::kE4M3;
+  }
+  TORCH_CHECK_VALUE(false, "VELODIFF_QGEMM_TC=", e, ": expected auto, s4, s8 or e4m3");
 }
 
 void check_launch(const char* op, int err) {
@@ -45,8 +72,9 @@ at::Tensor qgemm_cuda_op(const at::Tensor& qx, const at::Tensor& ascales, const 
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Tensor qx16 = aligned16(qx), qw16 = aligned16(qw);
   at::Tensor y;
-  const QGemmArgs a =
+  QGemmArgs a =
       prepare_qgemm(qx16, ascales, qw16, wscales, bias, lora_act, lora_up, lora_scales, bits, activation, y);
+  if (bits == 4) a.tensor_path = tensor_path_from_env();
   check_launch("qgemm", qgemm_cuda(a, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

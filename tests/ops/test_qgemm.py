@@ -150,6 +150,75 @@ def test_end_to_end_close_to_float_matmul(device, bits, bound):
     assert rel(y, x @ w.T + b) <= bound
 
 
+# --- CUDA: every 4-bit tensor-core path, every CTA tile -------------------------------------------------------
+
+TENSOR_PATHS = ["auto", "s4", "s8", "e4m3"]
+
+
+def cuda_capability():
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def skip_unless_path_runs(path):
+    cc = cuda_capability()
+    if path == "s4" and cc >= 90:
+        pytest.skip(f"sm_{cc} has no int4 tensor cores")
+    if path == "e4m3" and cc < 89:
+        pytest.skip(f"sm_{cc} has no FP8 tensor cores")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", TENSOR_PATHS)
+@pytest.mark.parametrize("m,k,n", list(itertools.product([1, 77, 256], [64, 1000], [17, 130])))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qgemm_tensor_paths(monkeypatch, path, m, k, n, dtype):
+    """VELODIFF_QGEMM_TC picks the tensor-core instruction of the 4-bit GEMM; each one gives the reference."""
+    skip_unless_path_runs(path)
+    monkeypatch.setenv("VELODIFF_QGEMM_TC", path)
+    i = m + k + n
+    check_gemm("cuda", m, k, n, [0, 16, 32][i % 3], dtype, 4, ACTIVATIONS[i % 4], bias=i % 2 == 0)
+
+
+def tile_shapes():
+    """(M, N) whose grid makes the launcher pick each CTA tile (BM = 128, 64, 32: the largest tile whose grid
+    still covers every multiprocessor once), for the GPU at hand."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = 640  # 5 column tiles
+    m128 = -(-sms // 5) * 128 + 3          # >= sms CTAs of 128 rows, a ragged last tile
+    m64 = (-(-sms // 5) - 1) * 64 + 64 + 5  # < sms CTAs of 128 rows, >= sms of 64
+    assert -(-m64 // 128) * 5 < sms <= -(-m64 // 64) * 5
+    return [(m128, n), (m64, n), (100, n)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", TENSOR_PATHS)
+@pytest.mark.parametrize("tile", [0, 1, 2], ids=["bm128", "bm64", "bm32"])
+@pytest.mark.parametrize("bits", BITS)
+def test_qgemm_cta_tiles(monkeypatch, path, tile, bits):
+    """Large M: the 128- and 64-row CTA tiles (the shape tests above only reach the 32-row tile)."""
+    if bits == 8 and path not in ("auto", "s8"):
+        pytest.skip("8-bit GEMMs always run on the s8 path")
+    skip_unless_path_runs(path)
+    monkeypatch.setenv("VELODIFF_QGEMM_TC", path)
+    m, n = tile_shapes()[tile]
+    check_gemm("cuda", m, 320, n, 32, torch.bfloat16, bits, "gelu", seed=tile)
+
+
+@pytest.mark.cuda
+def test_qgemm_tensor_path_errors(monkeypatch):
+    args = to(make_gemm(8, 64, 8, 0, torch.float16, 4), "cuda")
+    monkeypatch.setenv("VELODIFF_QGEMM_TC", "int3")
+    with pytest.raises(ValueError, match="VELODIFF_QGEMM_TC=int3: expected auto, s4, s8 or e4m3"):
+        qgemm(**args, bits=4)
+    cc = cuda_capability()
+    bad = "s4" if cc >= 90 else "e4m3" if cc < 89 else None
+    if bad is not None:
+        monkeypatch.setenv("VELODIFF_QGEMM_TC", bad)
+        with pytest.raises(ValueError, match=f"VELODIFF_QGEMM_TC={bad}"):
+            qgemm(**args, bits=4)
+
+
 # --- the portable path gives the results of the AVX2 path ------------------------------------------------------
 
 @pytest.mark.parametrize("bits", BITS)

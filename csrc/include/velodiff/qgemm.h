@@ -45,6 +45,15 @@ constexpr int kQGroup = 64;
 enum class QDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class QActivation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
+// Which tensor-core instruction computes the 4-bit group dot products on CUDA (results are identical; only the
+// speed differs; 8-bit GEMMs always use s8). Chosen per call by the glue from VELODIFF_QGEMM_TC.
+//   kAuto: kS4 below sm_90, kS8 on sm_90 and later (Hopper has no int4 tensor cores).
+//   kS4:   mma.sync m16n8k64 .s4 (sm_80..sm_89 only).
+//   kS8:   4-bit storage, codes unpacked in registers to s8 (x16), mma.sync m16n8k32 .s8, int32 dot.
+//   kE4M3: 4-bit storage, codes unpacked in registers to e4m3 (value code * 2^-9, exact: see qgemm.cu),
+//          mma.sync m16n8k32 .e4m3 with fp32 accumulation (sm_89 and later).
+enum class QTensorPath : int { kAuto = 0, kS4 = 1, kS8 = 2, kE4M3 = 3 };
+
 inline int64_t qgemm_padded_k(int64_t k) { return (k + kQGroup - 1) / kQGroup * kQGroup; }
 
 // velodiff::quantize_act. Pointers are contiguous row-major; optional ones may be null.
@@ -75,6 +84,7 @@ struct QGemmArgs {
   int64_t M = 0, N = 0, K = 0, R = 0; // K = Kp, the padded width (a multiple of 64)
   int bits = 4;
   QActivation activation = QActivation::kNone;
+  QTensorPath tensor_path = QTensorPath::kAuto;  // CUDA only; the CPU kernel ignores it
 };
 
 }  // namespace velodiff

@@ -39,15 +39,24 @@
 // read as a float is 1.5 * 2^23 + dot exactly (|dot| < 2^22 always holds here), and one FADD recovers dot.
 // The per-group update is then FADD + FMUL (ascale * wscale) + FFMA per output element.
 //
-// Paths per architecture (chosen in device code from __CUDA_ARCH__, so every build target gets a sound one):
-//  (a) sm_80, sm_86, sm_89: bits 4 on the native int4 tensor cores, mma.sync m16n8k64 .s4.s4; bits 8 on
-//      mma.sync m16n8k32 .s8.s8.
-//  (b) sm_90 (Hopper has no int4 tensor cores) and later: bits 4 keeps the 4-bit storage and loads, and
-//      unpacks each nibble word in registers into two s8 words, (w << 4) & 0xF0F0F0F0 (even nibbles) and
-//      w & 0xF0F0F0F0 (odd nibbles): each byte is then 16 x the signed code, so the s8 MMA gives 256 x dot
-//      (still < 2^22) and the 1/256 is folded exactly into the activation scale. Two m16n8k32 s8 MMAs per
-//      group ("4-bit storage on INT8 tensor cores"). Later improvement: wgmma (sm_90a) with TMA loads and
-//      ping-pong consumer warpgroups instead of mma.sync, which does not reach Hopper's peak.
+// Tensor-core paths for bits 4 (QTensorPath in qgemm.h; the host picks one per call, QTensorPath::kAuto = s4
+// below sm_90, s8 from sm_90 on; bits 8 always uses mma.sync m16n8k32 .s8.s8):
+//  (a) s4, sm_80..sm_89: the native int4 tensor cores, mma.sync m16n8k64 .s4.s4 (Hopper has none).
+//  (b) s8, sm_80 and later: keeps the 4-bit storage and loads, and unpacks each nibble word in registers into
+//      two s8 words, (w << 4) & 0xF0F0F0F0 (even nibbles) and w & 0xF0F0F0F0 (odd nibbles): each byte is then
+//      16 x the signed code, so the s8 MMA gives 256 x dot (still < 2^22) and the 1/256 is folded exactly
+//      into the activation scale. Two m16n8k32 s8 MMAs per group ("4-bit storage on INT8 tensor cores").
+//  (c) e4m3, sm_89 and later: the same unpacking into e4m3 bytes for mma.sync m16n8k32 .e4m3 with fp32
+//      accumulators. A byte 0x0u (u in 0..15) is the e4m3 number u * 2^-9 (exponent field 0: subnormal
+//      u/8 * 2^-6 for u < 8; exponent field 1: (1 + (u-8)/8) * 2^-6 = u * 2^-9 for u >= 8), and e4m3 is
+//      sign-magnitude, so code c becomes |c| in the low bits plus the sign bit: x = the nibble in a byte,
+//      sign mask m = prmt's sign replication of the nibble's bit 3 moved to bit 7, result =
+//      m ? 0x90 - x (= 0x80 | (16 - x) = 0x80 | |c|) : x. Every product is an integer times 2^-18 and a
+//      group's sum has |dot| <= 4096, so the fp32 accumulation inside the MMA is exact; 2^18 is folded into
+//      the activation scale. It saves the int->float step of the epilogue but costs ~5 ALU ops per 4
+//      codes instead of ~1.5: which of (b) and (c) is faster on an H100 is for bench_qgemm_cuda.py to say.
+//  Later improvement for sm_90a: wgmma with TMA loads and ping-pong consumer warpgroups instead of
+//  mma.sync, which does not reach Hopper's peak.
 //  Below sm_80 the GEMM traps and qgemm_cuda returns cudaErrorNotSupported (quantize_act runs anywhere).
 //
 // Epilogue: the low-rank up projection sum_r (lora_act[m,r] * lora_scales[r]) * lora_up[n,r] in fp32, with
@@ -66,6 +75,9 @@
 // Device-side path selection (see the comment above). The host pass sees the defaults.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define VELODIFF_QGEMM_MMA 1
+#if __CUDA_ARCH__ >= 890
+#define VELODIFF_QGEMM_E4M3 1
+#endif
 #if __CUDA_ARCH__ < 900
 #define VELODIFF_QGEMM_NATIVE_S4 1
 #else
@@ -291,9 +303,38 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
 #endif
 }
 
+// d += A (16x32 e4m3, row) * B (32x8 e4m3, col) in fp32; sm_89 and later.
+[[maybe_unused]] __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                          uint32_t a3, uint32_t b0, uint32_t b1) {
+#if VELODIFF_QGEMM_MMA && VELODIFF_QGEMM_E4M3
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  (void)d, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+  __trap();
+#endif
+}
+
 // Signed nibbles -> s8 bytes holding 16 x the code: even nibbles (the low one of each byte) and odd nibbles.
 __device__ __forceinline__ uint32_t nib_even_x16(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t nib_odd_x16(uint32_t w) { return w & 0xF0F0F0F0u; }
+
+// 0xFF in every byte whose bit 7 is set, 0x00 elsewhere (prmt's sign-replicating byte selection).
+__device__ __forceinline__ uint32_t byte_sign_mask(uint32_t v) {
+  uint32_t m;
+  asm("prmt.b32 %0, %1, %1, 0xBA98;\n" : "=r"(m) : "r"(v));
+  return m;
+}
+// x: four bytes 0x0n holding two's-complement nibbles n; sign: their bit 3 moved to bit 7 -> e4m3 bytes of
+// the codes times 2^-9 (path (c) in the header comment).
+__device__ __forceinline__ uint32_t nibbles_to_e4m3(uint32_t x, uint32_t sign) {
+  const uint32_t m = byte_sign_mask(sign);
+  return (x & ~m) | ((0x90909090u - x) & m);
+}
+__device__ __forceinline__ uint32_t nib_even_e4m3(uint32_t w) { return nibbles_to_e4m3(w & 0x0F0F0F0Fu, w << 4); }
+__device__ __forceinline__ uint32_t nib_odd_e4m3(uint32_t w) { return nibbles_to_e4m3((w >> 4) & 0x0F0F0F0Fu, w); }
 
 // ---------------------------------------------------------------------------------------------------------
 // qgemm kernel
@@ -305,6 +346,9 @@ constexpr int kStages = 4;         // cp.async pipeline depth, one group per sta
 constexpr int kRankChunk = 32;     // ranks of the low-rank branch staged per epilogue pass
 constexpr uint32_t kMagicBits = 0x4B400000u;  // 1.5 * 2^23
 constexpr float kMagic = 12582912.f;
+
+// Device-side names of the 4-bit tensor-core paths (QTensorPath without kAuto, resolved on the host).
+constexpr int kPathS4 = 1, kPathS8 = 2, kPathE4M3 = 3;
 
 template <int BITS, int MT>
 struct GemmConfig {
@@ -370,8 +414,18 @@ __device__ __forceinline__ void scale_accumulate(float (&acc)[4], const int (&d)
   acc[3] = fmaf(__int_as_float(d[3]) - kMagic, a1 * w1, acc[3]);
 }
 
+// As scale_accumulate, for the e4m3 path: d holds dot * 2^-18 as a float (2^18 is in the ascales).
+__device__ __forceinline__ void scale_accumulate_f(float (&acc)[4], const float (&d)[4], float a0, float a1,
+                                                   float w0, float w1) {
+  acc[0] = fmaf(d[0], a0 * w0, acc[0]);
+  acc[1] = fmaf(d[1], a0 * w1, acc[1]);
+  acc[2] = fmaf(d[2], a1 * w0, acc[2]);
+  acc[3] = fmaf(d[3], a1 * w1, acc[3]);
+}
+
 // All MMAs of one group for one warp, scaled into acc. sa / sb: the warp's first A / B row in the stage.
-template <int BITS, int MT, bool kUnpack, typename T>
+// PATH: kPathS4 / kPathS8 / kPathE4M3 for bits 4 (ignored for bits 8).
+template <int BITS, int MT, int PATH, typename T>
 __device__ __forceinline__ void mma_group(float (&acc)[MT][kNT][4], const uint8_t* sa, const uint8_t* sb,
                                           const Scales<T, MT>& s, int g, int t) {
   constexpr int GB = GemmConfig<BITS, MT>::kGroupBytes;
@@ -403,7 +457,7 @@ __device__ __forceinline__ void mma_group(float (&acc)[MT][kNT][4], const uint8_
       for (int h = 0; h < 2; ++h) af[mt][h] = *reinterpret_cast<const uint2*>(sa + (mt * 16 + h * 8 + g) * GB + t * 8);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) bf[nt] = *reinterpret_cast<const uint2*>(sb + (nt * 8 + g) * GB + t * 8);
-    if constexpr (!kUnpack) {
+    if constexpr (PATH == kPathS4) {
       // mma.m16n8k64.s4: A regs {row g word 2t, row g+8 word 2t, row g word 2t+1, row g+8 word 2t+1},
       // B regs {word 2t, word 2t+1}.
 #pragma unroll
@@ -414,6 +468,30 @@ __device__ __forceinline__ void mma_group(float (&acc)[MT][kNT][4], const uint8_
           mma_s4(d, af[mt][0].x, af[mt][1].x, af[mt][0].y, af[mt][1].y, bf[nt].x, bf[nt].y);
           scale_accumulate(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
         }
+    } else if constexpr (PATH == kPathE4M3) {
+      // 4-bit storage on the e4m3 tensor cores: the same register assignment as the s8 unpacking below.
+      uint32_t bu[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        bu[nt][0] = nib_even_e4m3(bf[nt].x);
+        bu[nt][1] = nib_odd_e4m3(bf[nt].x);
+        bu[nt][2] = nib_even_e4m3(bf[nt].y);
+        bu[nt][3] = nib_odd_e4m3(bf[nt].y);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t a0e = nib_even_e4m3(af[mt][0].x), a0o = nib_odd_e4m3(af[mt][0].x);
+        const uint32_t a1e = nib_even_e4m3(af[mt][1].x), a1o = nib_odd_e4m3(af[mt][1].x);
+        const uint32_t a0e2 = nib_even_e4m3(af[mt][0].y), a0o2 = nib_odd_e4m3(af[mt][0].y);
+        const uint32_t a1e2 = nib_even_e4m3(af[mt][1].y), a1o2 = nib_odd_e4m3(af[mt][1].y);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_e4m3(d, a0e, a1e, a0o, a1o, bu[nt][0], bu[nt][1]);
+          mma_e4m3(d, a0e2, a1e2, a0o2, a1o2, bu[nt][2], bu[nt][3]);
+          scale_accumulate_f(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
+        }
+      }
     } else {
       // 4-bit storage on the s8 tensor cores: nibble word w -> s8 words even(w), odd(w) (16 x the codes).
       // k32 MMA #j uses nibble word 2t+j: A regs {even(row g), even(row g+8), odd(row g), odd(row g+8)},
@@ -461,11 +539,11 @@ struct GemmParams {
   bool pair_store;  // y is aligned to 2 * sizeof(T) and N is even
 };
 
-template <typename T, int BITS, int MT>
+template <typename T, int BITS, int MT, int PATH>
 __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams p) {
-  // Below sm_80 the cp.async / mma wrappers trap (the launcher refuses such devices before).
+  // Below sm_80 the cp.async / mma wrappers trap, as do the s4 path on sm_90+ and the e4m3 path below sm_89
+  // (the launcher never picks those).
   using C = GemmConfig<BITS, MT>;
-  constexpr bool kUnpack = BITS == 4 && !VELODIFF_QGEMM_NATIVE_S4;
   extern __shared__ uint4 smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw);
   const QGemmArgs& a = p.a;
@@ -483,8 +561,9 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
   const int wc0 = (warp & 3) * kNT * 8;   // warp's first column
   const int64_t row0 = m0 + wr0 + g;      // global row of this thread's first accumulator row
   const int64_t col0 = n0 + wc0 + 2 * t;  // global column of its first accumulator column
-  // The 4-bit-on-s8 path multiplies both operands by 16: fold 1/256 (exact) into the activation scale.
-  const float a_factor = kUnpack ? 1.f / 256.f : 1.f;
+  // The 4-bit-on-s8 path multiplies both operands by 16, the e4m3 path by 2^-9: fold 1/256 or 2^18 (exact)
+  // into the activation scale.
+  const float a_factor = BITS == 8 ? 1.f : PATH == kPathS8 ? 1.f / 256.f : PATH == kPathE4M3 ? 262144.f : 1.f;
 
   float acc[MT][kNT][4];
 #pragma unroll
@@ -511,7 +590,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
     Scales<T, MT> nxt;  // prefetch the next group's scales into registers (the last one loads twice)
     load_scales(nxt, a.ascales, wscales, M, N, ng, row0, col0, kt + 1 < ng ? kt + 1 : kt, a_factor);
     const uint8_t* stage = smem + (kt % kStages) * C::kStageBytes;
-    mma_group<BITS, MT, kUnpack, T>(acc, stage + wr0 * C::kGroupBytes, stage + (C::kBM + wc0) * C::kGroupBytes,
+    mma_group<BITS, MT, PATH, T>(acc, stage + wr0 * C::kGroupBytes, stage + (C::kBM + wc0) * C::kGroupBytes,
                                     cur, g, t);
     cur = nxt;
   }
@@ -603,13 +682,26 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
 // ---------------------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------------------
-cudaError_t device_info(int& major, int& sms) {
+cudaError_t device_info(int& major, int& minor, int& sms) {
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
   return cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+}
+
+// The 4-bit path for a device of compute capability cc (major * 10 + minor), or 0 when it cannot run there.
+int resolve_path(QTensorPath requested, int cc) {
+  switch (requested) {
+    case QTensorPath::kAuto: return cc < 90 ? kPathS4 : kPathS8;
+    case QTensorPath::kS4: return cc < 90 ? kPathS4 : 0;
+    case QTensorPath::kS8: return kPathS8;
+    case QTensorPath::kE4M3: return cc >= 89 ? kPathE4M3 : 0;
+  }
+  return 0;
 }
 
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
@@ -626,10 +718,10 @@ cudaError_t launch_quantize(const QuantizeActArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int BITS, int MT>
+template <typename T, int BITS, int MT, int PATH>
 cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
   using C = GemmConfig<BITS, MT>;
-  auto kernel = qgemm_kernel<T, BITS, MT>;
+  auto kernel = qgemm_kernel<T, BITS, MT, PATH>;
   if (C::kSmemBytes > 48 * 1024) {
     // Opt in to more than 48 KiB of dynamic shared memory, once per device (the attribute is per device).
     static std::atomic<uint64_t> done{0};
@@ -649,22 +741,27 @@ cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int BITS>
+template <typename T, int BITS, int PATH>
 cudaError_t launch_gemm_bits(const GemmParams& p, int sms, cudaStream_t stream) {
   const int64_t ntiles = (p.a.N + kBN - 1) / kBN;
   auto ctas = [&](int64_t bm) { return (p.a.M + bm - 1) / bm * ntiles; };
   // The largest M tile whose grid still covers every multiprocessor once (small problems: the smallest tile).
-  if (ctas(128) >= sms) return launch_gemm_tile<T, BITS, 4>(p, stream);
-  if (ctas(64) >= sms) return launch_gemm_tile<T, BITS, 2>(p, stream);
-  return launch_gemm_tile<T, BITS, 1>(p, stream);
+  if (ctas(128) >= sms) return launch_gemm_tile<T, BITS, 4, PATH>(p, stream);
+  if (ctas(64) >= sms) return launch_gemm_tile<T, BITS, 2, PATH>(p, stream);
+  return launch_gemm_tile<T, BITS, 1, PATH>(p, stream);
 }
 
 template <typename T>
-cudaError_t launch_gemm(const QGemmArgs& a, int sms, cudaStream_t stream) {
+cudaError_t launch_gemm(const QGemmArgs& a, int path, int sms, cudaStream_t stream) {
   GemmParams p;
   p.a = a;
   p.pair_store = a.N % 2 == 0 && aligned(a.y, 2 * sizeof(T));
-  return a.bits == 4 ? launch_gemm_bits<T, 4>(p, sms, stream) : launch_gemm_bits<T, 8>(p, sms, stream);
+  if (a.bits == 8) return launch_gemm_bits<T, 8, kPathS8>(p, sms, stream);
+  switch (path) {
+    case kPathS4: return launch_gemm_bits<T, 4, kPathS4>(p, sms, stream);
+    case kPathE4M3: return launch_gemm_bits<T, 4, kPathE4M3>(p, sms, stream);
+    default: return launch_gemm_bits<T, 4, kPathS8>(p, sms, stream);
+  }
 }
 
 }  // namespace
@@ -697,15 +794,17 @@ int qgemm_cuda(const QGemmArgs& a, void* stream) {
   if (a.R > 0 && (a.lora_act == nullptr || a.lora_up == nullptr)) return cudaErrorInvalidValue;
   if (!aligned(a.qx, 16) || !aligned(a.qw, 16)) return cudaErrorInvalidValue;  // 16-byte cp.async
   if (a.M / 32 >= (int64_t{1} << 31) || a.N / kBN >= 65535) return cudaErrorInvalidValue;
-  int major = 0, sms = 0;
-  cudaError_t err = device_info(major, sms);
+  int major = 0, minor = 0, sms = 0;
+  cudaError_t err = device_info(major, minor, sms);
   if (err != cudaSuccess) return err;
   if (major < 8) return cudaErrorNotSupported;  // mma.sync integer shapes and cp.async need sm_80
+  const int path = a.bits == 4 ? resolve_path(a.tensor_path, major * 10 + minor) : kPathS8;
+  if (path == 0) return cudaErrorNotSupported;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case QDtype::kFloat16: return launch_gemm<__half>(a, sms, s);
-    case QDtype::kBFloat16: return launch_gemm<__nv_bfloat16>(a, sms, s);
-    case QDtype::kFloat32: return launch_gemm<float>(a, sms, s);
+    case QDtype::kFloat16: return launch_gemm<__half>(a, path, sms, s);
+    case QDtype::kBFloat16: return launch_gemm<__nv_bfloat16>(a, path, sms, s);
+    case QDtype::kFloat32: return launch_gemm<float>(a, path, sms, s);
   }
   return cudaErrorInvalidValue;
 }
