@@ -53,11 +53,14 @@ def low_rank(w: torch.Tensor, rank: int, bits: int, iters: int = 1):
         l2 = u * s
         l1 = vh.T
         residual = w - l2 @ l1.T
-        err = (w - l2 @ l1.T - _fake_quant(residual, bits).double()).norm()
+        if iters <= 1:
+            return l2, l1, residual
+        fq = _fake_quant(residual, bits).double()
+        err = (residual - fq).norm()
         if best is not None and err >= best[0]:
             break
         best = (err, l2, l1, residual)
-        target = w - _fake_quant(residual, bits).double()
+        target = w - fq
     return best[1], best[2], best[3]
 
 
@@ -75,7 +78,8 @@ def truncated_svd(w: torch.Tensor, rank: int):
         return u[:, :rank].double(), s[:rank].double(), vh[:rank].double()
     a = w.float()
     gen = torch.Generator().manual_seed(0)
-    q = torch.linalg.qr(a @ torch.randn(k, rank + 16, generator=gen))[0]
+    sketch = torch.randn(k, rank + 16, generator=gen).to(a.device)  # drawn on the CPU: the same on every device
+    q = torch.linalg.qr(a @ sketch)[0]
     for _ in range(4):  # power iterations, re-orthonormalised each time
         q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q)[0])[0]
     ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
@@ -87,11 +91,14 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: s
                    dtype: Optional[torch.dtype] = None) -> QuantizedLinear:
     """Quantize one linear layer (``weight`` [N, K], ``bias`` [N] or None) into a :class:`QuantizedLinear` in
     ``dtype`` (default: the weight's). ``stats`` (calibration inputs) is required for SVDQuant's smoothing search;
-    without it SVDQuant uses lambda = 1 (low rank only)."""
+    without it SVDQuant uses lambda = 1 (low rank only). The math runs in float64 on the weight's device (a GPU
+    quantizes a large model in a fraction of the CPU's time)."""
     n, k = weight.shape
     dtype = dtype or weight.dtype
     device = weight.device
-    w = weight.detach().double().cpu()
+    w = weight.detach().double()
+    if stats is not None:
+        stats = LayerStats(absmax=stats.absmax.to(device), sample=stats.sample.to(device))
     bits = 8 if method == "w8a8" else 4
     if method in ("naive-w4a4", "w8a8"):
         layer = QuantizedLinear(k, n, bits=bits, rank=0, smooth=False, bias=bias is not None, dtype=dtype,
@@ -103,13 +110,16 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: s
         rank = min(rank, n, k)
         best = None
         candidates = alphas if stats is not None else (None,)
+        if stats is not None:
+            x = stats.sample.double()
+            ref = x @ w.T  # the unquantized outputs, the same for every candidate
         for alpha in candidates:
-            lam = smoothing_factor(stats.absmax.double(), w, alpha) if alpha is not None else torch.ones(k).double()
+            lam = smoothing_factor(stats.absmax.double(), w, alpha) if alpha is not None else torch.ones(k, dtype=torch.float64, device=device)
             l2, l1, residual = low_rank(w * lam[None, :], rank, bits, lowrank_iters)
             if stats is None:
                 best = (0.0, lam, l2, l1, residual)
                 break
-            err = _output_error(stats.sample.double(), w, lam, l2, l1, residual, bits)
+            err = _output_error(x, ref, lam, l2, l1, residual, bits)
             if best is None or err < best[0]:
                 best = (err, lam, l2, l1, residual)
         _, lam, l2, l1, residual = best
@@ -119,7 +129,7 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: s
         layer.qweight.copy_(reference.pack_codes(codes, bits))
         layer.wscales.copy_(scales.to(dtype))
         layer.smooth.copy_(lam.float())
-        layer.lora_down.copy_((l1 / lam[:, None]).to(dtype))
+        layer.lora_down.copy_((l1 / lam[:, None]).to(dtype))  # (built on the CPU, moved at the end)
         layer.lora_up.copy_(l2.to(dtype))
     else:
         raise ValueError(f"method must be one of svdquant, naive-w4a4, w8a8; got {method!r}")
@@ -138,11 +148,11 @@ def smoothing_factor(x_absmax: torch.Tensor, w: torch.Tensor, alpha: float) -> t
     return lam.clamp(1e-4, 1e4)
 
 
-def _output_error(x: torch.Tensor, w: torch.Tensor, lam: torch.Tensor, l2: torch.Tensor, l1: torch.Tensor,
+def _output_error(x: torch.Tensor, ref: torch.Tensor, lam: torch.Tensor, l2: torch.Tensor, l1: torch.Tensor,
                   residual: torch.Tensor, bits: int) -> float:
-    """Squared output error of the quantized layer on the calibration rows ``x`` [S, K] (activations and residual
-    fake-quantized with the kernels' rule; the branch in float64)."""
-    ref = x @ w.T
+    """Squared output error of the quantized layer on the calibration rows ``x`` [S, K] against their unquantized
+    outputs ``ref`` = x W^T [S, N] (activations and residual fake-quantized with the kernels' rule; the branch in
+    float64)."""
     xs = x / lam[None, :]
     q = _fake_quant(xs.float(), bits).double() @ _fake_quant(residual.float(), bits).double().T
     out = q + (x @ (l1 / lam[:, None])) @ l2.T
