@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--method", default="svdquant", choices=["svdquant", "naive-w4a4", "w8a8"])
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--layers", default="all", choices=["default", "all"])
+    ap.add_argument("--memory-budget", type=float, default=None, help="svdquant: QuantConfig.memory_budget")
     ap.add_argument("--latent", type=int, default=32, help="latent size used for calibration and generation")
     ap.add_argument("--calibration-images", type=int, default=2)
     ap.add_argument("--calibration-steps", type=int, default=4)
@@ -99,7 +100,7 @@ def main():
             y_ref = pipe.unet(*inputs)
         params = sum(p.numel() for p in pipe.unet.parameters())
         rank = args.rank if args.method == "svdquant" else 0
-        config = quant.QuantConfig(args.method, rank=rank, layers=args.layers,
+        config = quant.QuantConfig(args.method, rank=rank, layers=args.layers, memory_budget=args.memory_budget,
                                    calibration_images=args.calibration_images,
                                    calibration_steps=args.calibration_steps, seed=args.seed)
         t0 = time.time()
@@ -121,7 +122,9 @@ def main():
         quant_unet = file_bytes(os.path.join(dst, "unet"))
         row = {
             "model": "SD 1.5 UNet (real config, random weights)", "params_M": round(params / 1e6, 1),
-            "method": args.method, "rank": rank, "layers": args.layers, "quantized_layers": report["layers"],
+            "method": args.method, "rank": rank, "memory_budget": args.memory_budget,
+            "ranks": f"{report['ranks']['min']}-{report['ranks']['max']} (mean {report['ranks']['mean']})",
+            "layers": args.layers, "quantized_layers": report["layers"], "model_ratio": report["model_ratio"],
             "calibration": f"{args.calibration_images} images x {args.calibration_steps} steps, "
                            f"{args.latent}x{args.latent} latents",
             "calibration_s": report.get("calibration_seconds"), "quantize_s": round(quantize_s, 1),
@@ -138,7 +141,8 @@ def main():
             "diffusers' random init (no real weights offline), fp16 files. file_ratio = the quantized denoiser "
             "file / the fp16 UNet file, both as written. unet_rel_err: the reloaded quantized UNet against the "
             "fp32 one on random inputs (random weights: a sanity check, not a quality figure).")
-    tag = f"quantize_full_sd15_{args.method}_{args.layers}_r{rank}_cpu"
+    budget = f"_budget{args.memory_budget}" if args.memory_budget is not None else ""
+    tag = f"quantize_full_sd15_{args.method}_{args.layers}_r{rank}{budget}_cpu"
     print("wrote", write_results(tag, [row], list(row), args.out, note=note))
 
 

@@ -273,7 +273,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
         pipe = Pipeline.from_pretrained(args.model, dtype=torch.float32, device=args.device)
         rank = args.rank if args.method == "svdquant" else 0
-        config = quant.QuantConfig(args.method, rank=rank, layers=args.layers,
+        config = quant.QuantConfig(args.method, rank=rank, layers=args.layers, memory_budget=args.memory_budget,
                                    calibration_images=args.calibration_images,
                                    calibration_steps=args.calibration_steps, seed=args.seed)
         report = quant.quantize(pipe, config)
@@ -282,10 +282,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"velodiff quantize: {e}", file=sys.stderr)
         return 2
     print(f"quantized {report['layers']} layers of the {report['component']} with {args.method}"
-          f"{f' (rank {rank})' if rank else ''} in {report['seconds']:.1f} s: layer weights "
-          f"{report['layer_bytes_before'] / 2 ** 20:.2f} MiB -> {report['layer_bytes_after'] / 2 ** 20:.2f} MiB; "
+          f"{_rank_text(rank, report['ranks'])} in {report['seconds']:.1f} s: layer weights "
+          f"{report['layer_bytes_before'] / 2 ** 20:.2f} MiB -> {report['layer_bytes_after'] / 2 ** 20:.2f} MiB "
+          f"(denoiser {report['model_ratio']:.3f}x fp16); "
           f"wrote {args.out} ({_size(args.out)})")
     return 0
+
+
+def _rank_text(rank: int, ranks: dict) -> str:
+    if not rank:
+        return ""
+    if ranks["min"] == ranks["max"]:
+        return f" (rank {rank})"
+    return f" (ranks {ranks['min']}-{ranks['max']}, mean {ranks['mean']})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_q.add_argument("--layers", choices=["default", "all"], default="default",
                      help="default: the linear layers of the transformer blocks; all: also convolutions, "
                           "cross-attention k/v and modulation layers (see velodiff.quant.ALL_LAYERS)")
+    p_q.add_argument("--memory-budget", type=float, default=None, metavar="FRACTION",
+                     help="svdquant: the denoiser's weight bytes at most FRACTION of its fp16 bytes (e.g. 0.3), met "
+                          "by lowering the branch ranks where they matter least")
     p_q.add_argument("--calibration-images", type=_positive_int, default=16)
     p_q.add_argument("--calibration-steps", type=_positive_int, default=20)
     p_q.add_argument("--seed", type=_nonnegative_int, default=0)

@@ -31,3 +31,16 @@ def test_quantize_errors(tmp_path, capsys):
     assert "velodiff quantize:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantize", "--method", "gptq", "--out", str(tmp_path / "o")])
+
+
+def test_quantize_memory_budget(tmp_path, capsys):
+    out = str(tmp_path / "budget")
+    assert main(["quantize", "--model", "digits", "--method", "svdquant", "--rank", "8", "--layers", "all",
+                 "--memory-budget", "0.45", "--out", out, "--calibration-images", "2", "--calibration-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "(ranks 0-8, mean" in printed or "(ranks 1-8, mean" in printed, printed
+    ratio = float(printed.split("(denoiser ")[1].split("x fp16")[0])
+    assert ratio <= 0.45
+    assert main(["quantize", "--model", "digits", "--method", "svdquant", "--memory-budget", "0.1", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "memory_budget=0.1 cannot be met" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError,
                                        is_quantized_folder)
 from velodiff.quant.linear import METHODS, QuantizedLinear
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
+from velodiff.quant.rank_budget import allocate_ranks, branch_slot_bytes, check_budget_feasible
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
 
 _BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
@@ -63,6 +64,9 @@ class QuantConfig:
 
     method: "svdquant" (smoothing + rank-``rank`` 16-bit branch + int4 residual, W4A4), "naive-w4a4" or "w8a8".
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
+    memory_budget: SVDQuant only: the whole denoiser's weight bytes (16-bit storage) at most this fraction of its
+    fp16 bytes, met by lowering the branch ranks where they remove the least of their layer's weight energy per
+    byte (:mod:`velodiff.quant.rank_budget`); None: every layer gets ``rank``.
     alphas: the smoothing-strength grid searched per layer; lowrank_iters: refinement iterations of the branch.
     layers: "default" (:data:`DEFAULT_LAYERS`) or "all" (:data:`ALL_LAYERS`, convolutions included).
     include / skip: fnmatch patterns of qualified module names (``include`` overrides ``layers``).
@@ -73,6 +77,7 @@ class QuantConfig:
 
     method: str = "svdquant"
     rank: int = 32
+    memory_budget: Optional[float] = None
     alphas: Tuple[float, ...] = DEFAULT_ALPHAS
     lowrank_iters: int = 1
     layers: str = "default"
@@ -92,6 +97,11 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not isinstance(self.rank, int) or self.rank < 0 or (self.method == "svdquant" and self.rank == 0):
             raise ValueError(f"rank must be a positive integer for svdquant, got {self.rank!r}")
+        if self.memory_budget is not None:
+            if self.method != "svdquant":
+                raise ValueError(f"memory_budget applies to svdquant only, not {self.method!r}")
+            if not isinstance(self.memory_budget, (int, float)) or not 0 < self.memory_budget:
+                raise ValueError(f"memory_budget must be a fraction > 0 of the fp16 bytes, got {self.memory_budget!r}")
         if self.layers not in LAYER_PRESETS:
             raise ValueError(f"layers must be one of {tuple(LAYER_PRESETS)}, got {self.layers!r}")
         if self.calibration_images < 1 or self.calibration_steps < 1:
@@ -214,27 +224,59 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     t_cal = time.time() - t0
     # sizes as 16-bit checkpoints store them (the quantized side: codes + 16-bit scales/branch/bias)
     before = sum(2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in layers.values())
-    iterator = layers.items()
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(list(iterator), desc=f"quantize ({config.method})", leave=False)
-    after = 0
-    for name, linear in iterator:
+    model_fp16 = 2 * sum(p.numel() for p in model.parameters())
+    budget = None
+    if config.memory_budget is not None:
+        budget = config.memory_budget * model_fp16 - (model_fp16 - before)  # bytes the quantized layers may take
+        check_budget_feasible(layers, budget, config.memory_budget, model_fp16)
+
+    def build(name: str, linear: nn.Module, rank: int, alphas, info=None) -> QuantizedLinear:
         q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
-                           stats[name], rank=config.rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
-                           dtype=linear.weight.dtype)
+                           stats[name], rank=rank, alphas=alphas, lowrank_iters=config.lowrank_iters,
+                           dtype=linear.weight.dtype, info=info)
         if isinstance(linear, nn.Conv2d):
             q = QuantizedConv2d.from_linear(q, linear)
         q.token_conv = name in token_convs
         if _originals is not None:
             _originals.setdefault(name, linear)
         install_layer(model, name, q, config.fuse_activations)
-        after += q.weight_bytes(float_bytes=2)
+        return q
+
+    iterator = layers.items()
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(list(iterator), desc=f"quantize ({config.method})", leave=False)
+    infos: Dict[str, dict] = {}
+    sizes: Dict[str, int] = {}
+    for name, linear in iterator:
+        infos[name] = {}
+        q = build(name, linear, config.rank, config.alphas, infos[name] if budget is not None else None)
+        sizes[name] = q.weight_bytes(float_bytes=2)
+    ranks = {name: (0 if q.lora_down is None else q.lora_down.shape[1])
+             for name, q in ((n, model.get_submodule(n)) for n in layers)}
+    if budget is not None and sum(sizes.values()) > budget:
+        # SVDQuant ranks over the budget: lower them where they matter least, re-quantize those layers with the
+        # smoothing strength their search chose (the residual changes with the rank; the search does not rerun)
+        slots = {name: (infos[name]["sigma"], infos[name]["energy"], branch_slot_bytes(layers[name]))
+                 for name in layers}
+        new_ranks = allocate_ranks(slots, sum(sizes.values()) - budget)
+        changed = [name for name in layers if new_ranks[name] < ranks[name]]
+        if progress:
+            from tqdm.auto import tqdm
+            changed = tqdm(changed, desc="lower ranks to the memory budget", leave=False)
+        for name in changed:
+            q = build(name, layers[name], new_ranks[name], (infos[name]["alpha"],))
+            sizes[name] = q.weight_bytes(float_bytes=2)
+        ranks = new_ranks
+    after = sum(sizes.values())
     pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": config.rank,
-                         "component": component, "layers": sorted(layers)}
+                         "memory_budget": config.memory_budget, "component": component, "layers": sorted(layers)}
     return {"method": config.method, "rank": config.rank, "component": component, "layers": len(layers),
             "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
-            "layer_bytes_before": before, "layer_bytes_after": after}
+            "layer_bytes_before": before, "layer_bytes_after": after,
+            "model_ratio": round((model_fp16 - before + after) / model_fp16, 4),
+            "ranks": {"min": min(ranks.values(), default=0), "max": max(ranks.values(), default=0),
+                      "mean": round(sum(ranks.values()) / max(1, len(ranks)), 2)}}
 
 
 __all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "METHODS", "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",

@@ -88,10 +88,13 @@ def truncated_svd(w: torch.Tensor, rank: int):
 
 def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: str, stats: Optional[LayerStats],
                    rank: int = 32, alphas: Sequence[float] = DEFAULT_ALPHAS, lowrank_iters: int = 1,
-                   dtype: Optional[torch.dtype] = None) -> QuantizedLinear:
+                   dtype: Optional[torch.dtype] = None, info: Optional[dict] = None) -> QuantizedLinear:
     """Quantize one linear layer (``weight`` [N, K], ``bias`` [N] or None) into a :class:`QuantizedLinear` in
     ``dtype`` (default: the weight's). ``stats`` (calibration inputs) is required for SVDQuant's smoothing search;
-    without it SVDQuant uses lambda = 1 (low rank only). The math runs in float64 on the weight's device (a GPU
+    without it SVDQuant uses lambda = 1 (low rank only). ``info`` (SVDQuant), when given, receives the chosen
+    smoothing strength ("alpha"), the branch's singular values ("sigma", float64 [rank]) and the squared
+    Frobenius norm of the smoothed weight ("energy"): what a rank budget needs to trade ranks between layers.
+    The math runs in float64 on the weight's device (a GPU
     quantizes a large model in a fraction of the CPU's time)."""
     n, k = weight.shape
     dtype = dtype or weight.dtype
@@ -110,27 +113,32 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: s
         rank = min(rank, n, k)
         best = None
         candidates = alphas if stats is not None else (None,)
-        if stats is not None:
+        search = stats is not None and len(candidates) > 1  # one candidate: nothing to compare
+        if search:
             x = stats.sample.double()
             ref = x @ w.T  # the unquantized outputs, the same for every candidate
         for alpha in candidates:
-            lam = smoothing_factor(stats.absmax.double(), w, alpha) if alpha is not None else torch.ones(k, dtype=torch.float64, device=device)
+            lam = (smoothing_factor(stats.absmax.double(), w, alpha) if alpha is not None
+                   else torch.ones(k, dtype=torch.float64, device=device))
             l2, l1, residual = low_rank(w * lam[None, :], rank, bits, lowrank_iters)
             if stats is None:
-                best = (0.0, lam, l2, l1, residual)
+                best = (0.0, lam, l2, l1, residual, alpha)
                 break
-            err = _output_error(x, ref, lam, l2, l1, residual, bits)
+            err = _output_error(x, ref, lam, l2, l1, residual, bits) if search else 0.0
             if best is None or err < best[0]:
-                best = (err, lam, l2, l1, residual)
-        _, lam, l2, l1, residual = best
+                best = (err, lam, l2, l1, residual, alpha)
+        _, lam, l2, l1, residual, alpha = best
+        if info is not None:
+            info.update(alpha=alpha, sigma=l2.norm(dim=0).cpu(), energy=float((w * lam[None, :]).pow(2).sum()))
         layer = QuantizedLinear(k, n, bits=4, rank=rank, smooth=True, bias=bias is not None, dtype=dtype,
                                 method=method)
         codes, scales = reference.quantize_groups(residual.float(), bits)
         layer.qweight.copy_(reference.pack_codes(codes, bits))
         layer.wscales.copy_(scales.to(dtype))
         layer.smooth.copy_(lam.float())
-        layer.lora_down.copy_((l1 / lam[:, None]).to(dtype))  # (built on the CPU, moved at the end)
-        layer.lora_up.copy_(l2.to(dtype))
+        if rank > 0:  # a memory budget can leave a layer with smoothing alone
+            layer.lora_down.copy_((l1 / lam[:, None]).to(dtype))  # (built on the CPU, moved at the end)
+            layer.lora_up.copy_(l2.to(dtype))
     else:
         raise ValueError(f"method must be one of svdquant, naive-w4a4, w8a8; got {method!r}")
     if bias is not None:
