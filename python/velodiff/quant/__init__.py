@@ -215,6 +215,13 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                 _originals[name] = module
             layers[name] = linear
             token_convs.add(name)
+    # sizes as 16-bit checkpoints store them (the quantized side: codes + 16-bit scales/branch/bias)
+    before = sum(2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in layers.values())
+    model_fp16 = 2 * sum(p.numel() for p in model.parameters())
+    budget = None
+    if config.memory_budget is not None:
+        budget = config.memory_budget * model_fp16 - (model_fp16 - before)  # bytes the quantized layers may take
+        check_budget_feasible(layers, budget, config.memory_budget, model_fp16)  # before the calibration runs
     stats: Dict[str, Optional[LayerStats]] = {name: None for name in layers}
     if config.method == "svdquant":
         prompts = config.calibration_prompts or default_prompts(pipe)
@@ -222,13 +229,6 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                           steps=config.calibration_steps, guidance=config.calibration_guidance,
                           sampler=config.calibration_sampler, rows=config.calibration_rows, seed=config.seed)
     t_cal = time.time() - t0
-    # sizes as 16-bit checkpoints store them (the quantized side: codes + 16-bit scales/branch/bias)
-    before = sum(2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in layers.values())
-    model_fp16 = 2 * sum(p.numel() for p in model.parameters())
-    budget = None
-    if config.memory_budget is not None:
-        budget = config.memory_budget * model_fp16 - (model_fp16 - before)  # bytes the quantized layers may take
-        check_budget_feasible(layers, budget, config.memory_budget, model_fp16)
 
     def build(name: str, linear: nn.Module, rank: int, alphas, info=None) -> QuantizedLinear:
         q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
