@@ -38,7 +38,8 @@ def test_quantize_memory_budget(tmp_path, capsys):
     assert main(["quantize", "--model", "digits", "--method", "svdquant", "--rank", "8", "--layers", "all",
                  "--memory-budget", "0.45", "--out", out, "--calibration-images", "2", "--calibration-steps", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "(ranks 0-8, mean" in printed or "(ranks 1-8, mean" in printed, printed
+    rank = int(printed.split("(rank ")[1].split(")")[0])
+    assert 0 < rank < 8, printed
     ratio = float(printed.split("(denoiser ")[1].split("x fp16")[0])
     assert ratio <= 0.45
     assert main(["quantize", "--model", "digits", "--method", "svdquant", "--memory-budget", "0.1", "--out",

@@ -1,63 +1,21 @@
-"""SVDQuant under a memory budget: the rank allocation and the quantized model it gives."""
+"""SVDQuant under a memory budget: the largest uniform rank that fits, and the quantized model it gives."""
 import pytest
 import torch
 
 import velodiff as vd
-from velodiff.quant import QuantConfig, QuantizedLinear
-from velodiff.quant.rank_budget import allocate_ranks
+from velodiff.quant import QuantConfig, QuantizedLinear, select_layers
+from velodiff.quant.rank_budget import quantized_bytes, rank_for_budget
+
+BUDGET = 0.45
 
 
-def _slots(seed, layers=5):
-    g = torch.Generator().manual_seed(seed)
-    slots = {}
-    for i in range(layers):
-        r = int(torch.randint(0, 9, (1,), generator=g))
-        sigma = torch.rand(r, generator=g, dtype=torch.float64).sort(descending=True).values
-        slots[f"l{i}"] = (sigma, float(torch.rand(1, generator=g)) * 10 + 1, int(torch.randint(10, 100, (1,), generator=g)))
-    return slots
-
-
-def _by_sorting(slots, excess):
-    """The same allocation computed another way: every rank slot ranked by relative energy per byte, the
-    cheapest ones dropped until enough bytes are gone."""
-    order = sorted((float(s[i]) ** 2 / e / c, name, i) for name, (s, e, c) in slots.items() for i in range(len(s)))
-    ranks = {name: len(s) for name, (s, _, _) in slots.items()}
-    removed = 0
-    for _, name, i in order:
-        if removed >= excess:
-            break
-        assert ranks[name] == i + 1, "a layer always loses its last rank first"
-        ranks[name] -= 1
-        removed += slots[name][2]
-    return ranks
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_allocation_drops_the_least_energy_per_byte(seed):
-    slots = _slots(seed)
-    total = sum(len(s) * c for s, _, c in slots.values())
-    for excess in (0, 1, total // 3, total - 1, total):
-        ranks = allocate_ranks(slots, excess)
-        assert ranks == _by_sorting(slots, excess)
-        removed = sum((len(slots[n][0]) - r) * slots[n][2] for n, r in ranks.items())
-        assert removed >= excess
-    with pytest.raises(ValueError, match="cannot be met"):
-        allocate_ranks(slots, total + 1)
-
-
-def test_allocation_prefers_the_layer_whose_rank_matters():
-    """Layer a's spectrum is concentrated (its first rank holds most of its energy), b's is flat: at equal cost
-    the budget keeps a's first rank and takes from b."""
-    a = (torch.tensor([3.0, 0.1, 0.1]), 9.02 + 1.0, 10)
-    b = (torch.tensor([1.0, 1.0, 1.0]), 3.0 + 1.0, 10)
-    assert allocate_ranks({"a": a, "b": b}, 30) == {"a": 1, "b": 2}
-    assert allocate_ranks({"a": a, "b": b}, 31) == {"a": 1, "b": 1}
-    assert allocate_ranks({"a": a, "b": b}, 50) == {"a": 1, "b": 0}
+def _fp16_bytes(model):
+    return 2 * sum(p.numel() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")
 def budgeted(tmp_path_factory):
-    config = QuantConfig("svdquant", rank=8, layers="all", memory_budget=0.45, calibration_images=2,
+    config = QuantConfig("svdquant", rank=8, layers="all", memory_budget=BUDGET, calibration_images=2,
                          calibration_steps=3, alphas=(0.25, 0.5))
     pipe = vd.Pipeline.from_pretrained("digits")
     pipe.set_progress_bar_config(disable=True)
@@ -66,15 +24,20 @@ def budgeted(tmp_path_factory):
     return pipe, report, out
 
 
-def test_budget_is_met_with_mixed_ranks(budgeted):
+def test_budget_is_met_by_the_largest_rank_that_fits(budgeted):
     pipe, report, _ = budgeted
+    original = vd.Pipeline.from_pretrained("digits").unet
+    fp16 = _fp16_bytes(original)
     layers = [m for m in pipe.unet.modules() if isinstance(m, QuantizedLinear)]
-    ranks = [0 if m.lora_down is None else m.lora_down.shape[1] for m in layers]
-    fp16 = 2 * sum(p.numel() for p in vd.Pipeline.from_pretrained("digits").unet.parameters())
-    unquantized = 2 * sum(p.numel() for p in pipe.unet.parameters())  # what is still a parameter
-    total = unquantized + sum(m.weight_bytes(float_bytes=2) for m in layers)
-    assert total <= 0.45 * fp16 and report["model_ratio"] == pytest.approx(total / fp16, abs=1e-4)
-    assert min(ranks) < max(ranks) == 8 and report["ranks"]["min"] == min(ranks)
+    ranks = {0 if m.lora_down is None else m.lora_down.shape[1] for m in layers}
+    total = _fp16_bytes(pipe.unet) + sum(m.weight_bytes(float_bytes=2) for m in layers)  # 16-bit storage
+    rank = report["rank"]
+    assert ranks == {rank} and 0 < rank < 8, ranks
+    assert total <= BUDGET * fp16 and report["model_ratio"] == pytest.approx(total / fp16, abs=1e-4)
+    # one rank more would not fit (counted independently: the fp16 bytes of what stays unquantized + the layers)
+    chosen = select_layers(original, layers="all")
+    layer_fp16 = sum(2 * sum(p.numel() for p in m.parameters()) for m in chosen.values())
+    assert fp16 - layer_fp16 + quantized_bytes(chosen, rank + 1) > BUDGET * fp16
 
 
 def test_budget_checkpoint_round_trip(budgeted):
@@ -85,8 +48,21 @@ def test_budget_checkpoint_round_trip(budgeted):
     assert torch.equal(loaded.unet(x, t, e), pipe.unet(x, t, e))
 
 
-def test_budget_below_rank_zero_is_refused_before_any_work():
+def test_rank_for_budget_edges():
+    unet = vd.Pipeline.from_pretrained("digits").unet
+    layers = select_layers(unet, layers="all")
+    fp16, layer_fp16 = _fp16_bytes(unet), sum(2 * sum(p.numel() for p in m.parameters()) for m in layers.values())
+    ratio = lambda r: (fp16 - layer_fp16 + quantized_bytes(layers, r)) / fp16  # noqa: E731
+    assert rank_for_budget(layers, 32, 10.0, fp16, layer_fp16) == 32  # everything fits
+    assert rank_for_budget(layers, 32, ratio(5), fp16, layer_fp16) == 5  # exactly at rank 5's bytes
+    assert rank_for_budget(layers, 32, ratio(5) - 1e-9, fp16, layer_fp16) == 4
+    assert rank_for_budget(layers, 32, ratio(0), fp16, layer_fp16) == 0  # smoothing alone
     with pytest.raises(ValueError, match=r"memory_budget=0.2 cannot be met: .* 0\.3\d\dx its fp16 bytes"):
+        rank_for_budget(layers, 32, 0.2, fp16, layer_fp16)
+
+
+def test_budget_below_rank_zero_is_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"memory_budget=0.2 cannot be met"):
         vd.quant.quantize(vd.Pipeline.from_pretrained("digits"),
                           QuantConfig("svdquant", layers="all", memory_budget=0.2), progress=False)
 

@@ -31,7 +31,7 @@ from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError,
                                        is_quantized_folder)
 from velodiff.quant.linear import METHODS, QuantizedLinear
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
-from velodiff.quant.rank_budget import allocate_ranks, branch_slot_bytes, check_budget_feasible
+from velodiff.quant.rank_budget import rank_for_budget
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
 
 _BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
@@ -65,8 +65,8 @@ class QuantConfig:
     method: "svdquant" (smoothing + rank-``rank`` 16-bit branch + int4 residual, W4A4), "naive-w4a4" or "w8a8".
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
     memory_budget: SVDQuant only: the whole denoiser's weight bytes (16-bit storage) at most this fraction of its
-    fp16 bytes, met by lowering the branch ranks where they remove the least of their layer's weight energy per
-    byte (:mod:`velodiff.quant.rank_budget`); None: every layer gets ``rank``.
+    fp16 bytes, met with the largest uniform rank <= ``rank`` that fits (:mod:`velodiff.quant.rank_budget`; 0
+    means smoothing alone); None: every layer gets ``rank``.
     alphas: the smoothing-strength grid searched per layer; lowrank_iters: refinement iterations of the branch.
     layers: "default" (:data:`DEFAULT_LAYERS`) or "all" (:data:`ALL_LAYERS`, convolutions included).
     include / skip: fnmatch patterns of qualified module names (``include`` overrides ``layers``).
@@ -218,10 +218,9 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     # sizes as 16-bit checkpoints store them (the quantized side: codes + 16-bit scales/branch/bias)
     before = sum(2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) for m in layers.values())
     model_fp16 = 2 * sum(p.numel() for p in model.parameters())
-    budget = None
-    if config.memory_budget is not None:
-        budget = config.memory_budget * model_fp16 - (model_fp16 - before)  # bytes the quantized layers may take
-        check_budget_feasible(layers, budget, config.memory_budget, model_fp16)  # before the calibration runs
+    rank = config.rank
+    if config.memory_budget is not None:  # decided before the calibration runs: the bytes are known up front
+        rank = rank_for_budget(layers, config.rank, config.memory_budget, model_fp16, before)
     stats: Dict[str, Optional[LayerStats]] = {name: None for name in layers}
     if config.method == "svdquant":
         prompts = config.calibration_prompts or default_prompts(pipe)
@@ -230,48 +229,27 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                           sampler=config.calibration_sampler, rows=config.calibration_rows, seed=config.seed)
     t_cal = time.time() - t0
 
-    def build(name: str, linear: nn.Module, rank: int, alphas, info=None) -> QuantizedLinear:
+    iterator = layers.items()
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(list(iterator), desc=f"quantize ({config.method})", leave=False)
+    after = 0
+    ranks = {}
+    for name, linear in iterator:
         q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
-                           stats[name], rank=rank, alphas=alphas, lowrank_iters=config.lowrank_iters,
-                           dtype=linear.weight.dtype, info=info)
+                           stats[name], rank=rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
+                           dtype=linear.weight.dtype)
         if isinstance(linear, nn.Conv2d):
             q = QuantizedConv2d.from_linear(q, linear)
         q.token_conv = name in token_convs
         if _originals is not None:
             _originals.setdefault(name, linear)
         install_layer(model, name, q, config.fuse_activations)
-        return q
-
-    iterator = layers.items()
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(list(iterator), desc=f"quantize ({config.method})", leave=False)
-    infos: Dict[str, dict] = {}
-    sizes: Dict[str, int] = {}
-    for name, linear in iterator:
-        infos[name] = {}
-        q = build(name, linear, config.rank, config.alphas, infos[name] if budget is not None else None)
-        sizes[name] = q.weight_bytes(float_bytes=2)
-    ranks = {name: (0 if q.lora_down is None else q.lora_down.shape[1])
-             for name, q in ((n, model.get_submodule(n)) for n in layers)}
-    if budget is not None and sum(sizes.values()) > budget:
-        # SVDQuant ranks over the budget: lower them where they matter least, re-quantize those layers with the
-        # smoothing strength their search chose (the residual changes with the rank; the search does not rerun)
-        slots = {name: (infos[name]["sigma"], infos[name]["energy"], branch_slot_bytes(layers[name]))
-                 for name in layers}
-        new_ranks = allocate_ranks(slots, sum(sizes.values()) - budget)
-        changed = [name for name in layers if new_ranks[name] < ranks[name]]
-        if progress:
-            from tqdm.auto import tqdm
-            changed = tqdm(changed, desc="lower ranks to the memory budget", leave=False)
-        for name in changed:
-            q = build(name, layers[name], new_ranks[name], (infos[name]["alpha"],))
-            sizes[name] = q.weight_bytes(float_bytes=2)
-        ranks = new_ranks
-    after = sum(sizes.values())
-    pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": config.rank,
+        after += q.weight_bytes(float_bytes=2)
+        ranks[name] = 0 if q.lora_down is None else q.lora_down.shape[1]
+    pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": rank,
                          "memory_budget": config.memory_budget, "component": component, "layers": sorted(layers)}
-    return {"method": config.method, "rank": config.rank, "component": component, "layers": len(layers),
+    return {"method": config.method, "rank": rank, "component": component, "layers": len(layers),
             "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
             "layer_bytes_before": before, "layer_bytes_after": after,
             "model_ratio": round((model_fp16 - before + after) / model_fp16, 4),

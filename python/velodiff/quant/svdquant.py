@@ -88,14 +88,11 @@ def truncated_svd(w: torch.Tensor, rank: int):
 
 def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: str, stats: Optional[LayerStats],
                    rank: int = 32, alphas: Sequence[float] = DEFAULT_ALPHAS, lowrank_iters: int = 1,
-                   dtype: Optional[torch.dtype] = None, info: Optional[dict] = None) -> QuantizedLinear:
+                   dtype: Optional[torch.dtype] = None) -> QuantizedLinear:
     """Quantize one linear layer (``weight`` [N, K], ``bias`` [N] or None) into a :class:`QuantizedLinear` in
     ``dtype`` (default: the weight's). ``stats`` (calibration inputs) is required for SVDQuant's smoothing search;
-    without it SVDQuant uses lambda = 1 (low rank only). ``info`` (SVDQuant), when given, receives the chosen
-    smoothing strength ("alpha"), the branch's singular values ("sigma", float64 [rank]) and the squared
-    Frobenius norm of the smoothed weight ("energy"): what a rank budget needs to trade ranks between layers.
-    The math runs in float64 on the weight's device (a GPU
-    quantizes a large model in a fraction of the CPU's time)."""
+    without it SVDQuant uses lambda = 1 (low rank only). ``rank`` 0 keeps the smoothing alone. The math runs in
+    float64 on the weight's device (a GPU quantizes a large model in a fraction of the CPU's time)."""
     n, k = weight.shape
     dtype = dtype or weight.dtype
     device = weight.device
@@ -122,21 +119,19 @@ def quantize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], method: s
                    else torch.ones(k, dtype=torch.float64, device=device))
             l2, l1, residual = low_rank(w * lam[None, :], rank, bits, lowrank_iters)
             if stats is None:
-                best = (0.0, lam, l2, l1, residual, alpha)
+                best = (0.0, lam, l2, l1, residual)
                 break
             err = _output_error(x, ref, lam, l2, l1, residual, bits) if search else 0.0
             if best is None or err < best[0]:
-                best = (err, lam, l2, l1, residual, alpha)
-        _, lam, l2, l1, residual, alpha = best
-        if info is not None:
-            info.update(alpha=alpha, sigma=l2.norm(dim=0).cpu(), energy=float((w * lam[None, :]).pow(2).sum()))
+                best = (err, lam, l2, l1, residual)
+        _, lam, l2, l1, residual = best
         layer = QuantizedLinear(k, n, bits=4, rank=rank, smooth=True, bias=bias is not None, dtype=dtype,
                                 method=method)
         codes, scales = reference.quantize_groups(residual.float(), bits)
         layer.qweight.copy_(reference.pack_codes(codes, bits))
         layer.wscales.copy_(scales.to(dtype))
         layer.smooth.copy_(lam.float())
-        if rank > 0:  # a memory budget can leave a layer with smoothing alone
+        if rank > 0:  # a tight memory budget can leave smoothing alone
             layer.lora_down.copy_((l1 / lam[:, None]).to(dtype))  # (built on the CPU, moved at the end)
             layer.lora_up.copy_(l2.to(dtype))
     else:
