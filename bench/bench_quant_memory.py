@@ -21,7 +21,8 @@ from common import write_results  # noqa: E402
 import torch  # noqa: E402
 
 from velodiff.loading import DIT_CONFIG, PIXART_CONFIG, default_unet_config  # noqa: E402
-from velodiff.quant import QuantizedLinear, select_layers  # noqa: E402
+from velodiff.quant import select_layers  # noqa: E402
+from velodiff.quant.rank_budget import quantized_bytes  # noqa: E402
 
 
 def build(name: str):
@@ -41,13 +42,7 @@ def measure(model, preset: str, rank: int):
     layers = select_layers(model, layers=preset)
     total_fp16 = 2 * sum(p.numel() for p in model.parameters())
     layer_fp16 = 2 * sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in layers.values())
-    quant = 0
-    with torch.device("meta"):
-        for m in layers.values():
-            n, k = m.weight.shape[0], m.weight[0].numel()  # a conv is a linear layer over its im2col patches
-            quant += QuantizedLinear(k, n, bits=4, rank=min(rank, n, k), smooth=True, bias=m.bias is not None,
-                                     dtype=torch.float16).weight_bytes()
-    return len(layers), total_fp16, layer_fp16, quant
+    return len(layers), total_fp16, layer_fp16, quantized_bytes(layers, rank)
 
 
 def main():

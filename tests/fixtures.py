@@ -142,3 +142,12 @@ def tiny_pixart_pipeline(sigma: bool = False, seed: int = 0):
                vae=tiny_vae(seed).eval(), scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def digits_unet_inputs(timesteps=(500.0, 500.0), seed: int = 0):
+    """(sample [2, 4, 8, 8], timesteps [2], encoder_hidden_states [2, 16, 64]): random inputs for the built-in
+    digits UNet, drawn from one seeded generator (sample first)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(list(timesteps)),
+            torch.randn(2, 16, 64, generator=g))

@@ -282,7 +282,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"velodiff quantize: {e}", file=sys.stderr)
         return 2
     print(f"quantized {report['layers']} layers of the {report['component']} with {args.method}"
-          f"{_rank_text(report['rank'] if rank else 0, report['ranks'])} in {report['seconds']:.1f} s: layer weights "
+          f"{_rank_text(report['rank'], report['ranks'])} in {report['seconds']:.1f} s: layer weights "
           f"{report['layer_bytes_before'] / 2 ** 20:.2f} MiB -> {report['layer_bytes_after'] / 2 ** 20:.2f} MiB "
           f"(denoiser {report['model_ratio']:.3f}x fp16); "
           f"wrote {args.out} ({_size(args.out)})")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import velodiff as vd
+from fixtures import digits_unet_inputs
 from velodiff.quant import QuantConfig, QuantizedCheckpointError, QuantizedLinear
 from velodiff.quant.checkpoint import QUANTIZED_FILE
 
@@ -68,8 +69,7 @@ def test_fp16_storage_loads_and_stays_close(quantized, tmp_path):
         assert float((mine[k].float() - v.float()).norm()) <= 1e-3 * float(v.float().norm()) + 1e-12, k
     # W4A4 is discontinuous (an activation code flips under a tiny perturbation), so compare one forward pass
     # with the quantization error itself rather than with a fixed bound
-    g = torch.Generator().manual_seed(0)
-    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    x, t, e = digits_unet_inputs()
     original = vd.Pipeline.from_pretrained("digits").unet(x, t, e)
     y32, y16 = pipe.unet(x, t, e), loaded.unet(x, t, e)
     assert float((y16 - y32).norm()) < 0.75 * float((y32 - original).norm())
@@ -169,8 +169,7 @@ def test_quantized_folder_runs_on_cuda(quantized):
     the quantization error (activation codes may flip at rounding boundaries, so not bit for bit)."""
     pipe, _, out, _ = quantized
     gpu = vd.Pipeline.from_pretrained(out, device="cuda")
-    g = torch.Generator().manual_seed(0)
-    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    x, t, e = digits_unet_inputs()
     original = vd.Pipeline.from_pretrained("digits").unet(x, t, e)
     cpu = pipe.unet(x, t, e)
     cuda = gpu.unet(x.cuda(), t.cuda(), e.cuda()).cpu()
@@ -185,8 +184,7 @@ def test_quantized_folder_runs_on_cuda(quantized):
 def test_quantize_on_cuda_matches_cpu_quality(quantized, method):
     """Quantizing on the GPU (calibration, smoothing search, SVD all on CUDA) gives a model as good as quantizing
     on the CPU: the error against the unquantized UNet is within 1.5x of the CPU-quantized one's."""
-    g = torch.Generator().manual_seed(0)
-    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    x, t, e = digits_unet_inputs()
     original = vd.Pipeline.from_pretrained("digits").unet(x, t, e)
     errors = {}
     for device in ("cpu", "cuda"):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import velodiff as vd
+from fixtures import digits_unet_inputs
 from velodiff.quant import QuantConfig, QuantizedConv2d, QuantizedLinear
 from velodiff.quant.conv import conv_patches, conv_geometry
 from velodiff.quant.svdquant import LayerStats, quantize_layer
@@ -76,8 +77,7 @@ def test_all_layers_quantizes_convolutions(all_layers):
 def test_all_layers_round_trip_and_quality(all_layers):
     pipe, _, out = all_layers
     loaded = vd.Pipeline.from_pretrained(out)
-    g = torch.Generator().manual_seed(0)
-    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    x, t, e = digits_unet_inputs()
     assert torch.equal(loaded.unet(x, t, e), pipe.unet(x, t, e))
     original = vd.Pipeline.from_pretrained("digits").unet(x, t, e)
     assert float((pipe.unet(x, t, e) - original).norm() / original.norm()) < 0.5
@@ -96,8 +96,7 @@ def test_conv_checkpoint_into_wrong_geometry_is_refused(all_layers, tmp_path):
 
 def test_all_layers_optimize_restore_is_exact():
     pipe = vd.Pipeline.from_pretrained("digits")
-    g = torch.Generator().manual_seed(0)
-    x, t, e = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 64, generator=g)
+    x, t, e = digits_unet_inputs()
     before = pipe.unet(x, t, e)
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     vd.optimize(pipe, QuantConfig("naive-w4a4", rank=0, layers="all"))

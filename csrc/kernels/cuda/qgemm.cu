@@ -405,22 +405,21 @@ __device__ __forceinline__ void load_scales(Scales<T, MT>& s, const float* __res
     }
 }
 
-// acc += float(int32 dot) * ascale * wscale for one m16n8 tile; d holds kMagicBits + dot.
-__device__ __forceinline__ void scale_accumulate(float (&acc)[4], const int (&d)[4], float a0, float a1, float w0,
-                                                 float w1) {
-  acc[0] = fmaf(__int_as_float(d[0]) - kMagic, a0 * w0, acc[0]);
-  acc[1] = fmaf(__int_as_float(d[1]) - kMagic, a0 * w1, acc[1]);
-  acc[2] = fmaf(__int_as_float(d[2]) - kMagic, a1 * w0, acc[2]);
-  acc[3] = fmaf(__int_as_float(d[3]) - kMagic, a1 * w1, acc[3]);
+// acc += dot * ascale * wscale for one m16n8 tile (dot as a float: exact, |dot| < 2^22).
+__device__ __forceinline__ void scale_accumulate(float (&acc)[4], const float (&dot)[4], float a0, float a1,
+                                                 float w0, float w1) {
+  acc[0] = fmaf(dot[0], a0 * w0, acc[0]);
+  acc[1] = fmaf(dot[1], a0 * w1, acc[1]);
+  acc[2] = fmaf(dot[2], a1 * w0, acc[2]);
+  acc[3] = fmaf(dot[3], a1 * w1, acc[3]);
 }
 
-// As scale_accumulate, for the e4m3 path: d holds dot * 2^-18 as a float (2^18 is in the ascales).
-__device__ __forceinline__ void scale_accumulate_f(float (&acc)[4], const float (&d)[4], float a0, float a1,
-                                                   float w0, float w1) {
-  acc[0] = fmaf(d[0], a0 * w0, acc[0]);
-  acc[1] = fmaf(d[1], a0 * w1, acc[1]);
-  acc[2] = fmaf(d[2], a1 * w0, acc[2]);
-  acc[3] = fmaf(d[3], a1 * w1, acc[3]);
+// The same for an integer MMA result d = kMagicBits + dot (read as a float: 1.5 * 2^23 + dot; one FADD each).
+__device__ __forceinline__ void scale_accumulate(float (&acc)[4], const int (&d)[4], float a0, float a1, float w0,
+                                                 float w1) {
+  const float dot[4] = {__int_as_float(d[0]) - kMagic, __int_as_float(d[1]) - kMagic,
+                        __int_as_float(d[2]) - kMagic, __int_as_float(d[3]) - kMagic};
+  scale_accumulate(acc, dot, a0, a1, w0, w1);
 }
 
 // All MMAs of one group for one warp, scaled into acc. sa / sb: the warp's first A / B row in the stage.
@@ -468,54 +467,41 @@ __device__ __forceinline__ void mma_group(float (&acc)[MT][kNT][4], const uint8_
           mma_s4(d, af[mt][0].x, af[mt][1].x, af[mt][0].y, af[mt][1].y, bf[nt].x, bf[nt].y);
           scale_accumulate(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
         }
-    } else if constexpr (PATH == kPathE4M3) {
-      // 4-bit storage on the e4m3 tensor cores: the same register assignment as the s8 unpacking below.
-      uint32_t bu[kNT][4];
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        bu[nt][0] = nib_even_e4m3(bf[nt].x);
-        bu[nt][1] = nib_odd_e4m3(bf[nt].x);
-        bu[nt][2] = nib_even_e4m3(bf[nt].y);
-        bu[nt][3] = nib_odd_e4m3(bf[nt].y);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint32_t a0e = nib_even_e4m3(af[mt][0].x), a0o = nib_odd_e4m3(af[mt][0].x);
-        const uint32_t a1e = nib_even_e4m3(af[mt][1].x), a1o = nib_odd_e4m3(af[mt][1].x);
-        const uint32_t a0e2 = nib_even_e4m3(af[mt][0].y), a0o2 = nib_odd_e4m3(af[mt][0].y);
-        const uint32_t a1e2 = nib_even_e4m3(af[mt][1].y), a1o2 = nib_odd_e4m3(af[mt][1].y);
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-          mma_e4m3(d, a0e, a1e, a0o, a1o, bu[nt][0], bu[nt][1]);
-          mma_e4m3(d, a0e2, a1e2, a0o2, a1o2, bu[nt][2], bu[nt][3]);
-          scale_accumulate_f(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
-        }
-      }
     } else {
-      // 4-bit storage on the s8 tensor cores: nibble word w -> s8 words even(w), odd(w) (16 x the codes).
-      // k32 MMA #j uses nibble word 2t+j: A regs {even(row g), even(row g+8), odd(row g), odd(row g+8)},
-      // B regs {even, odd}: the same K element sits at the same (register, byte) in A and B.
+      // 4-bit storage on the s8 (or e4m3) tensor cores: nibble word w -> 8-bit words even(w), odd(w) (s8: 16 x
+      // the codes; e4m3: the codes x 2^-9). k32 MMA #j uses nibble word 2t+j: A regs {even(row g),
+      // even(row g+8), odd(row g), odd(row g+8)}, B regs {even, odd}: the same K element sits at the same
+      // (register, byte) in A and B.
+      constexpr bool kFp8 = PATH == kPathE4M3;
+      auto even = [](uint32_t w) { return kFp8 ? nib_even_e4m3(w) : nib_even_x16(w); };
+      auto odd = [](uint32_t w) { return kFp8 ? nib_odd_e4m3(w) : nib_odd_x16(w); };
       uint32_t bu[kNT][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        bu[nt][0] = nib_even_x16(bf[nt].x);
-        bu[nt][1] = nib_odd_x16(bf[nt].x);
-        bu[nt][2] = nib_even_x16(bf[nt].y);
-        bu[nt][3] = nib_odd_x16(bf[nt].y);
+        bu[nt][0] = even(bf[nt].x);
+        bu[nt][1] = odd(bf[nt].x);
+        bu[nt][2] = even(bf[nt].y);
+        bu[nt][3] = odd(bf[nt].y);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const uint32_t a0e = nib_even_x16(af[mt][0].x), a0o = nib_odd_x16(af[mt][0].x);
-        const uint32_t a1e = nib_even_x16(af[mt][1].x), a1o = nib_odd_x16(af[mt][1].x);
-        const uint32_t a0e2 = nib_even_x16(af[mt][0].y), a0o2 = nib_odd_x16(af[mt][0].y);
-        const uint32_t a1e2 = nib_even_x16(af[mt][1].y), a1o2 = nib_odd_x16(af[mt][1].y);
+        const uint32_t a0e = even(af[mt][0].x), a0o = odd(af[mt][0].x);
+        const uint32_t a1e = even(af[mt][1].x), a1o = odd(af[mt][1].x);
+        const uint32_t a0e2 = even(af[mt][0].y), a0o2 = odd(af[mt][0].y);
+        const uint32_t a1e2 = even(af[mt][1].y), a1o2 = odd(af[mt][1].y);
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
-          int d[4] = {int(kMagicBits), int(kMagicBits), int(kMagicBits), int(kMagicBits)};
-          mma_s8(d, a0e, a1e, a0o, a1o, bu[nt][0], bu[nt][1]);
-          mma_s8(d, a0e2, a1e2, a0o2, a1o2, bu[nt][2], bu[nt][3]);
-          scale_accumulate(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
+          if constexpr (kFp8) {
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            mma_e4m3(d, a0e, a1e, a0o, a1o, bu[nt][0], bu[nt][1]);
+            mma_e4m3(d, a0e2, a1e2, a0o2, a1o2, bu[nt][2], bu[nt][3]);
+            scale_accumulate(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
+          } else {
+            int d[4] = {int(kMagicBits), int(kMagicBits), int(kMagicBits), int(kMagicBits)};
+            mma_s8(d, a0e, a1e, a0o, a1o, bu[nt][0], bu[nt][1]);
+            mma_s8(d, a0e2, a1e2, a0o2, a1o2, bu[nt][2], bu[nt][3]);
+            scale_accumulate(acc[mt][nt], d, s.a[mt][0], s.a[mt][1], s.w[nt][0], s.w[nt][1]);
+          }
         }
       }
     }
