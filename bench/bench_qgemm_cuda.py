@@ -11,7 +11,8 @@ Per shape (M tokens, K in, N out):
   err4/err8   relative error of qgemm against the float64 reference on the first rows (bf16 output rounding
               gives about 1e-3; above 1e-2 the row is marked FAILED and the timings mean nothing)
   q4_<path>_us, err4_<path>  the 4-bit GEMM on each tensor-core path this GPU has (VELODIFF_QGEMM_TC: s4 below
-              sm_90, s8 = 4-bit storage on INT8 tensor cores, e4m3 = on FP8 tensor cores from sm_89 on);
+              sm_90, s8 = 4-bit storage on INT8 tensor cores, e4m3 = on FP8 tensor cores from sm_89 on,
+              wgmma-s8 / wgmma-e4m3 = the same on Hopper's warpgroup MMA, sm_90 with a 90a build);
               best4 names the fastest per shape. q4_us is the default path (auto).
 Times are medians of CUDA-event-timed batches, launched behind a GPU sleep so that host overhead stays out;
 inputs rotate over several sets when one set fits in L2. Usage:
@@ -88,7 +89,12 @@ def tensor_paths() -> list[str]:
     """The 4-bit tensor-core paths (VELODIFF_QGEMM_TC values) this GPU can run."""
     major, minor = torch.cuda.get_device_capability()
     cc = major * 10 + minor
-    return [p for p, ok in (("s4", cc < 90), ("s8", True), ("e4m3", cc >= 89)) if ok]
+    paths = [p for p, ok in (("s4", cc < 90), ("s8", True), ("e4m3", cc >= 89)) if ok]
+    if cc == 90:
+        from velodiff import _C
+        if "90a" in str(_C.build_info().get("cuda_archs", "")):  # the wgmma kernels exist only in sm_90a code
+            paths += ["wgmma-s8", "wgmma-e4m3"]
+    return paths
 
 
 def main():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check in one call, sized for a short lease: build for the local GPU only, run the `cuda` tests, the
+# The GPU check in one call, sized for a short lease: build for the local GPU only, count the tensor-core
+# instructions per kernel in the SASS (bench/sass_summary.sh), run the `cuda` tests, the
 # CUDA GEMM benchmark, the `cuda` tests again under compute-sanitizer (memcheck), then the sampler benchmarks.
 # Steps run in that order (most valuable first), each under its own time cap, and the whole suite stops
 # starting steps once BUDGET seconds (default 500) have passed, so that it returns inside a 10-minute command
@@ -55,6 +56,7 @@ echo "building for sm_$VELODIFF_CUDA_ARCHS with $CMAKE_BUILD_PARALLEL_LEVEL jobs
 step build 240 $py -m pip install --no-build-isolation --no-deps -v .
 $py -m velodiff.cli info --json >"$out/info.json" 2>&1
 cat "$out/info.json"
+step sass 30 bash bench/sass_summary.sh
 step cuda_tests 150 $py -m pytest -q -p no:cacheprovider -m cuda tests/ops tests/quant tests/sampling
 step bench_qgemm_cuda 150 $py bench/bench_qgemm_cuda.py --out "$out"
 step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 \

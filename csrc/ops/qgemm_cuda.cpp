@@ -21,8 +21,9 @@ at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
-// The tensor-core path of 4-bit GEMMs from VELODIFF_QGEMM_TC (auto, s4, s8, e4m3; see QTensorPath in
-// velodiff/qgemm.h), checked against the current device. Read on every call so a benchmark can switch it.
+// The tensor-core path of 4-bit GEMMs from VELODIFF_QGEMM_TC (auto, s4, s8, e4m3, wgmma-s8, wgmma-e4m3; see
+// QTensorPath in velodiff/qgemm.h), checked against the current device and the build. Read on every call so a
+// benchmark can switch it.
 QTensorPath tensor_path_from_env() {
   const char* e = std::getenv("VELODIFF_QGEMM_TC");
   if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return QTensorPath::kAuto;
@@ -43,7 +44,17 @@ QTensorPath tensor_path_from_env() {
                       cc, "; use s4 or s8, or unset it");
     return QTensorPath::kE4M3;
   }
-  TORCH_CHECK_VALUE(false, "VELODIFF_QGEMM_TC=", e, ": expected auto, s4, s8 or e4m3");
+  const bool wg_s8 = std::strcmp(e, "wgmma-s8") == 0, wg_e4m3 = std::strcmp(e, "wgmma-e4m3") == 0;
+  if (wg_s8 || wg_e4m3) {
+    TORCH_CHECK_VALUE(cc == 90, "VELODIFF_QGEMM_TC=", e, " needs Hopper's warpgroup MMA (sm_90); this GPU is sm_", cc,
+                      "; use ", cc >= 89 ? "s4, s8 or e4m3" : "s4 or s8", ", or unset it");
+    bool built = false;
+    TORCH_CHECK(qgemm_cuda_wgmma_built(built) == 0, "qgemm: cannot query the loaded CUDA kernels");
+    TORCH_CHECK_VALUE(built, "VELODIFF_QGEMM_TC=", e, ": this build of velodiff has no sm_90a code; rebuild with "
+                      "VELODIFF_CUDA_ARCHS=90a (pip install --no-build-isolation .), or unset it");
+    return wg_s8 ? QTensorPath::kWgmmaS8 : QTensorPath::kWgmmaE4M3;
+  }
+  TORCH_CHECK_VALUE(false, "VELODIFF_QGEMM_TC=", e, ": expected auto, s4, s8, e4m3, wgmma-s8 or wgmma-e4m3");
 }
 
 void check_launch(const char* op, int err) {

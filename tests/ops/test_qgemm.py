@@ -152,7 +152,7 @@ def test_end_to_end_close_to_float_matmul(device, bits, bound):
 
 # --- CUDA: every 4-bit tensor-core path, every CTA tile -------------------------------------------------------
 
-TENSOR_PATHS = ["auto", "s4", "s8", "e4m3"]
+TENSOR_PATHS = ["auto", "s4", "s8", "e4m3", "wgmma-s8", "wgmma-e4m3"]
 
 
 def cuda_capability():
@@ -166,11 +166,16 @@ def skip_unless_path_runs(path):
         pytest.skip(f"sm_{cc} has no int4 tensor cores")
     if path == "e4m3" and cc < 89:
         pytest.skip(f"sm_{cc} has no FP8 tensor cores")
+    if path.startswith("wgmma") and cc != 90:
+        pytest.skip(f"sm_{cc} has no warpgroup MMA")
+    from velodiff import _C
+    if path.startswith("wgmma") and "90a" not in _C.build_info().get("cuda_archs", ""):
+        pytest.skip("this build has no sm_90a code (VELODIFF_CUDA_ARCHS=90a)")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", TENSOR_PATHS)
-@pytest.mark.parametrize("m,k,n", list(itertools.product([1, 77, 256], [64, 1000], [17, 130])))
+@pytest.mark.parametrize("m,k,n", list(itertools.product([1, 77, 256], [64, 128, 1000], [17, 130])))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qgemm_tensor_paths(monkeypatch, path, m, k, n, dtype):
     """VELODIFF_QGEMM_TC picks the tensor-core instruction of the 4-bit GEMM; each one gives the reference."""
@@ -209,13 +214,16 @@ def test_qgemm_cta_tiles(monkeypatch, path, tile, bits):
 def test_qgemm_tensor_path_errors(monkeypatch):
     args = to(make_gemm(8, 64, 8, 0, torch.float16, 4), "cuda")
     monkeypatch.setenv("VELODIFF_QGEMM_TC", "int3")
-    with pytest.raises(ValueError, match="VELODIFF_QGEMM_TC=int3: expected auto, s4, s8 or e4m3"):
+    with pytest.raises(ValueError, match="VELODIFF_QGEMM_TC=int3: expected auto, s4, s8, e4m3, wgmma-s8 or "
+                                         "wgmma-e4m3"):
         qgemm(**args, bits=4)
     cc = cuda_capability()
-    bad = "s4" if cc >= 90 else "e4m3" if cc < 89 else None
-    if bad is not None:
-        monkeypatch.setenv("VELODIFF_QGEMM_TC", bad)
-        with pytest.raises(ValueError, match=f"VELODIFF_QGEMM_TC={bad}"):
+    bad = ["s4"] if cc >= 90 else ["e4m3"] if cc < 89 else []
+    if cc != 90:
+        bad += ["wgmma-s8", "wgmma-e4m3"]
+    for path in bad:
+        monkeypatch.setenv("VELODIFF_QGEMM_TC", path)
+        with pytest.raises(ValueError, match=f"VELODIFF_QGEMM_TC={path}"):
             qgemm(**args, bits=4)
 
 

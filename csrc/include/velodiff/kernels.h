@@ -24,6 +24,9 @@ int sampler_update_cuda(const SamplerUpdateArgs& args, double* workspace, void* 
 // (partial down-projections are added atomically). Return the cudaError_t as int (0 = success).
 int quantize_act_cuda(const QuantizeActArgs& args, void* stream);
 int qgemm_cuda(const QGemmArgs& args, void* stream);
+// Whether the loaded build has sm_90a device code for the current device (the wgmma paths need it). Returns the
+// cudaError_t as int; `built` is set on success.
+int qgemm_cuda_wgmma_built(bool& built);
 #endif
 
 }  // namespace velodiff

@@ -52,7 +52,9 @@ enum class QActivation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 //   kS8:   4-bit storage, codes unpacked in registers to s8 (x16), mma.sync m16n8k32 .s8, int32 dot.
 //   kE4M3: 4-bit storage, codes unpacked in registers to e4m3 (value code * 2^-9, exact: see qgemm.cu),
 //          mma.sync m16n8k32 .e4m3 with fp32 accumulation (sm_89 and later).
-enum class QTensorPath : int { kAuto = 0, kS4 = 1, kS8 = 2, kE4M3 = 3 };
+//   kWgmmaS8, kWgmmaE4M3: the same two unpackings into shared memory for Hopper's warpgroup MMA
+//          (wgmma.mma_async m64n128k32; sm_90 only, and only in a build that has sm_90a code).
+enum class QTensorPath : int { kAuto = 0, kS4 = 1, kS8 = 2, kE4M3 = 3, kWgmmaS8 = 4, kWgmmaE4M3 = 5 };
 
 inline int64_t qgemm_padded_k(int64_t k) { return (k + kQGroup - 1) / kQGroup * kQGroup; }
 

@@ -55,8 +55,8 @@
 //      group's sum has |dot| <= 4096, so the fp32 accumulation inside the MMA is exact; 2^18 is folded into
 //      the activation scale. It saves the int->float step of the epilogue but costs ~5 ALU ops per 4
 //      codes instead of ~1.5: which of (b) and (c) is faster on an H100 is for bench_qgemm_cuda.py to say.
-//  Later improvement for sm_90a: wgmma with TMA loads and ping-pong consumer warpgroups instead of
-//  mma.sync, which does not reach Hopper's peak.
+//  (d) wgmma-s8 / wgmma-e4m3, sm_90a only: the unpackings of (b) / (c) written to shared memory for Hopper's
+//      warpgroup MMA (qgemm_wgmma_kernel below; mma.sync does not reach Hopper's peak).
 //  Below sm_80 the GEMM traps and qgemm_cuda returns cudaErrorNotSupported (quantize_act runs anywhere).
 //
 // Epilogue: the low-rank up projection sum_r (lora_act[m,r] * lora_scales[r]) * lora_up[n,r] in fp32, with
@@ -69,6 +69,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "velodiff/kernels.h"
 
@@ -525,6 +526,98 @@ struct GemmParams {
   bool pair_store;  // y is aligned to 2 * sizeof(T) and N is even
 };
 
+// The end of every qgemm kernel: the low-rank up projection, bias, activation and the store. Each thread holds
+// MT x NT m16n8 accumulator tiles (rows wr0 + 16 mt + {g, g + 8}, columns wc0 + 8 nt + 2 t + {0, 1} of the CTA's
+// BM x 128 output tile at (m0, n0)); smem (at least (BM + 128) x 33 floats) is free for reuse on entry.
+template <typename T, int MT, int NT, int BM, int NTHREADS>
+__device__ __forceinline__ void gemm_epilogue(float (&acc)[MT][NT][4], uint8_t* smem, const GemmParams& p,
+                                              int64_t m0, int64_t n0, int wr0, int wc0, int g, int t, int tid) {
+  const QGemmArgs& a = p.a;
+  const int64_t M = a.M, N = a.N, R = a.R;
+  const int64_t row0 = m0 + wr0 + g;
+  const int64_t col0 = n0 + wc0 + 2 * t;
+  // Low-rank up projection: acc += (lora_act[m, :] * lora_scales) . lora_up[n, :], 32 ranks per pass.
+  if (R > 0) {
+    constexpr int LD = kRankChunk + 1;  // padded rows: conflict-free column reads
+    float* la = reinterpret_cast<float*>(smem);
+    float* lu = la + BM * LD;
+    const T* lora_up = static_cast<const T*>(a.lora_up);
+    for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
+      const int rc = static_cast<int>(R - r0 < kRankChunk ? R - r0 : kRankChunk);
+      for (int i = tid; i < BM * kRankChunk; i += NTHREADS) {
+        const int row = i / kRankChunk, j = i % kRankChunk;
+        const int64_t m = m0 + row;
+        float v = 0.f;
+        if (m < M && j < rc) {
+          v = a.lora_act[m * R + r0 + j];
+          if (a.lora_scales != nullptr) v *= a.lora_scales[r0 + j];
+        }
+        la[row * LD + j] = v;
+      }
+      for (int i = tid; i < kBN * kRankChunk; i += NTHREADS) {
+        const int row = i / kRankChunk, j = i % kRankChunk;
+        const int64_t n = n0 + row;
+        lu[row * LD + j] = (n < N && j < rc) ? to_f(lora_up[n * R + r0 + j]) : 0.f;
+      }
+      __syncthreads();
+      for (int j = 0; j < rc; ++j) {
+        float av[MT][2], bv[NT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) av[mt][h] = la[(wr0 + mt * 16 + h * 8 + g) * LD + j];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) bv[nt][c] = lu[(wc0 + nt * 8 + 2 * t + c) * LD + j];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            acc[mt][nt][0] = fmaf(av[mt][0], bv[nt][0], acc[mt][nt][0]);
+            acc[mt][nt][1] = fmaf(av[mt][0], bv[nt][1], acc[mt][nt][1]);
+            acc[mt][nt][2] = fmaf(av[mt][1], bv[nt][0], acc[mt][nt][2]);
+            acc[mt][nt][3] = fmaf(av[mt][1], bv[nt][1], acc[mt][nt][3]);
+          }
+      }
+      __syncthreads();
+    }
+  }
+
+  // Bias, activation, store.
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  const int act = static_cast<int>(a.activation);
+  float bv[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t n = col0 + nt * 8 + c;
+      bv[nt][c] = (bias != nullptr && n < N) ? to_f(bias[n]) : 0.f;
+    }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = row0 + mt * 16 + h * 8;
+      if (m >= M) continue;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int64_t n = col0 + nt * 8;
+        const float v0 = activate(acc[mt][nt][2 * h] + bv[nt][0], act);
+        const float v1 = activate(acc[mt][nt][2 * h + 1] + bv[nt][1], act);
+        T* out = y + m * N + n;
+        if (p.pair_store && n + 1 < N) {
+          store_pair<T>(out, v0, v1);
+        } else {
+          if (n < N) out[0] = from_f<T>(v0);
+          if (n + 1 < N) out[1] = from_f<T>(v1);
+        }
+      }
+    }
+}
+
 template <typename T, int BITS, int MT, int PATH>
 __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams p) {
   // Below sm_80 the cp.async / mma wrappers trap, as do the s4 path on sm_90+ and the e4m3 path below sm_89
@@ -533,7 +626,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
   extern __shared__ uint4 smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw);
   const QGemmArgs& a = p.a;
-  const int64_t M = a.M, N = a.N, R = a.R;
+  const int64_t M = a.M, N = a.N;
   const int64_t ng = a.K / kQGroup;
   const int64_t row_bytes = a.K * BITS / 8;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * C::kBM;
@@ -583,86 +676,255 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
   cp_async_wait<0>();
   __syncthreads();  // the pipeline buffers are free for the epilogue
 
-  // Low-rank up projection: acc += (lora_act[m, :] * lora_scales) . lora_up[n, :], 32 ranks per pass.
-  if (R > 0) {
-    constexpr int LD = kRankChunk + 1;  // padded rows: conflict-free column reads
-    float* la = reinterpret_cast<float*>(smem);
-    float* lu = la + C::kBM * LD;
-    const T* lora_up = static_cast<const T*>(a.lora_up);
-    for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
-      const int rc = static_cast<int>(R - r0 < kRankChunk ? R - r0 : kRankChunk);
-      for (int i = tid; i < C::kBM * kRankChunk; i += kGemmThreads) {
-        const int row = i / kRankChunk, j = i % kRankChunk;
-        const int64_t m = m0 + row;
-        float v = 0.f;
-        if (m < M && j < rc) {
-          v = a.lora_act[m * R + r0 + j];
-          if (a.lora_scales != nullptr) v *= a.lora_scales[r0 + j];
-        }
-        la[row * LD + j] = v;
-      }
-      for (int i = tid; i < kBN * kRankChunk; i += kGemmThreads) {
-        const int row = i / kRankChunk, j = i % kRankChunk;
-        const int64_t n = n0 + row;
-        lu[row * LD + j] = (n < N && j < rc) ? to_f(lora_up[n * R + r0 + j]) : 0.f;
-      }
-      __syncthreads();
-      for (int j = 0; j < rc; ++j) {
-        float av[MT][2], bv[kNT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) av[mt][h] = la[(wr0 + mt * 16 + h * 8 + g) * LD + j];
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) bv[nt][c] = lu[(wc0 + nt * 8 + 2 * t + c) * LD + j];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            acc[mt][nt][0] = fmaf(av[mt][0], bv[nt][0], acc[mt][nt][0]);
-            acc[mt][nt][1] = fmaf(av[mt][0], bv[nt][1], acc[mt][nt][1]);
-            acc[mt][nt][2] = fmaf(av[mt][1], bv[nt][0], acc[mt][nt][2]);
-            acc[mt][nt][3] = fmaf(av[mt][1], bv[nt][1], acc[mt][nt][3]);
-          }
-      }
-      __syncthreads();
-    }
-  }
+  gemm_epilogue<T, MT, kNT, C::kBM, kGemmThreads>(acc, smem, p, m0, n0, wr0, wc0, g, t, tid);
+}
 
-  // Bias, activation, store.
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
-  const int act = static_cast<int>(a.activation);
-  float bv[kNT][2];
+// ---------------------------------------------------------------------------------------------------------
+// qgemm on Hopper's warpgroup MMA (sm_90a only; paths kPathWgmmaS8 / kPathWgmmaE4M3, bits 4)
+// ---------------------------------------------------------------------------------------------------------
+// CTA tile 128 x 128, 256 threads = 2 warpgroups; warpgroup w computes rows 64 w .. 64 w + 63 with
+// wgmma.mma_async m64n128k32 (s8 or e4m3, both operands from shared memory). Per group of 64 K:
+//  1. the packed 4-bit A and B tiles arrive through a 4-stage cp.async ring (the mma.sync kernel's stages);
+//  2. all 256 threads unpack a group into 8-bit codes (the s8 or e4m3 bytes of paths (b) / (c) above) in the
+//     canonical K-major layout without swizzle: 8-row x 16-byte "core matrices" of 128 contiguous bytes, the
+//     two core matrices of a k32 step adjacent (leading byte offset 128), 8-row groups 256 bytes apart
+//     (stride byte offset 256); two such buffers alternate between groups. Which K element lands where does
+//     not matter as long as A and B agree (a group's dot is a sum), so the cheap even/odd nibble split is used.
+//     fence.proxy.async (the tensor cores read what ordinary stores wrote) and a barrier publish it;
+//  3. group kt: two wgmma (k32 each; the first with scale-d = 0, so no other instruction ever writes the
+//     accumulators), committed together; while they run, the threads unpack group kt + 1 into the other
+//     buffer; then wgmma.wait_group 0 and the group's dots are scaled into the fp32 accumulators,
+//     acc += (dot * wscale[n]) * ascale[m] (s8: the int32 bits through the magic-number step above; e4m3:
+//     the fp32 result directly, exact as in path (c)).
+// Reading one accumulator set while the next group's MMAs run (two sets) made ptxas serialize the wgmma
+// (C7514) and spill at 255 registers; one set uses ~200 registers and no local memory.
+// A first version: no warp specialisation, no TMA; the next steps (a producer warpgroup that loads and
+// unpacks, setmaxnreg, 128-byte swizzle, scaling overlapped with the other warpgroup's MMAs) wait for an H100
+// to measure this one.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define VELODIFF_QGEMM_WGMMA 1
+#else
+#define VELODIFF_QGEMM_WGMMA 0
+#endif
+
+// 1 in the device code built for sm_90a, 0 in every other image: the host asks before it picks a wgmma path.
+__device__ int g_qgemm_wgmma_built = VELODIFF_QGEMM_WGMMA;
+
+constexpr int kPathWgmmaS8 = 4, kPathWgmmaE4M3 = 5;
+constexpr int kWgBM = 128;                                   // CTA rows (2 warpgroups x 64)
+constexpr int kWgPacked = kStages * GemmConfig<4, 4>::kStageBytes;  // the cp.async ring (4 x 8 KiB)
+constexpr int kWgKStep = 128 * 32;                           // one operand's k32 step: 128 rows x 32 bytes
+constexpr int kWgOperand = 2 * kWgKStep;                     // one operand's group: 8 KiB
+constexpr int kWgUnpacked = 2 * kWgOperand;                  // A and B of one group: 16 KiB
+constexpr int kWgScalesOff = kWgPacked + 2 * kWgUnpacked;    // two buffers of 128 float wscales
+constexpr int kWgSmemBytes = kWgScalesOff + 2 * kBN * 4;     // 66560
+static_assert(GemmConfig<4, 4>::kBM == kWgBM, "the wgmma kernel reuses the 128-row cp.async stage");
+static_assert(kWgSmemBytes >= (kWgBM + kBN) * (kRankChunk + 1) * 4, "epilogue staging must fit");
+
+__device__ __forceinline__ void fence_proxy_async() {
+#if VELODIFF_QGEMM_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if VELODIFF_QGEMM_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if VELODIFF_QGEMM_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if VELODIFF_QGEMM_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving reads of an accumulator register above the wgmma.wait that completes it.
+__device__ __forceinline__ void fence_reg(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading byte offset
+// (between the core matrices adjacent in K) and stride byte offset (between 8-row groups), all >> 4; no swizzle.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem_ptr) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(128 >> 4) << 16) |
+         (static_cast<uint64_t>(256 >> 4) << 32);
+}
+
+#define VELODIFF_WG_D64                                                                                      \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, " \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define VELODIFF_WG_OUT(C, d)                                                                                  \
+  C(d[0]), C(d[1]), C(d[2]), C(d[3]), C(d[4]), C(d[5]), C(d[6]), C(d[7]), C(d[8]), C(d[9]), C(d[10]),          \
+      C(d[11]), C(d[12]), C(d[13]), C(d[14]), C(d[15]), C(d[16]), C(d[17]), C(d[18]), C(d[19]), C(d[20]),      \
+      C(d[21]), C(d[22]), C(d[23]), C(d[24]), C(d[25]), C(d[26]), C(d[27]), C(d[28]), C(d[29]), C(d[30]),      \
+      C(d[31]), C(d[32]), C(d[33]), C(d[34]), C(d[35]), C(d[36]), C(d[37]), C(d[38]), C(d[39]), C(d[40]),      \
+      C(d[41]), C(d[42]), C(d[43]), C(d[44]), C(d[45]), C(d[46]), C(d[47]), C(d[48]), C(d[49]), C(d[50]),      \
+      C(d[51]), C(d[52]), C(d[53]), C(d[54]), C(d[55]), C(d[56]), C(d[57]), C(d[58]), C(d[59]), C(d[60]),      \
+      C(d[61]), C(d[62]), C(d[63])
+#define VELODIFF_WG_R(x) "+r"(x)
+#define VELODIFF_WG_F(x) "+f"(x)
+
+// d (=|+=) A (64 x 32, smem) * B (32 x 128, smem); the accumulator layout is that of 16 m16n8 tiles per warp:
+// d[4 j + i] = row 16 (warp % 4) + g + 8 (i / 2), column 8 j + 2 t + i % 2.
+__device__ __forceinline__ void wgmma_s8(int (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+#if VELODIFF_QGEMM_WGMMA
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 " VELODIFF_WG_D64 ", %64, %65, p;\n}\n"
+               : VELODIFF_WG_OUT(VELODIFF_WG_R, d)
+               : "l"(da), "l"(db), "r"(scale_d));
+#else
+  (void)d, (void)da, (void)db, (void)scale_d;
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_e4m3(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+#if VELODIFF_QGEMM_WGMMA
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " VELODIFF_WG_D64 ", %64, %65, p, 1, 1;\n}\n"
+               : VELODIFF_WG_OUT(VELODIFF_WG_F, d)
+               : "l"(da), "l"(db), "r"(scale_d));
+#else
+  (void)d, (void)da, (void)db, (void)scale_d;
+  __trap();
+#endif
+}
+
+// Unpacks group `group` (packed stage `stage`: A rows 0..127, then B rows 0..127, 32 bytes each) into the
+// canonical layout at `u`, stages its wscales in `ws` and loads this thread's ascales; zeros for group >= ng.
+template <typename T, bool FP8>
+__device__ __forceinline__ void wg_unpack(uint8_t* u, float* ws, float (&as)[2], const uint8_t* stage,
+                                          const QGemmArgs& a, int64_t n0, int64_t ng, int64_t group, int64_t arow,
+                                          int tid) {
+  const bool real = group < ng;
+  const int64_t gi = real ? group : 0;
+  const int row = tid >> 1, h = tid & 1;  // this thread's tasks: row `row`, K half h, of A (q = 0) and B (q = 1)
 #pragma unroll
-  for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int64_t n = col0 + nt * 8 + c;
-      bv[nt][c] = (bias != nullptr && n < N) ? to_f(bias[n]) : 0.f;
+  for (int q = 0; q < 2; ++q) {
+    uint4 w = *reinterpret_cast<const uint4*>(stage + (q * kWgBM + row) * 32 + h * 16);
+    if (!real) w = make_uint4(0u, 0u, 0u, 0u);
+    uint4 lo, hi;  // core matrix 0 (bytes 0..15 of the k32 step) and 1 (bytes 16..31)
+    if constexpr (FP8) {
+      lo = make_uint4(nib_even_e4m3(w.x), nib_odd_e4m3(w.x), nib_even_e4m3(w.y), nib_odd_e4m3(w.y));
+      hi = make_uint4(nib_even_e4m3(w.z), nib_odd_e4m3(w.z), nib_even_e4m3(w.w), nib_odd_e4m3(w.w));
+    } else {
+      lo = make_uint4(nib_even_x16(w.x), nib_odd_x16(w.x), nib_even_x16(w.y), nib_odd_x16(w.y));
+      hi = make_uint4(nib_even_x16(w.z), nib_odd_x16(w.z), nib_even_x16(w.w), nib_odd_x16(w.w));
     }
+    uint8_t* dst = u + q * kWgOperand + h * kWgKStep + (row >> 3) * 256 + (row & 7) * 16;
+    *reinterpret_cast<uint4*>(dst) = lo;
+    *reinterpret_cast<uint4*>(dst + 128) = hi;
+  }
+  if (tid < kBN) {
+    const int64_t n = n0 + tid;
+    ws[tid] = (real && n < a.N) ? to_f(static_cast<const T*>(a.wscales)[n * ng + gi]) : 0.f;
+  }
+  constexpr float kFactor = FP8 ? 262144.f : 1.f / 256.f;  // undo the x 2^-9 (e4m3) or x 16 (s8) per operand
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int i = 0; i < 2; ++i) {
+    const int64_t m = arow + 8 * i;
+    as[i] = (real && m < a.M) ? __ldg(a.ascales + m * ng + gi) * kFactor : 0.f;
+  }
+}
+
+template <typename T, bool FP8>
+__global__ void __launch_bounds__(kGemmThreads, 1) qgemm_wgmma_kernel(const GemmParams p) {
+  using D = typename std::conditional<FP8, float, int>::type;
+  constexpr int kStage = GemmConfig<4, 4>::kStageBytes;
+  extern __shared__ uint4 smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw);
+  const QGemmArgs& a = p.a;
+  const int64_t ng = a.K / kQGroup;
+  const int64_t row_bytes = a.K / 2;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kWgBM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3, wg = warp >> 2;
+  const int wr0 = wg * 64 + (warp & 3) * 16;  // this warp's first row in the CTA tile
+  const int64_t arow = m0 + wr0 + g;          // global row of the thread's first accumulator row
+  const uint8_t* qx = static_cast<const uint8_t*>(a.qx);
+  const uint8_t* qw = static_cast<const uint8_t*>(a.qw);
+  uint8_t* unpacked = smem + kWgPacked;
+  float* wsbuf = reinterpret_cast<float*>(smem + kWgScalesOff);
+
+  float acc[1][16][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t m = row0 + mt * 16 + h * 8;
-      if (m >= M) continue;
+  for (int j = 0; j < 16; ++j)
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        const int64_t n = col0 + nt * 8;
-        const float v0 = activate(acc[mt][nt][2 * h] + bv[nt][0], act);
-        const float v1 = activate(acc[mt][nt][2 * h + 1] + bv[nt][1], act);
-        T* out = y + m * N + n;
-        if (p.pair_store && n + 1 < N) {
-          store_pair<T>(out, v0, v1);
-        } else {
-          if (n < N) out[0] = from_f<T>(v0);
-          if (n + 1 < N) out[1] = from_f<T>(v1);
-        }
+    for (int i = 0; i < 4; ++i) acc[0][j][i] = 0.f;
+  D d[64];
+  float as[2], as_next[2];
+
+  // The ring runs one group ahead of the mma.sync kernel's: group kt + 1 is unpacked while group kt's MMAs run,
+  // so the prologue fills all kStages slots and iteration kt refills the slot of group kt with group kt + 4.
+#pragma unroll
+  for (int s = 0; s < kStages; ++s) {
+    if (s < ng) load_stage<4, 4>(smem + s * kStage, qx, qw, a.M, a.N, m0, n0, row_bytes, s, tid);
+    cp_async_commit();
+  }
+  cp_async_wait<kStages - 1>();
+  __syncthreads();
+  wg_unpack<T, FP8>(unpacked, wsbuf, as, smem, a, n0, ng, 0, arow, tid);
+  fence_proxy_async();
+  __syncthreads();  // group 0 is unpacked and visible to the tensor cores
+
+  for (int64_t kt = 0; kt < ng; ++kt) {
+    const int b = static_cast<int>(kt & 1);
+    uint8_t* u = unpacked + b * kWgUnpacked;
+    // 1. Issue this group's two k32 MMAs (the first one overwrites d: scale-d = 0).
+    wgmma_fence();
+#pragma unroll
+    for (int kh = 0; kh < 2; ++kh) {
+      const uint64_t da = wgmma_desc(u + kh * kWgKStep + wg * 64 / 8 * 256);
+      const uint64_t db = wgmma_desc(u + kWgOperand + kh * kWgKStep);
+      if constexpr (FP8)
+        wgmma_e4m3(d, da, db, kh);
+      else
+        wgmma_s8(d, da, db, kh);
+    }
+    wgmma_commit();
+    // 2. While the tensor cores run: refill the ring and unpack the next group into the other buffer.
+    cp_async_wait<kStages - 2>();  // of the groups committed (up to kt + 3), at most kt + 2 and kt + 3 pending
+    __syncthreads();  // stage kt + 1 has landed for every thread's copies
+    const int64_t nk = kt + kStages;
+    if (nk < ng) load_stage<4, 4>(smem + (nk % kStages) * kStage, qx, qw, a.M, a.N, m0, n0, row_bytes, nk, tid);
+    cp_async_commit();
+    wg_unpack<T, FP8>(unpacked + (1 - b) * kWgUnpacked, wsbuf + (1 - b) * kBN, as_next,
+                      smem + ((kt + 1) % kStages) * kStage, a, n0, ng, kt + 1, arow, tid);
+    // 3. Wait for this group's MMAs and scale the group dots into acc: acc += (dot * wscale) * ascale.
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) fence_reg(d[i]);
+    const float* ws = wsbuf + b * kBN;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 w = *reinterpret_cast<const float2*>(ws + 8 * j + 2 * t);
+      float dot[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (FP8)
+          dot[i] = d[4 * j + i];
+        else  // int32 -> fp32 exactly: (dot + 0x4B400000) read as a float is 1.5 * 2^23 + dot (|dot| < 2^22)
+          dot[i] = __int_as_float(d[4 * j + i] + int(kMagicBits)) - kMagic;
       }
+      acc[0][j][0] = fmaf(dot[0] * w.x, as[0], acc[0][j][0]);
+      acc[0][j][1] = fmaf(dot[1] * w.y, as[0], acc[0][j][1]);
+      acc[0][j][2] = fmaf(dot[2] * w.x, as[1], acc[0][j][2]);
+      acc[0][j][3] = fmaf(dot[3] * w.y, as[1], acc[0][j][3]);
     }
+    as[0] = as_next[0];
+    as[1] = as_next[1];
+    fence_proxy_async();
+    __syncthreads();  // group kt + 1 is unpacked and visible; everyone is done with buffer b
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the shared memory is free for the epilogue
+
+  gemm_epilogue<T, 1, 16, kWgBM, kGemmThreads>(acc, smem, p, m0, n0, wr0, 0, g, t, tid);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -686,6 +948,8 @@ int resolve_path(QTensorPath requested, int cc) {
     case QTensorPath::kS4: return cc < 90 ? kPathS4 : 0;
     case QTensorPath::kS8: return kPathS8;
     case QTensorPath::kE4M3: return cc >= 89 ? kPathE4M3 : 0;
+    case QTensorPath::kWgmmaS8: return cc == 90 ? kPathWgmmaS8 : 0;
+    case QTensorPath::kWgmmaE4M3: return cc == 90 ? kPathWgmmaE4M3 : 0;
   }
   return 0;
 }
@@ -704,27 +968,32 @@ cudaError_t launch_quantize(const QuantizeActArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int BITS, int MT, int PATH>
-cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
-  using C = GemmConfig<BITS, MT>;
-  auto kernel = qgemm_kernel<T, BITS, MT, PATH>;
-  if (C::kSmemBytes > 48 * 1024) {
-    // Opt in to more than 48 KiB of dynamic shared memory, once per device (the attribute is per device).
+// Launches the GEMM kernel `kernel` on a grid of BM x 128 tiles with `smem` bytes of dynamic shared memory.
+template <int BM, auto kernel>
+cudaError_t launch_tiles(int smem, const GemmParams& p, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    // Opt in to more than 48 KiB of dynamic shared memory, once per device and kernel (the attribute is per
+    // device; each instantiation of this template is one kernel, with its own flags).
     static std::atomic<uint64_t> done{0};
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
     const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
     if (bit == 0 || (done.load(std::memory_order_relaxed) & bit) == 0) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (err != cudaSuccess) return err;
       done.fetch_or(bit, std::memory_order_relaxed);
     }
   }
-  const dim3 grid(static_cast<unsigned>((p.a.M + C::kBM - 1) / C::kBM),
-                  static_cast<unsigned>((p.a.N + kBN - 1) / kBN));
-  kernel<<<grid, kGemmThreads, C::kSmemBytes, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>((p.a.M + BM - 1) / BM), static_cast<unsigned>((p.a.N + kBN - 1) / kBN));
+  kernel<<<grid, kGemmThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int BITS, int MT, int PATH>
+cudaError_t launch_gemm_tile(const GemmParams& p, cudaStream_t stream) {
+  using C = GemmConfig<BITS, MT>;
+  return launch_tiles<C::kBM, qgemm_kernel<T, BITS, MT, PATH>>(C::kSmemBytes, p, stream);
 }
 
 template <typename T, int BITS, int PATH>
@@ -746,6 +1015,8 @@ cudaError_t launch_gemm(const QGemmArgs& a, int path, int sms, cudaStream_t stre
   switch (path) {
     case kPathS4: return launch_gemm_bits<T, 4, kPathS4>(p, sms, stream);
     case kPathE4M3: return launch_gemm_bits<T, 4, kPathE4M3>(p, sms, stream);
+    case kPathWgmmaS8: return launch_tiles<kWgBM, qgemm_wgmma_kernel<T, false>>(kWgSmemBytes, p, stream);
+    case kPathWgmmaE4M3: return launch_tiles<kWgBM, qgemm_wgmma_kernel<T, true>>(kWgSmemBytes, p, stream);
     default: return launch_gemm_bits<T, 4, kPathS8>(p, sms, stream);
   }
 }
@@ -769,6 +1040,24 @@ int quantize_act_cuda(const QuantizeActArgs& a, void* stream) {
   return cudaErrorInvalidValue;
 }
 
+int qgemm_cuda_wgmma_built(bool& built) {
+  // Read once per device (a synchronous copy: never on the hot path, and not first inside a graph capture).
+  static std::atomic<int> known[64];  // 0 = not read yet, 1 = no, 2 = yes
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 64 && known[device].load(std::memory_order_relaxed) != 0) {
+    built = known[device].load(std::memory_order_relaxed) == 2;
+    return cudaSuccess;
+  }
+  int value = 0;
+  err = cudaMemcpyFromSymbol(&value, g_qgemm_wgmma_built, sizeof(int));
+  if (err != cudaSuccess) return err;
+  built = value == 1;
+  if (device < 64) known[device].store(built ? 2 : 1, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 int qgemm_cuda(const QGemmArgs& a, void* stream) {
   if (a.bits != 4 && a.bits != 8) return cudaErrorInvalidValue;
   if (a.M < 0 || a.N < 0 || a.K < 0 || a.R < 0 || a.K % kQGroup != 0) return cudaErrorInvalidValue;
@@ -786,6 +1075,12 @@ int qgemm_cuda(const QGemmArgs& a, void* stream) {
   if (major < 8) return cudaErrorNotSupported;  // mma.sync integer shapes and cp.async need sm_80
   const int path = a.bits == 4 ? resolve_path(a.tensor_path, major * 10 + minor) : kPathS8;
   if (path == 0) return cudaErrorNotSupported;
+  if (path == kPathWgmmaS8 || path == kPathWgmmaE4M3) {  // those kernels trap in an image without sm_90a code
+    bool built = false;
+    err = static_cast<cudaError_t>(qgemm_cuda_wgmma_built(built));
+    if (err != cudaSuccess) return err;
+    if (!built) return cudaErrorNotSupported;
+  }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
     case QDtype::kFloat16: return launch_gemm<__half>(a, path, sms, s);
