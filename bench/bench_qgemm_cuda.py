@@ -12,7 +12,8 @@ Per shape (M tokens, K in, N out):
               gives about 1e-3; above 1e-2 the row is marked FAILED and the timings mean nothing)
   q4_<path>_us, err4_<path>  the 4-bit GEMM on each tensor-core path this GPU has (VELODIFF_QGEMM_TC: s4 below
               sm_90, s8 = 4-bit storage on INT8 tensor cores, e4m3 = on FP8 tensor cores from sm_89 on,
-              wgmma-s8 / wgmma-e4m3 = the same on Hopper's warpgroup MMA, sm_90 with a 90a build);
+              wgmma-s8 / wgmma-e4m3 = the same on Hopper's warpgroup MMA, sm_90 with a 90a build, with CTAs of
+              64 rows (two per SM) or, suffix -128, 128 rows);
               best4 names the fastest per shape. q4_us is the default path (auto).
 Times are medians of CUDA-event-timed batches, launched behind a GPU sleep so that host overhead stays out;
 inputs rotate over several sets when one set fits in L2. Usage:
@@ -93,7 +94,7 @@ def tensor_paths() -> list[str]:
     if cc == 90:
         from velodiff import _C
         if "90a" in str(_C.build_info().get("cuda_archs", "")):  # the wgmma kernels exist only in sm_90a code
-            paths += ["wgmma-s8", "wgmma-e4m3"]
+            paths += ["wgmma-s8", "wgmma-e4m3", "wgmma-s8-128", "wgmma-e4m3-128"]
     return paths
 
 

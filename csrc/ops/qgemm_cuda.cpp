@@ -24,7 +24,7 @@ at::Tensor aligned16(const at::Tensor& t) {
 // The tensor-core path of 4-bit GEMMs from VELODIFF_QGEMM_TC (auto, s4, s8, e4m3, wgmma-s8, wgmma-e4m3; see
 // QTensorPath in velodiff/qgemm.h), checked against the current device and the build. Read on every call so a
 // benchmark can switch it.
-QTensorPath tensor_path_from_env() {
+QTensorPath tensor_path_from_env(int& wgmma_rows) {
   const char* e = std::getenv("VELODIFF_QGEMM_TC");
   if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return QTensorPath::kAuto;
   int device = 0, major = 0, minor = 0;
@@ -44,17 +44,23 @@ QTensorPath tensor_path_from_env() {
                       cc, "; use s4 or s8, or unset it");
     return QTensorPath::kE4M3;
   }
-  const bool wg_s8 = std::strcmp(e, "wgmma-s8") == 0, wg_e4m3 = std::strcmp(e, "wgmma-e4m3") == 0;
-  if (wg_s8 || wg_e4m3) {
-    TORCH_CHECK_VALUE(cc == 90, "VELODIFF_QGEMM_TC=", e, " needs Hopper's warpgroup MMA (sm_90); this GPU is sm_", cc,
-                      "; use ", cc >= 89 ? "s4, s8 or e4m3" : "s4 or s8", ", or unset it");
+  // wgmma-s8 / wgmma-e4m3, optionally with the CTA rows: -64 (the default) or -128.
+  const bool wg_s8 = std::strncmp(e, "wgmma-s8", 8) == 0, wg_e4m3 = std::strncmp(e, "wgmma-e4m3", 10) == 0;
+  const char* rows = e + (wg_s8 ? 8 : wg_e4m3 ? 10 : 0);
+  const bool rows_ok = *rows == 0 || std::strcmp(rows, "-64") == 0 || std::strcmp(rows, "-128") == 0;
+  if ((wg_s8 || wg_e4m3) && rows_ok) {
+    wgmma_rows = std::strcmp(rows, "-128") == 0 ? 128 : 64;
+    const char* others = cc < 89 ? "s4 or s8" : cc < 90 ? "s4, s8 or e4m3" : "s8 or e4m3";
+    TORCH_CHECK_VALUE(cc == 90, "VELODIFF_QGEMM_TC=", e, " needs Hopper's warpgroup MMA (sm_90); this GPU is sm_",
+                      cc, "; use ", others, ", or unset it");
     bool built = false;
     TORCH_CHECK(qgemm_cuda_wgmma_built(built) == 0, "qgemm: cannot query the loaded CUDA kernels");
     TORCH_CHECK_VALUE(built, "VELODIFF_QGEMM_TC=", e, ": this build of velodiff has no sm_90a code; rebuild with "
                       "VELODIFF_CUDA_ARCHS=90a (pip install --no-build-isolation .), or unset it");
     return wg_s8 ? QTensorPath::kWgmmaS8 : QTensorPath::kWgmmaE4M3;
   }
-  TORCH_CHECK_VALUE(false, "VELODIFF_QGEMM_TC=", e, ": expected auto, s4, s8, e4m3, wgmma-s8 or wgmma-e4m3");
+  TORCH_CHECK_VALUE(false, "VELODIFF_QGEMM_TC=", e,
+                    ": expected auto, s4, s8, e4m3, wgmma-s8 or wgmma-e4m3 (the last two optionally with -64 or -128)");
 }
 
 void check_launch(const char* op, int err) {
@@ -85,7 +91,7 @@ at::Tensor qgemm_cuda_op(const at::Tensor& qx, const at::Tensor& ascales, const 
   at::Tensor y;
   QGemmArgs a =
       prepare_qgemm(qx16, ascales, qw16, wscales, bias, lora_act, lora_up, lora_scales, bits, activation, y);
-  if (bits == 4) a.tensor_path = tensor_path_from_env();
+  if (bits == 4) a.tensor_path = tensor_path_from_env(a.wgmma_rows);
   check_launch("qgemm", qgemm_cuda(a, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

@@ -152,7 +152,7 @@ def test_end_to_end_close_to_float_matmul(device, bits, bound):
 
 # --- CUDA: every 4-bit tensor-core path, every CTA tile -------------------------------------------------------
 
-TENSOR_PATHS = ["auto", "s4", "s8", "e4m3", "wgmma-s8", "wgmma-e4m3"]
+TENSOR_PATHS = ["auto", "s4", "s8", "e4m3", "wgmma-s8", "wgmma-e4m3", "wgmma-s8-128", "wgmma-e4m3-128"]
 
 
 def cuda_capability():
@@ -213,14 +213,15 @@ def test_qgemm_cta_tiles(monkeypatch, path, tile, bits):
 @pytest.mark.cuda
 def test_qgemm_tensor_path_errors(monkeypatch):
     args = to(make_gemm(8, 64, 8, 0, torch.float16, 4), "cuda")
-    monkeypatch.setenv("VELODIFF_QGEMM_TC", "int3")
-    with pytest.raises(ValueError, match="VELODIFF_QGEMM_TC=int3: expected auto, s4, s8, e4m3, wgmma-s8 or "
-                                         "wgmma-e4m3"):
-        qgemm(**args, bits=4)
+    for path in ("int3", "wgmma-s8-32", "wgmma"):
+        monkeypatch.setenv("VELODIFF_QGEMM_TC", path)
+        with pytest.raises(ValueError, match=f"VELODIFF_QGEMM_TC={path}: expected auto, s4, s8, e4m3, wgmma-s8 or "
+                                             "wgmma-e4m3"):
+            qgemm(**args, bits=4)
     cc = cuda_capability()
     bad = ["s4"] if cc >= 90 else ["e4m3"] if cc < 89 else []
     if cc != 90:
-        bad += ["wgmma-s8", "wgmma-e4m3"]
+        bad += ["wgmma-s8", "wgmma-e4m3", "wgmma-e4m3-128"]
     for path in bad:
         monkeypatch.setenv("VELODIFF_QGEMM_TC", path)
         with pytest.raises(ValueError, match=f"VELODIFF_QGEMM_TC={path}"):

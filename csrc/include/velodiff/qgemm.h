@@ -87,6 +87,7 @@ struct QGemmArgs {
   int bits = 4;
   QActivation activation = QActivation::kNone;
   QTensorPath tensor_path = QTensorPath::kAuto;  // CUDA only; the CPU kernel ignores it
+  int wgmma_rows = 0;  // CUDA wgmma paths only: CTA rows, 64 (one warpgroup, two CTAs per SM; 0 = this) or 128
 };
 
 }  // namespace velodiff

@@ -361,8 +361,9 @@ struct GemmConfig {
   static constexpr int kSmemBytes = kPipeBytes > kLoraBytes ? kPipeBytes : kLoraBytes;
 };
 
-// One group of A [BM rows x kGroupBytes] and B [128 rows x kGroupBytes] into a stage, 16 bytes per cp.async.
-template <int BITS, int MT>
+// One group of A [BM rows x kGroupBytes] and B [128 rows x kGroupBytes] into a stage, 16 bytes per cp.async,
+// by NTHREADS threads.
+template <int BITS, int MT, int NTHREADS = kGemmThreads>
 __device__ __forceinline__ void load_stage(uint8_t* stage, const uint8_t* __restrict__ qx,
                                            const uint8_t* __restrict__ qw, int64_t M, int64_t N, int64_t m0,
                                            int64_t n0, int64_t row_bytes, int64_t group, int tid) {
@@ -370,7 +371,7 @@ __device__ __forceinline__ void load_stage(uint8_t* stage, const uint8_t* __rest
   constexpr int kChunks = C::kGroupBytes / 16;
   const int64_t goff = group * C::kGroupBytes;
 #pragma unroll
-  for (int c = tid; c < (C::kBM + kBN) * kChunks; c += kGemmThreads) {
+  for (int c = tid; c < (C::kBM + kBN) * kChunks; c += NTHREADS) {
     const int row = c / kChunks, part = c % kChunks;
     const bool is_a = row < C::kBM;
     const int64_t r = is_a ? m0 + row : n0 + (row - C::kBM);
@@ -682,10 +683,11 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
 // ---------------------------------------------------------------------------------------------------------
 // qgemm on Hopper's warpgroup MMA (sm_90a only; paths kPathWgmmaS8 / kPathWgmmaE4M3, bits 4)
 // ---------------------------------------------------------------------------------------------------------
-// CTA tile 128 x 128, 256 threads = 2 warpgroups; warpgroup w computes rows 64 w .. 64 w + 63 with
+// CTA tile 64 WGS x 128 with WGS = 1 or 2 warpgroups (QGemmArgs::wgmma_rows; 1 is the default: two CTAs per
+// SM, so that one's MMAs can run while the other scales); warpgroup w computes rows 64 w .. 64 w + 63 with
 // wgmma.mma_async m64n128k32 (s8 or e4m3, both operands from shared memory). Per group of 64 K:
 //  1. the packed 4-bit A and B tiles arrive through a 4-stage cp.async ring (the mma.sync kernel's stages);
-//  2. all 256 threads unpack a group into 8-bit codes (the s8 or e4m3 bytes of paths (b) / (c) above) in the
+//  2. all threads unpack a group into 8-bit codes (the s8 or e4m3 bytes of paths (b) / (c) above) in the
 //     canonical K-major layout without swizzle: 8-row x 16-byte "core matrices" of 128 contiguous bytes, the
 //     two core matrices of a k32 step adjacent (leading byte offset 128), 8-row groups 256 bytes apart
 //     (stride byte offset 256); two such buffers alternate between groups. Which K element lands where does
@@ -711,15 +713,24 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
 __device__ int g_qgemm_wgmma_built = VELODIFF_QGEMM_WGMMA;
 
 constexpr int kPathWgmmaS8 = 4, kPathWgmmaE4M3 = 5;
-constexpr int kWgBM = 128;                                   // CTA rows (2 warpgroups x 64)
-constexpr int kWgPacked = kStages * GemmConfig<4, 4>::kStageBytes;  // the cp.async ring (4 x 8 KiB)
-constexpr int kWgKStep = 128 * 32;                           // one operand's k32 step: 128 rows x 32 bytes
-constexpr int kWgOperand = 2 * kWgKStep;                     // one operand's group: 8 KiB
-constexpr int kWgUnpacked = 2 * kWgOperand;                  // A and B of one group: 16 KiB
-constexpr int kWgScalesOff = kWgPacked + 2 * kWgUnpacked;    // two buffers of 128 float wscales
-constexpr int kWgSmemBytes = kWgScalesOff + 2 * kBN * 4;     // 66560
-static_assert(GemmConfig<4, 4>::kBM == kWgBM, "the wgmma kernel reuses the 128-row cp.async stage");
-static_assert(kWgSmemBytes >= (kWgBM + kBN) * (kRankChunk + 1) * 4, "epilogue staging must fit");
+// Shared memory of the wgmma kernel with WGS warpgroups (CTA tile 64 WGS x 128): the cp.async ring of packed
+// groups, two unpacked groups (A then B, each as two k32 steps), two buffers of 128 float wscales.
+template <int WGS>
+struct WgConfig {
+  static constexpr int kThreads = 128 * WGS;
+  static constexpr int kBM = 64 * WGS;
+  static constexpr int kMT = 2 * WGS;                                // GemmConfig<4, kMT>::kBM == kBM
+  static constexpr int kStageBytes = GemmConfig<4, kMT>::kStageBytes;  // (kBM + 128) rows x 32 bytes
+  static constexpr int kPacked = kStages * kStageBytes;
+  static constexpr int kAStep = kBM * 32;                            // A's k32 step: kBM rows x 32 bytes
+  static constexpr int kBStep = kBN * 32;                            // B's: 128 rows x 32 bytes
+  static constexpr int kUnpacked = 2 * kAStep + 2 * kBStep;          // one group, A and B
+  static constexpr int kScalesOff = kPacked + 2 * kUnpacked;
+  static constexpr int kSmemBytes = kScalesOff + 2 * kBN * 4;        // WGS 2: 66560, WGS 1: 50176
+  static_assert(GemmConfig<4, kMT>::kBM == kBM, "the ring's stage holds kBM A rows");
+  static_assert(kSmemBytes >= (kBM + kBN) * (kRankChunk + 1) * 4, "epilogue staging must fit");
+  static_assert(2 * kSmemBytes <= 227 * 1024 || WGS == 2, "two CTAs of one warpgroup must fit an SM");
+};
 
 __device__ __forceinline__ void fence_proxy_async() {
 #if VELODIFF_QGEMM_WGMMA
@@ -794,18 +805,19 @@ __device__ __forceinline__ void wgmma_e4m3(float (&d)[64], uint64_t da, uint64_t
 #endif
 }
 
-// Unpacks group `group` (packed stage `stage`: A rows 0..127, then B rows 0..127, 32 bytes each) into the
+// Unpacks group `group` (packed stage `stage`: kBM A rows, then 128 B rows, 32 bytes each) into the
 // canonical layout at `u`, stages its wscales in `ws` and loads this thread's ascales; zeros for group >= ng.
-template <typename T, bool FP8>
+template <typename T, bool FP8, int WGS>
 __device__ __forceinline__ void wg_unpack(uint8_t* u, float* ws, float (&as)[2], const uint8_t* stage,
                                           const QGemmArgs& a, int64_t n0, int64_t ng, int64_t group, int64_t arow,
                                           int tid) {
+  using W = WgConfig<WGS>;
   const bool real = group < ng;
   const int64_t gi = real ? group : 0;
-  const int row = tid >> 1, h = tid & 1;  // this thread's tasks: row `row`, K half h, of A (q = 0) and B (q = 1)
 #pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    uint4 w = *reinterpret_cast<const uint4*>(stage + (q * kWgBM + row) * 32 + h * 16);
+  for (int task = tid; task < (W::kBM + kBN) * 2; task += W::kThreads) {  // a stage row and one K half of it
+    const int row = task >> 1, h = task & 1;
+    uint4 w = *reinterpret_cast<const uint4*>(stage + row * 32 + h * 16);
     if (!real) w = make_uint4(0u, 0u, 0u, 0u);
     uint4 lo, hi;  // core matrix 0 (bytes 0..15 of the k32 step) and 1 (bytes 16..31)
     if constexpr (FP8) {
@@ -815,7 +827,9 @@ __device__ __forceinline__ void wg_unpack(uint8_t* u, float* ws, float (&as)[2],
       lo = make_uint4(nib_even_x16(w.x), nib_odd_x16(w.x), nib_even_x16(w.y), nib_odd_x16(w.y));
       hi = make_uint4(nib_even_x16(w.z), nib_odd_x16(w.z), nib_even_x16(w.w), nib_odd_x16(w.w));
     }
-    uint8_t* dst = u + q * kWgOperand + h * kWgKStep + (row >> 3) * 256 + (row & 7) * 16;
+    const bool is_a = row < W::kBM;
+    const int r = is_a ? row : row - W::kBM;
+    uint8_t* dst = u + (is_a ? h * W::kAStep : 2 * W::kAStep + h * W::kBStep) + (r >> 3) * 256 + (r & 7) * 16;
     *reinterpret_cast<uint4*>(dst) = lo;
     *reinterpret_cast<uint4*>(dst + 128) = hi;
   }
@@ -831,16 +845,19 @@ __device__ __forceinline__ void wg_unpack(uint8_t* u, float* ws, float (&as)[2],
   }
 }
 
-template <typename T, bool FP8>
-__global__ void __launch_bounds__(kGemmThreads, 1) qgemm_wgmma_kernel(const GemmParams p) {
+// WGS = 2: one CTA of two warpgroups per SM (~200 registers per thread); WGS = 1: two independent CTAs of one
+// warpgroup per SM, whose MMAs and scaling phases can overlap each other.
+template <typename T, bool FP8, int WGS>
+__global__ void __launch_bounds__(128 * WGS, 3 - WGS) qgemm_wgmma_kernel(const GemmParams p) {
   using D = typename std::conditional<FP8, float, int>::type;
-  constexpr int kStage = GemmConfig<4, 4>::kStageBytes;
+  using W = WgConfig<WGS>;
+  constexpr int kStage = W::kStageBytes;
   extern __shared__ uint4 smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw);
   const QGemmArgs& a = p.a;
   const int64_t ng = a.K / kQGroup;
   const int64_t row_bytes = a.K / 2;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kWgBM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * W::kBM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3, wg = warp >> 2;
@@ -848,8 +865,8 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_wgmma_kernel(const Gemm
   const int64_t arow = m0 + wr0 + g;          // global row of the thread's first accumulator row
   const uint8_t* qx = static_cast<const uint8_t*>(a.qx);
   const uint8_t* qw = static_cast<const uint8_t*>(a.qw);
-  uint8_t* unpacked = smem + kWgPacked;
-  float* wsbuf = reinterpret_cast<float*>(smem + kWgScalesOff);
+  uint8_t* unpacked = smem + W::kPacked;
+  float* wsbuf = reinterpret_cast<float*>(smem + W::kScalesOff);
 
   float acc[1][16][4];
 #pragma unroll
@@ -863,24 +880,24 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_wgmma_kernel(const Gemm
   // so the prologue fills all kStages slots and iteration kt refills the slot of group kt with group kt + 4.
 #pragma unroll
   for (int s = 0; s < kStages; ++s) {
-    if (s < ng) load_stage<4, 4>(smem + s * kStage, qx, qw, a.M, a.N, m0, n0, row_bytes, s, tid);
+    if (s < ng) load_stage<4, W::kMT, W::kThreads>(smem + s * kStage, qx, qw, a.M, a.N, m0, n0, row_bytes, s, tid);
     cp_async_commit();
   }
   cp_async_wait<kStages - 1>();
   __syncthreads();
-  wg_unpack<T, FP8>(unpacked, wsbuf, as, smem, a, n0, ng, 0, arow, tid);
+  wg_unpack<T, FP8, WGS>(unpacked, wsbuf, as, smem, a, n0, ng, 0, arow, tid);
   fence_proxy_async();
   __syncthreads();  // group 0 is unpacked and visible to the tensor cores
 
   for (int64_t kt = 0; kt < ng; ++kt) {
     const int b = static_cast<int>(kt & 1);
-    uint8_t* u = unpacked + b * kWgUnpacked;
+    uint8_t* u = unpacked + b * W::kUnpacked;
     // 1. Issue this group's two k32 MMAs (the first one overwrites d: scale-d = 0).
     wgmma_fence();
 #pragma unroll
     for (int kh = 0; kh < 2; ++kh) {
-      const uint64_t da = wgmma_desc(u + kh * kWgKStep + wg * 64 / 8 * 256);
-      const uint64_t db = wgmma_desc(u + kWgOperand + kh * kWgKStep);
+      const uint64_t da = wgmma_desc(u + kh * W::kAStep + wg * 64 / 8 * 256);
+      const uint64_t db = wgmma_desc(u + 2 * W::kAStep + kh * W::kBStep);
       if constexpr (FP8)
         wgmma_e4m3(d, da, db, kh);
       else
@@ -891,9 +908,11 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_wgmma_kernel(const Gemm
     cp_async_wait<kStages - 2>();  // of the groups committed (up to kt + 3), at most kt + 2 and kt + 3 pending
     __syncthreads();  // stage kt + 1 has landed for every thread's copies
     const int64_t nk = kt + kStages;
-    if (nk < ng) load_stage<4, 4>(smem + (nk % kStages) * kStage, qx, qw, a.M, a.N, m0, n0, row_bytes, nk, tid);
+    if (nk < ng)
+      load_stage<4, W::kMT, W::kThreads>(smem + (nk % kStages) * kStage, qx, qw, a.M, a.N, m0, n0, row_bytes, nk,
+                                         tid);
     cp_async_commit();
-    wg_unpack<T, FP8>(unpacked + (1 - b) * kWgUnpacked, wsbuf + (1 - b) * kBN, as_next,
+    wg_unpack<T, FP8, WGS>(unpacked + (1 - b) * W::kUnpacked, wsbuf + (1 - b) * kBN, as_next,
                       smem + ((kt + 1) % kStages) * kStage, a, n0, ng, kt + 1, arow, tid);
     // 3. Wait for this group's MMAs and scale the group dots into acc: acc += (dot * wscale) * ascale.
     wgmma_wait<0>();
@@ -924,7 +943,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_wgmma_kernel(const Gemm
   cp_async_wait<0>();
   __syncthreads();  // the shared memory is free for the epilogue
 
-  gemm_epilogue<T, 1, 16, kWgBM, kGemmThreads>(acc, smem, p, m0, n0, wr0, 0, g, t, tid);
+  gemm_epilogue<T, 1, 16, W::kBM, W::kThreads>(acc, smem, p, m0, n0, wr0, 0, g, t, tid);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -969,7 +988,7 @@ cudaError_t launch_quantize(const QuantizeActArgs& a, cudaStream_t stream) {
 }
 
 // Launches the GEMM kernel `kernel` on a grid of BM x 128 tiles with `smem` bytes of dynamic shared memory.
-template <int BM, auto kernel>
+template <int BM, auto kernel, int NTHREADS = kGemmThreads>
 cudaError_t launch_tiles(int smem, const GemmParams& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     // Opt in to more than 48 KiB of dynamic shared memory, once per device and kernel (the attribute is per
@@ -986,7 +1005,7 @@ cudaError_t launch_tiles(int smem, const GemmParams& p, cudaStream_t stream) {
     }
   }
   const dim3 grid(static_cast<unsigned>((p.a.M + BM - 1) / BM), static_cast<unsigned>((p.a.N + kBN - 1) / kBN));
-  kernel<<<grid, kGemmThreads, smem, stream>>>(p);
+  kernel<<<grid, NTHREADS, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -1006,6 +1025,18 @@ cudaError_t launch_gemm_bits(const GemmParams& p, int sms, cudaStream_t stream) 
   return launch_gemm_tile<T, BITS, 1, PATH>(p, stream);
 }
 
+template <typename T, bool FP8, int WGS>
+cudaError_t launch_wgmma_ctas(const GemmParams& p, cudaStream_t stream) {
+  using W = WgConfig<WGS>;
+  return launch_tiles<W::kBM, qgemm_wgmma_kernel<T, FP8, WGS>, W::kThreads>(W::kSmemBytes, p, stream);
+}
+
+// QGemmArgs::wgmma_rows picks the CTA: 128 rows (two warpgroups) or 64 (one; the default: two CTAs per SM).
+template <typename T, bool FP8>
+cudaError_t launch_wgmma(const GemmParams& p, cudaStream_t stream) {
+  return p.a.wgmma_rows == 128 ? launch_wgmma_ctas<T, FP8, 2>(p, stream) : launch_wgmma_ctas<T, FP8, 1>(p, stream);
+}
+
 template <typename T>
 cudaError_t launch_gemm(const QGemmArgs& a, int path, int sms, cudaStream_t stream) {
   GemmParams p;
@@ -1015,8 +1046,8 @@ cudaError_t launch_gemm(const QGemmArgs& a, int path, int sms, cudaStream_t stre
   switch (path) {
     case kPathS4: return launch_gemm_bits<T, 4, kPathS4>(p, sms, stream);
     case kPathE4M3: return launch_gemm_bits<T, 4, kPathE4M3>(p, sms, stream);
-    case kPathWgmmaS8: return launch_tiles<kWgBM, qgemm_wgmma_kernel<T, false>>(kWgSmemBytes, p, stream);
-    case kPathWgmmaE4M3: return launch_tiles<kWgBM, qgemm_wgmma_kernel<T, true>>(kWgSmemBytes, p, stream);
+    case kPathWgmmaS8: return launch_wgmma<T, false>(p, stream);
+    case kPathWgmmaE4M3: return launch_wgmma<T, true>(p, stream);
     default: return launch_gemm_bits<T, 4, kPathS8>(p, sms, stream);
   }
 }

@@ -148,7 +148,8 @@ def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: to
     On CUDA the environment variable ``VELODIFF_QGEMM_TC`` picks the tensor-core instruction of 4-bit GEMMs
     (the results are the same): ``auto`` (default: int4 MMA below sm_90, int8 from sm_90 on), ``s4``
     (sm_80-89), ``s8`` (4-bit storage unpacked to int8), ``e4m3`` (unpacked to FP8, sm_89 and later), or
-    ``wgmma-s8`` / ``wgmma-e4m3`` (the same unpackings on Hopper's warpgroup MMA; sm_90 with a 90a build).
+    ``wgmma-s8`` / ``wgmma-e4m3`` (the same unpackings on Hopper's warpgroup MMA; sm_90 with a 90a build; CTAs
+    of 64 rows, or 128 with the suffix ``-128``).
     """
     check_qgemm_args(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation)
     return native_op("qgemm")(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits,
