@@ -210,6 +210,35 @@ def test_qgemm_cta_tiles(monkeypatch, path, tile, bits):
     check_gemm("cuda", m, 320, n, 32, torch.bfloat16, bits, "gelu", seed=tile)
 
 
+def runnable_paths():
+    paths = []
+    for path in TENSOR_PATHS:
+        try:
+            skip_unless_path_runs(path)
+        except pytest.skip.Exception:
+            continue
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,k,n", [(77, 1000, 130), (300, 320, 640), (1, 128, 17)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qgemm_tensor_paths_bit_identical(monkeypatch, m, k, n, dtype):
+    """Every tensor-core path gets the exact integer group dots (the s8 and e4m3 unpackings scale them by powers
+    of two, undone exactly) and rounds the scaling in the same order, so all paths give the same bits. This
+    catches an operand-layout mismatch or an inexact FP8 accumulation that the tolerance of the reference
+    tests could hide."""
+    args = to(make_gemm(m, k, n, 32, dtype, 4, bias=True, seed=m + n), "cuda")
+    outs = {}
+    for path in runnable_paths():
+        monkeypatch.setenv("VELODIFF_QGEMM_TC", path)
+        outs[path] = qgemm(**args, bits=4, activation="gelu")
+    first = next(iter(outs))
+    for path, y in outs.items():
+        assert torch.equal(y, outs[first]), (path, first, rel(y, outs[first]))
+
+
 @pytest.mark.cuda
 def test_qgemm_tensor_path_errors(monkeypatch):
     args = to(make_gemm(8, 64, 8, 0, torch.float16, 4), "cuda")

@@ -45,8 +45,10 @@ constexpr int kQGroup = 64;
 enum class QDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class QActivation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 
-// Which tensor-core instruction computes the 4-bit group dot products on CUDA (results are identical; only the
-// speed differs; 8-bit GEMMs always use s8). Chosen per call by the glue from VELODIFF_QGEMM_TC.
+// Which tensor-core instruction computes the 4-bit group dot products on CUDA (the results are bit-identical:
+// every path gets the exact integer group dots, scaled by powers of two that are undone exactly, and rounds
+// acc += dot * (ascale * wscale) in the same order; only the speed differs; 8-bit GEMMs always use s8). Chosen
+// per call by the glue from VELODIFF_QGEMM_TC.
 //   kAuto: kS4 below sm_90, kS8 on sm_90 and later (Hopper has no int4 tensor cores).
 //   kS4:   mma.sync m16n8k64 .s4 (sm_80..sm_89 only).
 //   kS8:   4-bit storage, codes unpacked in registers to s8 (x16), mma.sync m16n8k32 .s8, int32 dot.

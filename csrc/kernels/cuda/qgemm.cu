@@ -696,7 +696,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) qgemm_kernel(const GemmParams
 //  3. group kt: two wgmma (k32 each; the first with scale-d = 0, so no other instruction ever writes the
 //     accumulators), committed together; while they run, the threads unpack group kt + 1 into the other
 //     buffer; then wgmma.wait_group 0 and the group's dots are scaled into the fp32 accumulators,
-//     acc += (dot * wscale[n]) * ascale[m] (s8: the int32 bits through the magic-number step above; e4m3:
+//     acc += dot * (ascale[m] * wscale[n]) (s8: the int32 bits through the magic-number step above; e4m3:
 //     the fp32 result directly, exact as in path (c)).
 // Reading one accumulator set while the next group's MMAs run (two sets) made ptxas serialize the wgmma
 // (C7514) and spill at 255 registers; one set uses ~200 registers and no local memory.
@@ -816,7 +816,12 @@ __device__ __forceinline__ void wg_unpack(uint8_t* u, float* ws, float (&as)[2],
   const int64_t gi = real ? group : 0;
 #pragma unroll
   for (int task = tid; task < (W::kBM + kBN) * 2; task += W::kThreads) {  // a stage row and one K half of it
-    const int row = task >> 1, h = task & 1;
+    // 16 tasks cover 8 rows x 2 halves; the 8 threads of a 16-byte access phase take rows 0-3 of one half and
+    // rows 4-7 of the other, so both the 16-byte loads (row * 32 + h * 16) and the stores ((row & 7) * 16 in
+    // the half's k32 step) hit 8 distinct 16-byte bank groups.
+    const int j = task & 7, flip = (task >> 3) & 1;
+    const int h = j >> 2;
+    const int row = (task >> 4) * 8 + (j & 3) + 4 * (h ^ flip);
     uint4 w = *reinterpret_cast<const uint4*>(stage + row * 32 + h * 16);
     if (!real) w = make_uint4(0u, 0u, 0u, 0u);
     uint4 lo, hi;  // core matrix 0 (bytes 0..15 of the k32 step) and 1 (bytes 16..31)
@@ -914,7 +919,7 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) qgemm_wgmma_kernel(const G
     cp_async_commit();
     wg_unpack<T, FP8, WGS>(unpacked + (1 - b) * W::kUnpacked, wsbuf + (1 - b) * kBN, as_next,
                       smem + ((kt + 1) % kStages) * kStage, a, n0, ng, kt + 1, arow, tid);
-    // 3. Wait for this group's MMAs and scale the group dots into acc: acc += (dot * wscale) * ascale.
+    // 3. Wait for this group's MMAs and scale the group dots into acc: acc += dot * (ascale * wscale).
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 64; ++i) fence_reg(d[i]);
@@ -930,10 +935,8 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) qgemm_wgmma_kernel(const G
         else  // int32 -> fp32 exactly: (dot + 0x4B400000) read as a float is 1.5 * 2^23 + dot (|dot| < 2^22)
           dot[i] = __int_as_float(d[4 * j + i] + int(kMagicBits)) - kMagic;
       }
-      acc[0][j][0] = fmaf(dot[0] * w.x, as[0], acc[0][j][0]);
-      acc[0][j][1] = fmaf(dot[1] * w.y, as[0], acc[0][j][1]);
-      acc[0][j][2] = fmaf(dot[2] * w.x, as[1], acc[0][j][2]);
-      acc[0][j][3] = fmaf(dot[3] * w.y, as[1], acc[0][j][3]);
+      // The same rounding as scale_accumulate, dot * (ascale * wscale): every path gives the same bits.
+      scale_accumulate(acc[0][j], dot, as[0], as[1], w.x, w.y);
     }
     as[0] = as_next[0];
     as[1] = as_next[1];
