@@ -54,7 +54,9 @@
 //      m ? 0x90 - x (= 0x80 | (16 - x) = 0x80 | |c|) : x. Every product is an integer times 2^-18 and a
 //      group's sum has |dot| <= 4096, so the fp32 accumulation inside the MMA is exact; 2^18 is folded into
 //      the activation scale. It saves the int->float step of the epilogue but costs ~5 ALU ops per 4
-//      codes instead of ~1.5: which of (b) and (c) is faster on an H100 is for bench_qgemm_cuda.py to say.
+//      codes instead of ~1.5. SASS: native QMMA on sm_89, but on sm_90a ptxas lowers the FP8 mma.sync to
+//      F2FP conversions + two f16 HMMA per k32 (64 HMMA and 192 F2FP per group at MT = 4, against 32 IMMA for
+//      (b)), so on Hopper FP8 means path (d).
 //  (d) wgmma-s8 / wgmma-e4m3, sm_90a only: the unpackings of (b) / (c) written to shared memory for Hopper's
 //      warpgroup MMA (qgemm_wgmma_kernel below; mma.sync does not reach Hopper's peak).
 //  Below sm_80 the GEMM traps and qgemm_cuda returns cudaErrorNotSupported (quantize_act runs anywhere).
