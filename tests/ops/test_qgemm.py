@@ -160,17 +160,25 @@ def cuda_capability():
     return major * 10 + minor
 
 
-def skip_unless_path_runs(path):
+def path_skip_reason(path):
+    """Why the tensor-core path `path` cannot run on this GPU and build, or None when it can."""
     cc = cuda_capability()
     if path == "s4" and cc >= 90:
-        pytest.skip(f"sm_{cc} has no int4 tensor cores")
+        return f"sm_{cc} has no int4 tensor cores"
     if path == "e4m3" and cc < 89:
-        pytest.skip(f"sm_{cc} has no FP8 tensor cores")
+        return f"sm_{cc} has no FP8 tensor cores"
     if path.startswith("wgmma") and cc != 90:
-        pytest.skip(f"sm_{cc} has no warpgroup MMA")
+        return f"sm_{cc} has no warpgroup MMA"
     from velodiff import _C
     if path.startswith("wgmma") and "90a" not in _C.build_info().get("cuda_archs", ""):
-        pytest.skip("this build has no sm_90a code (VELODIFF_CUDA_ARCHS=90a)")
+        return "this build has no sm_90a code (VELODIFF_CUDA_ARCHS=90a)"
+    return None
+
+
+def skip_unless_path_runs(path):
+    reason = path_skip_reason(path)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.mark.cuda
@@ -211,14 +219,7 @@ def test_qgemm_cta_tiles(monkeypatch, path, tile, bits):
 
 
 def runnable_paths():
-    paths = []
-    for path in TENSOR_PATHS:
-        try:
-            skip_unless_path_runs(path)
-        except pytest.skip.Exception:
-            continue
-        paths.append(path)
-    return paths
+    return [path for path in TENSOR_PATHS if path_skip_reason(path) is None]
 
 
 @pytest.mark.cuda

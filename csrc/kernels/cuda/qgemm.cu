@@ -339,6 +339,12 @@ __device__ __forceinline__ uint32_t nibbles_to_e4m3(uint32_t x, uint32_t sign) {
 __device__ __forceinline__ uint32_t nib_even_e4m3(uint32_t w) { return nibbles_to_e4m3(w & 0x0F0F0F0Fu, w << 4); }
 __device__ __forceinline__ uint32_t nib_odd_e4m3(uint32_t w) { return nibbles_to_e4m3((w >> 4) & 0x0F0F0F0Fu, w); }
 
+// Nibble word w -> the 8-bit word of its even / odd nibbles: e4m3 bytes (FP8) or s8 bytes x 16.
+template <bool FP8>
+__device__ __forceinline__ uint32_t nib_even(uint32_t w) { return FP8 ? nib_even_e4m3(w) : nib_even_x16(w); }
+template <bool FP8>
+__device__ __forceinline__ uint32_t nib_odd(uint32_t w) { return FP8 ? nib_odd_e4m3(w) : nib_odd_x16(w); }
+
 // ---------------------------------------------------------------------------------------------------------
 // qgemm kernel
 // ---------------------------------------------------------------------------------------------------------
@@ -418,11 +424,14 @@ __device__ __forceinline__ void scale_accumulate(float (&acc)[4], const float (&
   acc[3] = fmaf(dot[3], a1 * w1, acc[3]);
 }
 
-// The same for an integer MMA result d = kMagicBits + dot (read as a float: 1.5 * 2^23 + dot; one FADD each).
+// int32 -> fp32 without I2F: the bits kMagicBits + dot read as a float are 1.5 * 2^23 + dot exactly
+// (|dot| < 2^22); one FADD recovers dot.
+__device__ __forceinline__ float dot_from_magic(int bits) { return __int_as_float(bits) - kMagic; }
+
+// The same for an integer MMA result d = kMagicBits + dot.
 __device__ __forceinline__ void scale_accumulate(float (&acc)[4], const int (&d)[4], float a0, float a1, float w0,
                                                  float w1) {
-  const float dot[4] = {__int_as_float(d[0]) - kMagic, __int_as_float(d[1]) - kMagic,
-                        __int_as_float(d[2]) - kMagic, __int_as_float(d[3]) - kMagic};
+  const float dot[4] = {dot_from_magic(d[0]), dot_from_magic(d[1]), dot_from_magic(d[2]), dot_from_magic(d[3])};
   scale_accumulate(acc, dot, a0, a1, w0, w1);
 }
 
@@ -477,22 +486,20 @@ __device__ __forceinline__ void mma_group(float (&acc)[MT][kNT][4], const uint8_
       // even(row g+8), odd(row g), odd(row g+8)}, B regs {even, odd}: the same K element sits at the same
       // (register, byte) in A and B.
       constexpr bool kFp8 = PATH == kPathE4M3;
-      auto even = [](uint32_t w) { return kFp8 ? nib_even_e4m3(w) : nib_even_x16(w); };
-      auto odd = [](uint32_t w) { return kFp8 ? nib_odd_e4m3(w) : nib_odd_x16(w); };
       uint32_t bu[kNT][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        bu[nt][0] = even(bf[nt].x);
-        bu[nt][1] = odd(bf[nt].x);
-        bu[nt][2] = even(bf[nt].y);
-        bu[nt][3] = odd(bf[nt].y);
+        bu[nt][0] = nib_even<kFp8>(bf[nt].x);
+        bu[nt][1] = nib_odd<kFp8>(bf[nt].x);
+        bu[nt][2] = nib_even<kFp8>(bf[nt].y);
+        bu[nt][3] = nib_odd<kFp8>(bf[nt].y);
       }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const uint32_t a0e = even(af[mt][0].x), a0o = odd(af[mt][0].x);
-        const uint32_t a1e = even(af[mt][1].x), a1o = odd(af[mt][1].x);
-        const uint32_t a0e2 = even(af[mt][0].y), a0o2 = odd(af[mt][0].y);
-        const uint32_t a1e2 = even(af[mt][1].y), a1o2 = odd(af[mt][1].y);
+        const uint32_t a0e = nib_even<kFp8>(af[mt][0].x), a0o = nib_odd<kFp8>(af[mt][0].x);
+        const uint32_t a1e = nib_even<kFp8>(af[mt][1].x), a1o = nib_odd<kFp8>(af[mt][1].x);
+        const uint32_t a0e2 = nib_even<kFp8>(af[mt][0].y), a0o2 = nib_odd<kFp8>(af[mt][0].y);
+        const uint32_t a1e2 = nib_even<kFp8>(af[mt][1].y), a1o2 = nib_odd<kFp8>(af[mt][1].y);
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
           if constexpr (kFp8) {
@@ -826,14 +833,9 @@ __device__ __forceinline__ void wg_unpack(uint8_t* u, float* ws, float (&as)[2],
     const int row = (task >> 4) * 8 + (j & 3) + 4 * (h ^ flip);
     uint4 w = *reinterpret_cast<const uint4*>(stage + row * 32 + h * 16);
     if (!real) w = make_uint4(0u, 0u, 0u, 0u);
-    uint4 lo, hi;  // core matrix 0 (bytes 0..15 of the k32 step) and 1 (bytes 16..31)
-    if constexpr (FP8) {
-      lo = make_uint4(nib_even_e4m3(w.x), nib_odd_e4m3(w.x), nib_even_e4m3(w.y), nib_odd_e4m3(w.y));
-      hi = make_uint4(nib_even_e4m3(w.z), nib_odd_e4m3(w.z), nib_even_e4m3(w.w), nib_odd_e4m3(w.w));
-    } else {
-      lo = make_uint4(nib_even_x16(w.x), nib_odd_x16(w.x), nib_even_x16(w.y), nib_odd_x16(w.y));
-      hi = make_uint4(nib_even_x16(w.z), nib_odd_x16(w.z), nib_even_x16(w.w), nib_odd_x16(w.w));
-    }
+    // core matrix 0 (bytes 0..15 of the k32 step) and 1 (bytes 16..31)
+    const uint4 lo = make_uint4(nib_even<FP8>(w.x), nib_odd<FP8>(w.x), nib_even<FP8>(w.y), nib_odd<FP8>(w.y));
+    const uint4 hi = make_uint4(nib_even<FP8>(w.z), nib_odd<FP8>(w.z), nib_even<FP8>(w.w), nib_odd<FP8>(w.w));
     const bool is_a = row < W::kBM;
     const int r = is_a ? row : row - W::kBM;
     uint8_t* dst = u + (is_a ? h * W::kAStep : 2 * W::kAStep + h * W::kBStep) + (r >> 3) * 256 + (r & 7) * 16;
@@ -934,8 +936,8 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) qgemm_wgmma_kernel(const G
       for (int i = 0; i < 4; ++i) {
         if constexpr (FP8)
           dot[i] = d[4 * j + i];
-        else  // int32 -> fp32 exactly: (dot + 0x4B400000) read as a float is 1.5 * 2^23 + dot (|dot| < 2^22)
-          dot[i] = __int_as_float(d[4 * j + i] + int(kMagicBits)) - kMagic;
+        else  // the wgmma started from 0 (scale-d = 0), so add the magic bits here
+          dot[i] = dot_from_magic(d[4 * j + i] + int(kMagicBits));
       }
       // The same rounding as scale_accumulate, dot * (ascale * wscale): every path gives the same bits.
       scale_accumulate(acc[0][j], dot, as[0], as[1], w.x, w.y);
