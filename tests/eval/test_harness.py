@@ -28,7 +28,8 @@ def test_evaluate_keys_and_reproducibility(sd):
     assert a["sampler"] == "dpmpp_2m" and a["model_evaluations_per_image"] == 2 and a["seconds_per_image"] > 0
     assert 0 <= a["conditional_accuracy"] <= 1 and len(a["per_class_accuracy"]) == 10
     assert a["frechet_distance_ci"][0] <= a["frechet_distance"] <= a["frechet_distance_ci"][1]
-    assert a["classifier_heldout_accuracy"] > 0.95 and a["real_vs_real_frechet_distance"] > 0
+    assert a["classifier_heldout_accuracy"] > 0.95 and a["classifier_cv_accuracy"] > 0.95
+    assert a["frechet_distance_floor"] > 0 and a["frechet_distance_floor_n"] == 10
     assert a["versions"]["torch"] and a["machine"]["device"] == "cpu" and a["pipe_kwargs"] == {"height": 16,
                                                                                                 "width": 16}
     # the same seed gives the same images whatever the batch size; another seed gives others
@@ -38,7 +39,7 @@ def test_evaluate_keys_and_reproducibility(sd):
     c = evaluate(sd, batch_size=10, seed=1, height=16, width=16, **FAST)
     assert c["frechet_distance"] != pytest.approx(a["frechet_distance"], rel=1e-6)
     text = format_table({"model": "tiny", **a})
-    for label in ("conditional accuracy", "Frechet distance", "real vs real", "seconds per image", "tiny"):
+    for label in ("conditional accuracy", "Frechet distance", "floor (real digits)", "seconds per image", "tiny"):
         assert label in text
 
 
@@ -87,7 +88,7 @@ def test_cli_eval_json(sd_folder, capsys):
     assert tuple(data) == ("model",) + RESULT_KEYS
     assert data["model"] == sd_folder and data["sampler"] == "euler" and data["steps"] == 2
     assert data["guidance"] == 3.0 and data["seed"] == 4 and data["num_images"] == 10
-    for key in ("conditional_accuracy", "frechet_distance", "real_vs_real_frechet_distance", "seconds_per_image",
+    for key in ("conditional_accuracy", "frechet_distance", "frechet_distance_floor", "seconds_per_image",
                 "classifier_heldout_accuracy"):
         assert isinstance(data[key], float)
 

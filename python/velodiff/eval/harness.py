@@ -19,8 +19,9 @@ RESULT_KEYS = (
     "pipeline", "conditioning", "sampler", "steps", "guidance", "per_class", "num_images", "seed", "batch_size",
     "prompt_template", "pipe_kwargs", "image_size",
     "conditional_accuracy", "conditional_accuracy_ci", "per_class_accuracy",
-    "frechet_distance", "frechet_distance_ci", "frechet_distance_bootstrap_bias", "real_vs_real_frechet_distance",
-    "classifier", "classifier_heldout_accuracy", "feature_space", "reference_upsample", "confidence", "n_boot",
+    "frechet_distance", "frechet_distance_ci", "frechet_distance_bootstrap_bias", "frechet_distance_floor",
+    "frechet_distance_floor_std", "frechet_distance_floor_n",
+    "classifier", "classifier_heldout_accuracy", "classifier_cv_accuracy", "feature_space", "reference_upsample", "confidence", "n_boot",
     "seconds_per_image", "model_evaluations_per_image", "generation_seconds", "evaluation_seconds",
     "machine", "versions",
 )
@@ -95,35 +96,39 @@ def judge(images, labels: Sequence[int], upsample: str = "bilinear", n_boot: int
     digits = to_digits(x)
     size = (int(x.shape[1]), int(x.shape[2]))
     ref = reference_for(size, upsample)
-    acc = ref.conditional_accuracy(digits, np.asarray(labels, dtype=np.int64), n_boot=n_boot,
+    acc = ref.conditional_accuracy(digits, labels, n_boot=n_boot,
                                    confidence=confidence, seed=seed)
-    fd = ref.frechet(digits, n_boot=fd_boot, confidence=confidence, seed=seed)
+    fd = ref.frechet(digits, labels, n_boot=fd_boot, confidence=confidence, seed=seed)
     return {
         "image_size": list(size),
         "conditional_accuracy": acc["value"], "conditional_accuracy_ci": [acc["ci_low"], acc["ci_high"]],
         "per_class_accuracy": acc["per_class"],
         "frechet_distance": fd["value"], "frechet_distance_ci": [fd["ci_low"], fd["ci_high"]],
-        "frechet_distance_bootstrap_bias": fd["bias"], "real_vs_real_frechet_distance": fd["real_vs_real"],
+        "frechet_distance_bootstrap_bias": fd["bias"], "frechet_distance_floor": fd["floor"],
+        "frechet_distance_floor_std": fd["floor_std"], "frechet_distance_floor_n": fd["floor_n"],
         "classifier": CLASSIFIER, "classifier_heldout_accuracy": ref.heldout_accuracy,
+        "classifier_cv_accuracy": ref.cv_accuracy,
         "feature_space": FEATURE_SPACE, "reference_upsample": upsample, "confidence": confidence,
         "n_boot": {"accuracy": n_boot, "frechet_distance": fd_boot},
     }
 
 
-def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidance: float = 5.0,
+def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidance: Optional[float] = None,
              per_class: int = 100, seed: int = 0, batch_size: int = 100,
              prompt_template: str = DEFAULT_PROMPT, upsample: str = "bilinear", n_boot: int = 1000,
-             fd_boot: int = 200, warmup: bool = True, **pipe_kwargs) -> Dict[str, Any]:
+             fd_boot: int = 200, warmup: bool = True, progress: bool = False, **pipe_kwargs) -> Dict[str, Any]:
     """Generate ``per_class`` images of each digit 0..9 with ``pipe`` and judge them.
 
     ``pipe``: a velodiff pipeline (or any pipeline whose call takes prompts, or class labels for DiT: see
     :func:`generation_step`) called with ``num_inference_steps=steps, guidance_scale=guidance, sampler=sampler``
-    (``sampler=None``: the pipeline's own scheduler, and no ``sampler`` argument is passed), ``output_type="np"``
-    and ``pipe_kwargs``. Prompts are ``prompt_template.format(d=digit, word="seven")``. Images are generated
+    (``sampler=None``: the pipeline's own scheduler, and no ``sampler`` argument is passed; ``guidance=None``: the
+    model's own default guidance, see :func:`default_guidance`), ``output_type="np"`` and ``pipe_kwargs``.
+    Prompts are ``prompt_template.format(d=digit, word="seven")``. Images are generated
     class-major (all 0s, then all 1s, ...) in batches of ``batch_size``; image i gets its own
     ``torch.Generator().manual_seed(image_seeds(seed)[i])`` for its initial noise, so a run is reproducible and,
     for deterministic samplers, independent of the batch size (stochastic samplers draw their step noise from the
-    batch's first generator). ``warmup``: one untimed single-image call first. The bootstraps use ``seed`` too.
+    batch's first generator). ``warmup``: one untimed single-image call first; ``progress``: a progress bar over
+    the images (on stderr). The bootstraps use ``seed`` too.
 
     Returns a dict with the keys of :data:`RESULT_KEYS`: accuracy and FD with 95% intervals, the real-vs-real FD
     floor, the judge's held-out accuracy, ``seconds_per_image`` (generation wall time / images, warmup excluded),
@@ -137,8 +142,11 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
     _check_int("per_class", per_class, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0:
-        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+    if guidance is None:  # the model's own default: passed on explicitly when known, so that it is recorded
+        guidance = default_guidance(pipe)
+    elif (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0
+            or not np.isfinite(guidance)):
+        raise ValueError(f"guidance must be a finite number >= 0 or None, got {guidance!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or None, got {sampler!r}")
     if upsample not in UPSAMPLE_MODES:
@@ -154,7 +162,9 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
             raise ValueError(f"prompt_template must contain {{d}} or {{word}}, got {prompt_template!r}")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    call = dict(num_inference_steps=steps, guidance_scale=float(guidance), **pipe_kwargs)
+    call = dict(num_inference_steps=steps, **pipe_kwargs)
+    if guidance is not None:
+        call["guidance_scale"] = float(guidance)
     if sampler is not None:
         call["sampler"] = sampler
     labels = np.repeat(np.arange(10), per_class)
@@ -168,16 +178,25 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
     if warmup:
         run(np.arange(1))
     images, nfe, used = [], 0, ""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(labels), desc="generating", unit="image")
     t0 = time.perf_counter()
     for start in range(0, len(labels), batch_size):
         batch, nfe, used = run(np.arange(start, min(start + batch_size, len(labels))))
         images.append(batch)
+        if bar is not None:
+            bar.update(len(batch))
     gen_seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
     images = np.concatenate(images)
     result: Dict[str, Any] = {
         "pipeline": type(pipe).__name__,
         "conditioning": "class_label" if step is class_label_step else "prompt",
-        "sampler": used or sampler, "steps": steps, "guidance": float(guidance), "per_class": per_class,
+        "sampler": used or sampler, "steps": steps,
+        "guidance": None if guidance is None else float(guidance), "per_class": per_class,
         "num_images": len(labels), "seed": seed, "batch_size": batch_size,
         "prompt_template": prompt_template if step is prompt_step else None,
         "pipe_kwargs": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
@@ -188,6 +207,20 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
                   generation_seconds=gen_seconds, evaluation_seconds=time.perf_counter() - t_start,
                   machine=machine(pipe), versions=versions())
     return {k: result[k] for k in RESULT_KEYS}
+
+
+def default_guidance(pipe) -> Optional[float]:
+    """The guidance scale ``pipe`` uses when called without one: its ``defaults["guidance_scale"]`` (from its
+    folder's ``_velodiff_defaults``; the built-in models: digits 3, digits-dit 1.5), else the default of its call
+    signature (diffusers': 7.5 for Stable Diffusion, 4.0 for DiT, 4.5 for PixArt); None when neither says."""
+    import inspect
+    defaults = getattr(pipe, "defaults", None) or {}
+    if defaults.get("guidance_scale") is not None:
+        return float(defaults["guidance_scale"])
+    param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
+        return None
+    return float(param.default)
 
 
 def machine(pipe=None) -> Dict[str, Any]:
@@ -223,17 +256,22 @@ def format_table(result: Dict[str, Any]) -> str:
     rows = [
         ("model", str(result.get("model", result["pipeline"]))),
         ("pipeline", f"{result['pipeline']} ({cond})"),
-        ("sampler / steps / guidance", f"{result['sampler']} / {result['steps']} / {result['guidance']:g}"),
+        ("sampler / steps / guidance", f"{result['sampler']} / {result['steps']} / "
+                                       f"{'default' if result['guidance'] is None else format(result['guidance'], 'g')}"),
         ("images", f"{result['num_images']} ({result['per_class']} per digit, seed {result['seed']}, "
                    f"{result['image_size'][0]}x{result['image_size'][1]})"),
         ("conditional accuracy", f"{100 * result['conditional_accuracy']:.1f}%  "
                                  f"{int(100 * result['confidence'])}% CI {pct('conditional_accuracy_ci')}"),
         ("  per digit", " ".join(f"{d}:{'-' if a is None else f'{100 * a:.0f}'}"
                                  for d, a in enumerate(result["per_class_accuracy"]))),
-        ("  judge held-out accuracy", f"{100 * result['classifier_heldout_accuracy']:.1f}% ({result['classifier']})"),
+        ("  judge accuracy", f"{100 * result['classifier_heldout_accuracy']:.1f}% on the 1347 digits it was not "
+                             f"fitted on, {100 * result['classifier_cv_accuracy']:.1f}% cross-validated "
+                             f"({result['classifier']})"),
         ("Frechet distance", f"{result['frechet_distance']:.4f}  {int(100 * result['confidence'])}% CI "
                              f"{ci('frechet_distance_ci')}"),
-        ("  real vs real (floor)", f"{result['real_vs_real_frechet_distance']:.4f}"),
+        ("  floor (real digits)", f"{result['frechet_distance_floor']:.4f} +- "
+                                  f"{result['frechet_distance_floor_std']:.4f} "
+                                  f"({result['frechet_distance_floor_n']} real digits)"),
         ("seconds per image", f"{result['seconds_per_image']:.4f} ({result['generation_seconds']:.1f} s generating, "
                               f"{result['evaluation_seconds']:.1f} s in all)"),
         ("model evaluations per image", str(result["model_evaluations_per_image"])),
