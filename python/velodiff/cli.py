@@ -147,40 +147,16 @@ def _file_to_folder(args, dtype) -> str:
     import os
 
     from velodiff.loading import convert_single_file_to_diffusers
-    from velodiff.pipelines.components import load_tokenizer
 
     if os.path.exists(args.dst) and (not os.path.isdir(args.dst) or os.listdir(args.dst)):
         raise ValueError(f"DST {args.dst!r} exists and is not an empty folder; velodiff convert does not overwrite")
     index = convert_single_file_to_diffusers(args.src, args.dst, args.family, configs=_read_configs(args.configs),
-                                             allow_pickle=args.allow_pickle, dtype=dtype)
+                                             allow_pickle=args.allow_pickle, dtype=dtype,
+                                             prediction_type=args.prediction_type, tokenizer=args.tokenizer,
+                                             tokenizer_2=args.tokenizer_2)
     notes = []
-    if args.prediction_type is not None:
-        path = os.path.join(args.dst, "scheduler", "scheduler_config.json")
-        with open(path) as f:
-            sched = json.load(f)
-        sched["prediction_type"] = args.prediction_type
-        with open(path, "w") as f:
-            json.dump(sched, f, indent=2)
-    missing = []
-    for enc in ("text_encoder", "text_encoder_2"):
-        if enc not in index:
-            continue
-        name = "tokenizer" + enc[len("text_encoder"):]
-        value = args.tokenizer_2 if name == "tokenizer_2" else args.tokenizer
-        if value is None and name == "tokenizer_2" and args.tokenizer and os.path.isdir(
-                os.path.join(args.tokenizer, "tokenizer_2")):
-            value = args.tokenizer  # a pipeline folder given as --tokenizer supplies tokenizer_2 too
-        if value is None:
-            missing.append(name)
-            continue
-        tok = load_tokenizer(value, name)
-        tok.save_pretrained(os.path.join(args.dst, name))
-        index[name] = ["transformers", type(tok).__name__]
-    if "text_encoder" in index or "text_encoder_2" in index:
-        if index.get("_class_name") == "StableDiffusionPipeline":  # what diffusers writes without them
-            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-        with open(os.path.join(args.dst, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+    missing = ["tokenizer" + enc[len("text_encoder"):] for enc in ("text_encoder", "text_encoder_2")
+               if enc in index and "tokenizer" + enc[len("text_encoder"):] not in index]
     if missing:
         flags = " / ".join("--" + n.replace("_", "-") for n in missing)
         notes.append(f"note: a single file holds no tokenizer, so {', '.join(missing)} not written; pass {flags} "

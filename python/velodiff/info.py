@@ -1,10 +1,8 @@
-"""``velodiff info``: what this build of velodiff contains."""
+"""``velodiff info``: what this build of velodiff contains (torch is imported on call, not on import)."""
 from __future__ import annotations
 
 import platform
 from typing import Any, Dict
-
-import torch
 
 from velodiff._version import __version__
 
@@ -23,6 +21,8 @@ def cpu_model() -> str:
 
 
 def _cpu_isa() -> str:
+    import torch
+
     try:
         return torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
@@ -31,6 +31,8 @@ def _cpu_isa() -> str:
 
 def info() -> Dict[str, Any]:
     """The build as a dict: version, torch/CUDA versions, compiled CUDA archs, CPU ISA, registered ops."""
+    import torch
+
     from velodiff.ops import _native
 
     build: Dict[str, Any] = {}

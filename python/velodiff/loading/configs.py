@@ -13,7 +13,7 @@ rest take the library defaults. Every accessor returns a fresh copy.
 from __future__ import annotations
 
 import copy
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 _CROSS3 = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _CROSS3_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -118,3 +118,20 @@ def default_text_encoder_configs(family: str) -> Dict[str, dict]:
 def default_scheduler_config(family: str) -> dict:
     """The diffusers scheduler config (with ``_class_name``) of ``family``."""
     return _family(SCHEDULER_CONFIGS, family, "scheduler")
+
+
+#: the scheduler prediction types a single file's scheduler may be given (not in the weights)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def single_file_scheduler_config(family: str, overrides: Optional[Mapping] = None,
+                                 prediction_type: Optional[str] = None) -> dict:
+    """The scheduler config of a pipeline built from a ``family`` single file: the family default, then
+    ``overrides``, then ``prediction_type`` (one of :data:`PREDICTION_TYPES`; the weights do not tell it)."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    sched = default_scheduler_config(family)
+    sched.update(overrides or {})
+    if prediction_type is not None:
+        sched["prediction_type"] = prediction_type
+    return sched

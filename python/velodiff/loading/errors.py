@@ -11,6 +11,10 @@ class CheckpointError(ValueError):
     """
 
 
+class MissingFileError(CheckpointError, FileNotFoundError):
+    """A file a checkpoint needs does not exist (both a :class:`CheckpointError` and a FileNotFoundError)."""
+
+
 def list_keys(keys: Iterable[str], limit: int = 10) -> str:
     """Format up to ``limit`` keys, then a count of the rest: ``'a', 'b' (and 3 more)``."""
     keys = sorted(keys)

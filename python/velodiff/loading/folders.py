@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from velodiff.loading.errors import CheckpointError, list_keys
+from velodiff.loading.errors import CheckpointError, MissingFileError, list_keys
 from velodiff.loading.pickle_guard import read_checkpoint, refuse_pickle
 
 #: weight file stems diffusers (models) and transformers (text encoders) write, in order of preference
@@ -98,6 +98,8 @@ def read_config(folder: Union[str, os.PathLike], name: str = "config.json") -> d
     try:
         with open(path) as f:
             cfg = json.load(f)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path!r} does not exist") from None
     except OSError as e:
         raise CheckpointError(f"{path!r}: cannot read the component config ({e})") from e
     except ValueError as e:
@@ -119,7 +121,7 @@ def read_model_index(folder: Union[str, os.PathLike]) -> Dict[str, object]:
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder!r}: not a folder (a diffusers pipeline folder was expected)")
     if not os.path.isfile(path):
-        raise CheckpointError(
+        raise MissingFileError(
             f"{folder!r}: not a diffusers pipeline folder (no model_index.json). A pipeline folder holds "
             "model_index.json plus one subfolder per component (unet/, vae/, text_encoder/, ...); for a "
             "single-file checkpoint pass the file itself.")

@@ -23,6 +23,7 @@ from velodiff.loading.keymap_unet import UNET_PREFIX, convert_unet, ema_unet_wei
 from velodiff.loading.keymap_vae import convert_vae, find_vae_prefix, vae_to_original
 from velodiff.loading.pickle_guard import read_checkpoint
 from velodiff.loading.safetensors_io import write_safetensors
+from velodiff.loading.tokenizers import load_tokenizer, tokenizer_name, tokenizer_sources
 
 SD_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 TRANSFORMER_FAMILIES = ("dit", "pixart")
@@ -86,17 +87,24 @@ def _clean_config(cfg: Mapping) -> dict:
 def convert_single_file_to_diffusers(path, out_folder, family: Optional[str] = None, *,
                                      configs: Optional[Mapping[str, Mapping]] = None,
                                      allow_pickle: bool = False, use_ema: bool = False,
-                                     dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+                                     dtype: Optional[torch.dtype] = None, prediction_type: Optional[str] = None,
+                                     tokenizer=None, tokenizer_2=None) -> Dict[str, object]:
     """Write an original single-file checkpoint as a diffusers pipeline folder; returns its model index.
 
     Each present component gets ``<name>/config.json`` and its weights
     (``diffusion_pytorch_model.safetensors`` for UNet/VAE, ``model.safetensors`` for text encoders), plus
-    ``scheduler/scheduler_config.json`` (the family default) and ``model_index.json``. Tokenizers are not in
-    single files and are not written. A DiT or PixArt file gives ``transformer/`` only (its VAE and text
-    encoder live elsewhere) and no model index; the return value then lists just the transformer.
-    ``dtype`` casts floating weights on the way; ``use_ema`` is as in :func:`split_single_file`.
+    ``scheduler/scheduler_config.json`` (the family default, then ``configs["scheduler"]``, then
+    ``prediction_type``: see :func:`velodiff.loading.configs.single_file_scheduler_config`) and
+    ``model_index.json``. Single files hold no tokenizer: ``tokenizer`` / ``tokenizer_2`` (a tokenizer object,
+    a tokenizer folder or a diffusers pipeline folder, as for ``Pipeline.from_pretrained``) are saved as
+    ``tokenizer/`` / ``tokenizer_2/``; without them none is written (the index then lacks them). A DiT or PixArt
+    file gives ``transformer/`` only (its VAE and text encoder live elsewhere) and no model index; the return
+    value then lists just the transformer. ``dtype`` casts floating weights on the way; ``use_ema`` is as in
+    :func:`split_single_file`.
     """
     path = os.fspath(path)
+    if prediction_type is not None and prediction_type not in _defaults.PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {_defaults.PREDICTION_TYPES}, got {prediction_type!r}")
     sd = read_checkpoint(path, dtype=dtype, allow_pickle=allow_pickle)
     family = family or detect_family(sd, source=path)
     parts = split_single_file(sd, family=family, configs=configs, use_ema=use_ema, source=path)
@@ -122,11 +130,21 @@ def convert_single_file_to_diffusers(path, out_folder, family: Optional[str] = N
         index[name] = [lib, cls]
     if family in TRANSFORMER_FAMILIES:  # the file holds only the transformer: no pipeline to describe
         return {k: v for k, v in index.items() if not k.startswith("_")}
-    sched = _defaults.default_scheduler_config(family)
+    encoders = [name for name in TEXT_ENCODER_PREFIXES[family] if name in parts]
+    sources = tokenizer_sources([tokenizer_name(n) for n in encoders],
+                                {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2})
+    for name, value in sources.items():
+        if value is not None:
+            tok = load_tokenizer(value, name)
+            tok.save_pretrained(os.path.join(out_folder, name))
+            index[name] = ["transformers", type(tok).__name__]
+    sched = _defaults.single_file_scheduler_config(family, (configs or {}).get("scheduler"), prediction_type)
     os.makedirs(os.path.join(out_folder, "scheduler"), exist_ok=True)
     with open(os.path.join(out_folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(sched, f, indent=2)
     index["scheduler"] = ["diffusers", sched["_class_name"]]
+    if encoders and index["_class_name"] == "StableDiffusionPipeline":  # what diffusers writes without them
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     with open(os.path.join(out_folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return index

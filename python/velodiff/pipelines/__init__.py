@@ -1,8 +1,8 @@
 """Pipelines with diffusers' call signatures over velodiff's models and samplers.
 
-``Pipeline.from_pretrained(path, dtype=..., device=...)`` reads a diffusers pipeline folder (or an SD1 / SD2 /
-SDXL single-file checkpoint) and returns the matching pipeline; ``velodiff.optimize`` / ``velodiff.restore``
-apply and undo techniques on it.
+``Pipeline.from_pretrained(path, dtype=..., device=...)`` loads a built-in model, a diffusers pipeline folder (or
+an SD1 / SD2 / SDXL single-file checkpoint) through :func:`velodiff.loading.load_pipeline_components` and returns
+the matching pipeline; ``velodiff.optimize`` / ``velodiff.restore`` apply and undo techniques on it.
 """
 from __future__ import annotations
 
@@ -11,15 +11,11 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from velodiff.loading import BUILTIN_MODELS, load_pipeline_components
 from velodiff.pipelines.base import BasePipeline, PipelineOutput
-from velodiff.pipelines.components import load_components, load_single_file_components
 from velodiff.pipelines.dit import DiTPipeline
 from velodiff.pipelines.pixart import PixArtPipeline, PixArtSigmaPipeline
 from velodiff.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-#: built-in model name -> its diffusers pipeline folder inside the package (trained by scripts/train_digits.py)
-_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-BUILTIN_MODELS = {name: os.path.join(_DATA, name) for name in ("digits", "digits-dit")}
 
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
@@ -50,8 +46,8 @@ class Pipeline:
         override: "sd1", "sd2", "sdxl", "sdxl_refiner"), the models are built in memory from the converted
         weights with the family's default configs plus what the weights tell, and ``configs={"unet": {...},
         "vae": {...}, "text_encoder": {...}, "text_encoder_2": {...}, "scheduler": {...}}`` overrides config
-        fields (see :func:`velodiff.pipelines.components.load_single_file_components` for which fields come
-        from the weights). The scheduler is the family default (epsilon prediction); SD 2.x 768-v files need
+        fields (see :func:`velodiff.loading.load_single_file_components` for which fields come from the
+        weights). The scheduler is the family default (epsilon prediction); SD 2.x 768-v files need
         ``prediction_type="v_prediction"``, which the weights do not reveal. A single file holds no tokenizer:
         pass ``tokenizer=`` (and ``tokenizer_2=`` for SDXL) as a tokenizer object, a tokenizer folder, or a
         local diffusers pipeline folder of the same family (its ``tokenizer/`` and ``tokenizer_2/`` are used).
@@ -62,29 +58,10 @@ class Pipeline:
         dtype = dtype or torch_dtype or torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-        path = os.fspath(path)
-        if path in BUILTIN_MODELS:
-            if not os.path.isfile(os.path.join(BUILTIN_MODELS[path], "model_index.json")):
-                raise FileNotFoundError(f"the built-in model {path!r} is missing from this installation (expected "
-                                        f"{BUILTIN_MODELS[path]}); reinstall velodiff or retrain it with "
-                                        "scripts/train_digits.py")
-            path = BUILTIN_MODELS[path]
-        single = dict(tokenizer=tokenizer, tokenizer_2=tokenizer_2, configs=configs, family=family,
-                      prediction_type=prediction_type)
-        if os.path.isfile(path):
-            if variant is not None:
-                raise ValueError(f"variant={variant!r} selects weight files inside a folder; {path} is a file")
-            components = load_single_file_components(path, dtype, device, allow_pickle=allow_pickle, **single)
-        elif os.path.isdir(path):
-            given = [name for name, value in single.items() if value is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only for single-file checkpoints; {path} is a diffusers "
-                                 "folder, which carries its own tokenizers, configs and scheduler")
-            components = load_components(path, dtype, device, variant)
-        else:
-            raise FileNotFoundError(f"{path} is neither a folder nor a file; velodiff loads diffusers pipeline "
-                                    "folders (model_index.json plus component subfolders) and SD1/SD2/SDXL "
-                                    "single-file checkpoints (.safetensors)")
+        components = load_pipeline_components(path, dtype, device, variant=variant, tokenizer=tokenizer,
+                                               tokenizer_2=tokenizer_2, configs=configs, family=family,
+                                               prediction_type=prediction_type, allow_pickle=allow_pickle)
+        path = components["_path"]
         class_name = components["_class_name"]
         try:
             cls = PIPELINES[class_name]

@@ -13,8 +13,10 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
                             "fused_activation", for a convolution "conv": its geometry, and "token_conv" for a
                             1x1 convolution that the model applies to tokens, quantized as a linear layer}}
 
-``Pipeline.from_pretrained`` loads such a folder like any other; :func:`load_quantized` puts a quantized file into
-an existing, unquantized model of the same architecture.
+``Pipeline.from_pretrained`` loads such a folder like any other: importing this module registers
+:func:`load_quantized_model` with :mod:`velodiff.loading.registry` (which imports this module by name on its first
+lookup, so loading never imports quant); :func:`load_quantized` puts a quantized file into an existing,
+unquantized model of the same architecture.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from velodiff.loading.folders import read_config
+from velodiff.loading.registry import register_folder_loader
+from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
+from velodiff.loading.state_dict import load_state_dict_into
+from velodiff.models.registry import model_class_for
 from velodiff.quant.conv import QuantizedConv2d, conv_geometry
 from velodiff.quant.linear import QuantizedLinear
 
@@ -64,7 +71,6 @@ def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
 def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.dtype = None) -> None:
     """Write ``model`` (a denoiser with QuantizedLinear layers) to the safetensors file ``path``, floating tensors
     cast to ``dtype`` (default: as they are) except the float32 :data:`FLOAT32_BUFFERS`."""
-    from velodiff.loading import write_safetensors
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers; run velodiff.quant.quantize first")
@@ -108,7 +114,6 @@ def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16) -> str:
 
 
 def _read_metadata(path: str) -> Dict[str, Any]:
-    from velodiff.loading import read_safetensors_header
     _, meta, _ = read_safetensors_header(path)
     meta = meta or {}
     version = meta.get("velodiff_quant_format")
@@ -157,7 +162,6 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
 
 
 def _read_state(path: str, dtype: torch.dtype, device) -> Dict[str, torch.Tensor]:
-    from velodiff.loading import read_safetensors
     state = read_safetensors(path, device=device)
     for key, t in state.items():
         if t.is_floating_point() and not key.rsplit(".", 1)[-1] in FLOAT32_BUFFERS:
@@ -169,14 +173,12 @@ def _read_state(path: str, dtype: torch.dtype, device) -> Dict[str, torch.Tensor
 
 def load_quantized_model(folder: str, class_name: str, dtype: torch.dtype, device) -> nn.Module:
     """Build the denoiser of a quantized folder (used by ``Pipeline.from_pretrained``)."""
-    from velodiff.loading import load_state_dict_into
-    from velodiff.pipelines.components import model_class_for, read_json
     path = os.path.join(folder, QUANTIZED_FILE)
     meta = _read_metadata(path)
     if meta["model_class"] != class_name:
         raise QuantizedCheckpointError(f"{path}: made for a {meta['model_class']}, but the pipeline declares a "
                                        f"{class_name} here")
-    config = read_json(os.path.join(folder, "config.json"))
+    config = read_config(folder)
     cls = model_class_for(class_name, config)
     with torch.device("meta"):
         model = cls.from_config(config)
@@ -200,10 +202,12 @@ def _check_config(model: nn.Module, meta: Dict[str, Any], path: str) -> None:
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
     """Put the quantized checkpoint ``path`` into ``model`` (an unquantized denoiser of the same class and config),
     replacing the listed linear layers in place. Returns ``model``."""
-    from velodiff.loading import load_state_dict_into
     meta = _read_metadata(path)
     _check_config(model, meta, path)
     param = next(model.parameters())
     _install_shells(model, meta["layers"], param.dtype, path)
     load_state_dict_into(model, _read_state(path, param.dtype, param.device), source=path, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+register_folder_loader("velodiff-quantized", is_quantized_folder, load_quantized_model)

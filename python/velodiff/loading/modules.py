@@ -1,0 +1,107 @@
+"""Building one pipeline component as a module: velodiff's models from a diffusers config plus weights, text
+encoders and tokenizers with transformers from local files only (never from a hub)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from velodiff.loading.errors import CheckpointError
+from velodiff.loading.folders import find_weights, read_config
+from velodiff.loading.keymap_text import fit_clip_keys
+from velodiff.loading.registry import folder_loader_for
+from velodiff.loading.safetensors_io import read_safetensors
+from velodiff.loading.state_dict import load_state_dict_into
+from velodiff.models.registry import model_class_for
+
+#: transformers text-encoder classes a pipeline folder may declare
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+#: the text encoders :func:`text_encoder_from_state_dict` builds from converted single-file weights
+CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def model_from_state_dict(cls: type, config: Mapping[str, Any], state: Dict[str, torch.Tensor], *, source: str):
+    """Build velodiff's ``cls`` from a diffusers ``config`` on the meta device and give it ``state``'s tensors
+    (no copy: the model takes them with their dtype and device). Errors name ``source`` and the keys."""
+    with torch.device("meta"):
+        model = cls.from_config(dict(config))
+    load_state_dict_into(model, state, source=source, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_diffusers_model(folder: str, class_name: str, dtype: torch.dtype, device,
+                         variant: Optional[str] = None):
+    """velodiff's model for the diffusers component folder ``folder`` (``config.json`` plus safetensors
+    weights), whose pipeline declares it as ``class_name``. A folder that a registered loader recognises
+    (:mod:`velodiff.loading.registry`, e.g. a quantized denoiser written by ``velodiff quantize``) is built by
+    that loader instead."""
+    loader = folder_loader_for(folder)
+    if loader is not None:
+        return loader.load(folder, class_name, dtype, device)
+    config = read_config(folder)
+    cls = model_class_for(class_name, config)
+    state: Dict[str, torch.Tensor] = {}
+    files = find_weights(folder, variant=variant)
+    for path in files:
+        state.update(read_safetensors(path, dtype=dtype, device=device))
+    return model_from_state_dict(cls, config, state, source=files[0] if len(files) == 1 else folder)
+
+
+@contextlib.contextmanager
+def no_transformers_progress_bar():
+    """transformers' per-load progress bar ("Loading weights ...") off while the block runs, then as it was;
+    its warnings and errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_transformers_component(folder: str, class_name: str, dtype: torch.dtype, device):
+    """A text encoder or tokenizer with transformers, from the local folder only (tokenizers of any class
+    through AutoTokenizer, which reads the folder's own tokenizer files)."""
+    import transformers
+
+    if "Tokenizer" in class_name:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if class_name not in TEXT_ENCODERS:
+        raise ValueError(f"unsupported transformers component {class_name}; supported: {TEXT_ENCODERS} and "
+                         "tokenizers")
+    with no_transformers_progress_bar():
+        model = getattr(transformers, class_name).from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                                  use_safetensors=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def text_encoder_from_state_dict(config: Mapping[str, Any], state: Dict[str, torch.Tensor], *, source: str):
+    """A transformers CLIP text encoder built from a CLIPTextConfig dict on the meta device, taking
+    ``state``'s tensors (transformers' classic or flattened names) without a copy."""
+    import transformers
+
+    arch = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if arch not in CLIP_CLASSES:
+        raise ValueError(f"{source}: text encoder architecture {arch!r} is not supported here; "
+                         f"supported: {CLIP_CLASSES}")
+    cfg = transformers.CLIPTextConfig.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = getattr(transformers, arch)(cfg)
+    load_state_dict_into(model, fit_clip_keys(state, model), source=source, strict=True, assign=True)
+    device = next(iter(state.values())).device
+    # Non-persistent buffers are in no state dict: CLIP's only one is the position-id row.
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        if attr != "position_ids":
+            raise CheckpointError(f"{source}: {arch} buffer {name!r} is not in the weights and velodiff does not "
+                                  "know how to rebuild it")
+        owner = model.get_submodule(owner_name)
+        setattr(owner, attr, torch.arange(buf.shape[-1], device=device).expand(tuple(buf.shape)))
+    return model.eval().requires_grad_(False)
+
