@@ -168,20 +168,21 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3, warmup
 
 
 def summarise_ratios(values: Mapping[str, float], outlier_factor: float = 2.0) -> Dict[str, object]:
-    """The range of per-row median ratios for a summary sentence, a lone extreme row set apart.
+    """The range of per-row median ratios for a summary sentence, with one lone extreme row set apart.
 
-    A row counts as a single-row outlier when its value is more than ``outlier_factor`` times the next largest
-    (or less than 1 / ``outlier_factor`` times the next smallest); at most one such row is set apart at each end.
+    With four rows or more, the largest row counts as a single-row outlier when it is more than
+    ``outlier_factor`` times the next largest, or else the smallest when it is less than 1 / ``outlier_factor``
+    times the next smallest; at most one row is set apart, and the sentence names it with its value.
     Returns ``{"min", "max", "rows", "outliers": {row: value}, "sentence"}``.
     """
     items = sorted(values.items(), key=lambda kv: kv[1])
     outliers: Dict[str, float] = {}
-    if len(items) >= 3 and items[-1][1] > outlier_factor * items[-2][1]:
-        outliers[items[-1][0]] = items[-1][1]
-        items = items[:-1]
-    if len(items) >= 3 and items[0][1] * outlier_factor < items[1][1]:
-        outliers[items[0][0]] = items[0][1]
-        items = items[1:]
+    if len(items) >= 4:
+        high = items[-1][1] / items[-2][1]
+        low = items[1][1] / items[0][1] if items[0][1] > 0 else math.inf
+        if max(high, low) > outlier_factor:
+            k, v = items.pop(-1 if high >= low else 0)
+            outliers[k] = v
     lo, hi = items[0][1], items[-1][1]
     sentence = f"{lo:.3g}-{hi:.3g}x (range of the per-row medians over {len(items)} rows"
     if outliers:

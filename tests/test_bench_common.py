@@ -83,18 +83,21 @@ def test_bad_arguments():
 
 
 def test_real_sleeps_of_known_length():
-    res = common.compare({"two": lambda: time.sleep(0.002), "four": lambda: time.sleep(0.004)}, "four",
-                         rounds=3, warmup=1, min_time=0.012)
-    assert all(n >= 3 for n in res.inner.values())
-    assert res.stats("four")["min"] >= 0.004 and res.stats("two")["min"] >= 0.002
-    assert 1.5 < res.ratio("two")["median"] < 2.2
+    # sleeps only ever overshoot (by the scheduler's latency, large on a busy machine): bounds allow for that
+    res = common.compare({"ten": lambda: time.sleep(0.01), "twenty": lambda: time.sleep(0.02)}, "twenty",
+                         rounds=3, warmup=1, min_time=0.04)
+    assert res.inner["twenty"] <= 2 and res.inner["twenty"] <= res.inner["ten"] <= 4
+    assert res.stats("twenty")["min"] >= 0.02 and res.stats("ten")["min"] >= 0.01
+    assert 1.2 < res.ratio("ten")["median"] < 2.5
 
 
 def test_summarise_ratios_sets_apart_a_single_outlier():
     s = common.summarise_ratios({"a": 2.4, "b": 3.1, "c": 2.6, "d": 36.8})
     assert (s["min"], s["max"]) == (2.4, 3.1) and s["outliers"] == {"d": 36.8}
     assert "d 36.8x" in s["sentence"] and "over 3 rows" in s["sentence"]
-    assert common.summarise_ratios({"a": 2.0, "b": 3.0, "c": 5.0})["outliers"] == {}
+    assert common.summarise_ratios({"a": 2.0, "b": 3.0, "c": 5.0, "d": 4.0})["outliers"] == {}
+    assert common.summarise_ratios({"a": 0.4, "b": 3.0, "c": 5.0, "d": 4.0})["outliers"] == {"a": 0.4}
+    assert common.summarise_ratios({"a": 1.0, "b": 30.0, "c": 5.0})["outliers"] == {}  # too few rows to judge
 
 
 def test_write_results_prints_spreads(tmp_path):
