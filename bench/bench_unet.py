@@ -1,26 +1,30 @@
 """One UNet step: velodiff's UNet2DConditionModel vs diffusers', same weights, same process.
 
-Full-size SD 1.5 UNet with random weights (one set of tensors shared by both models), 512x512 image = 64x64
-latent, batch 2 (classifier-free guidance), 77 text tokens, fp32, inference mode. Four variants: diffusers as
-shipped, velodiff in the default (NCHW) layout, velodiff after ``unet.to(memory_format=torch.channels_last)``,
-and that plus ``velodiff.models.conv_prepack.prepack_convs(unet)`` (oneDNN weights packed once).
-Runs are interleaved so drift in machine load hits all alike; the median of each is reported.
+Full-size SD 1.5 UNet with random weights (one set of tensors shared by all models), 512x512 image = 64x64
+latent, batch 2 (classifier-free guidance), 77 text tokens, fp32, inference mode. Five variants, two of them
+baselines:
+  diffusers           diffusers' UNet as shipped (NCHW)
+  diffusers_cl        diffusers' UNet after its one-line setting ``unet.to(memory_format=torch.channels_last)``,
+                      with channels-last inputs
+  velodiff            velodiff's UNet in the default (NCHW) layout
+  velodiff_cl         velodiff after ``unet.to(memory_format=torch.channels_last)``, channels-last inputs
+  velodiff_cl_packed  that plus ``velodiff.models.conv_prepack.prepack_convs(unet)`` (oneDNN weights packed once)
+Timed with bench/common.py's ``compare``: every round runs each variant once, in a rotated order, and each
+velodiff row's ratio against each diffusers row is taken per round (median, min, max over the rounds).
 Usage:
-  python bench/bench_unet.py [--model sd15|sdxl] [--latent 64] [--batch 2] [--reps 5] [--out bench/results]
+  python bench/bench_unet.py [--model sd15|sdxl] [--latent 64] [--batch 2] [--rounds 6] [--out bench/results]
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_results  # noqa: E402
+from common import compare, load_average, write_results  # noqa: E402
 
 from velodiff.models.conv_prepack import prepack_convs  # noqa: E402
 
@@ -72,6 +76,16 @@ def share_weights(theirs):
     return ours.eval()
 
 
+def diffusers_twin(theirs):
+    """A second diffusers UNet over the same tensors as ``theirs`` (no copy), to be given its own layout."""
+    from diffusers import UNet2DConditionModel as DUNet
+
+    with torch.device("meta"):
+        twin = DUNet(**{k: v for k, v in theirs.config.items() if not k.startswith("_")})
+    twin.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    return twin.eval()
+
+
 def inputs(config: dict, batch: int, latent: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config["in_channels"], latent, latent, generator=g)
@@ -83,59 +97,71 @@ def inputs(config: dict, batch: int, latent: int, seed: int = 1):
     return x, torch.tensor(501.0), ctx, kw
 
 
+VARIANTS = ("diffusers", "diffusers_cl", "velodiff", "velodiff_cl", "velodiff_cl_packed")
+BASELINES = ("diffusers", "diffusers_cl")
+
+
+def build_variants(config: dict, batch: int, latent: int):
+    """The five callables (one UNet forward each) over one set of weights, and their input layouts."""
+    theirs, ours = build_pair(config)
+    x, t, ctx, kw = inputs(config, batch, latent)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    # channels-last: 4-D (conv) weights get NHWC copies, everything else stays shared
+    theirs_cl = diffusers_twin(theirs).to(memory_format=cl)
+    ours_cl = share_weights(theirs).to(memory_format=cl)
+    ours_pk = share_weights(theirs).to(memory_format=cl)
+    prepack_convs(ours_pk)  # + oneDNN weight prepacking: packed copies of the conv weights
+    return {"diffusers": lambda: theirs(x, t, ctx, **kw).sample,
+            "diffusers_cl": lambda: theirs_cl(x_cl, t, ctx, **kw).sample,
+            "velodiff": lambda: ours(x, t, ctx, **kw),
+            "velodiff_cl": lambda: ours_cl(x_cl, t, ctx, **kw),
+            "velodiff_cl_packed": lambda: ours_pk(x_cl, t, ctx, **kw)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="sd15", choices=sorted(CONFIGS))
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the order of the variants within the rounds")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    load_start = load_average()
     config = CONFIGS[args.model]
-    theirs, ours = build_pair(config)
-    x, t, ctx, kw = inputs(config, args.batch, args.latent)
-
-    # channels-last: conv weights get NHWC copies (the rest stays shared), inputs follow automatically
-    ours_cl = share_weights(theirs).to(memory_format=torch.channels_last)
-    # + oneDNN weight prepacking (velodiff.models.conv_prepack): packed copies of the conv weights
-    ours_pk = share_weights(theirs).to(memory_format=torch.channels_last)
-    prepack_convs(ours_pk)
-    variants = {"diffusers": lambda: theirs(x, t, ctx, **kw).sample, "velodiff": lambda: ours(x, t, ctx, **kw),
-                "velodiff_cl": lambda: ours_cl(x, t, ctx, **kw), "velodiff_cl_packed": lambda: ours_pk(x, t, ctx, **kw)}
-    times = {k: [] for k in variants}
+    variants = build_variants(config, args.batch, args.latent)
     errs = {}
     with torch.inference_mode():
-        ref = variants["diffusers"]()  # warm-up, and the parity of this very setup
-        for name in ("velodiff", "velodiff_cl", "velodiff_cl_packed"):
-            out = variants[name]()
-            errs[name] = float((out.double() - ref.double()).norm() / ref.double().norm())
-        for _ in range(args.reps):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    row = {"model": args.model, "latent": f"{args.latent}x{args.latent}", "batch": args.batch, "dtype": "fp32",
-           "diffusers_s": med["diffusers"], "velodiff_s": med["velodiff"], "velodiff_cl_s": med["velodiff_cl"],
-           "diffusers/velodiff": med["diffusers"] / med["velodiff"],
-           "diffusers/velodiff_cl": med["diffusers"] / med["velodiff_cl"],
-           "velodiff_cl_packed_s": med["velodiff_cl_packed"],
-           "diffusers/velodiff_cl_packed": med["diffusers"] / med["velodiff_cl_packed"],
-           "rel_err": errs["velodiff"], "rel_err_cl": errs["velodiff_cl"], "rel_err_cl_packed": errs["velodiff_cl_packed"],
-           "min_s": " / ".join(f"{min(times[k]):.2f}" for k in variants)}
-    print(row, flush=True)
-    path = write_results(f"unet_{args.model}_cpu", [row],
-                         ["model", "latent", "batch", "dtype", "diffusers_s", "velodiff_s", "velodiff_cl_s",
-                          "velodiff_cl_packed_s", "diffusers/velodiff", "diffusers/velodiff_cl",
-                          "diffusers/velodiff_cl_packed", "rel_err", "rel_err_cl", "rel_err_cl_packed", "min_s"],
-                         args.out,
-                         note=f"One UNet forward, random weights shared by all models, median of {args.reps} "
-                              "interleaved runs (min_s: fastest run of diffusers / velodiff / velodiff_cl / "
-                              "velodiff_cl_packed). velodiff_cl = velodiff after "
-                              "unet.to(memory_format=torch.channels_last); _packed adds "
-                              "velodiff.models.conv_prepack.prepack_convs(unet); diffusers "
-                              "runs as shipped (NCHW). A ratio > 1 means velodiff is faster. rel_err: relative "
-                              "Frobenius error against diffusers' output.")
+        ref = variants["diffusers"]().double()  # also the first warm-up; parity of this very setup
+        for name in VARIANTS[1:]:
+            out = variants[name]().double()
+            errs[name] = float((out - ref).norm() / ref.norm())
+        res = compare(variants, "diffusers", rounds=args.rounds, warmup=1, min_time=0.0, seed=args.seed,
+                      log=lambda m: print(m, flush=True))
+    load_end = load_average()
+    rows = []
+    for name in VARIANTS:
+        row = {"model": args.model, "variant": name, "layout": "NHWC" if "_cl" in name else "NCHW",
+               "s": res.stats(name)}
+        for base in BASELINES:
+            row[f"vs_{base}"] = res.ratio(name, over=base)
+        row["rel_err_vs_diffusers"] = errs.get(name, 0.0)
+        rows.append(row)
+        print({k: (v["median"] if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
+    note = (f"One UNet forward ({args.model}, {args.latent}x{args.latent} latent, batch {args.batch}, fp32, "
+            "inference mode), random weights shared by all models. Each cell is median (min-max) over "
+            f"{args.rounds} interleaved rounds (every variant once per round, order rotated per round). "
+            "s: seconds per forward. vs_X: X's time / this variant's time, taken within each round, then "
+            "median (min-max) over the rounds; > 1 means this variant is faster than X. _cl: "
+            "unet.to(memory_format=torch.channels_last) and channels-last latents (diffusers' one-line setting "
+            "for diffusers_cl); _packed adds velodiff.models.conv_prepack.prepack_convs(unet). rel_err: "
+            "relative Frobenius error of the output against diffusers' (NCHW).")
+    extra = {"load_start": load_start, "load_end": load_end, "rounds": args.rounds,
+             "timing": res.to_json()}
+    path = write_results(f"unet_{args.model}_cpu", rows,
+                         ["model", "variant", "layout", "s", "vs_diffusers", "vs_diffusers_cl",
+                          "rel_err_vs_diffusers"], args.out, note=note, extra=extra)
     print("wrote", path)
 
 
