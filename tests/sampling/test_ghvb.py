@@ -7,6 +7,7 @@ import torch
 from velodiff.sampling import NoiseSchedule, build_plan
 from velodiff.sampling import schedules as sch
 from velodiff.sampling.samplers.ghvb import mixer_weights
+from analytic import grid_schedule, table_grid_options
 from parity import dummy_model, relative_error, velodiff_trajectory
 
 
@@ -143,7 +144,24 @@ def test_momentum_layout():
     first, second = plan.calls[0], plan.calls[1]
     assert list(first.q) == [0.0, 0.0, 0.0] and first.p_m == 1.0      # v_0 = eps_0
     assert list(second.q) == pytest.approx([0.2, 0.0, 0.0]) and second.p_m == pytest.approx(0.8)
-    assert plan.info["order"] == 3 and plan.info["ghvb_order"] == 2.8
+    assert plan.info["nominal_order"] == 3 and plan.info["ghvb_order"] == 2.8
+    assert plan.info["order"] == 2  # SD's timesteps are not uniform in varsigma (test_claimed_order_follows_the_grid)
+
+
+@pytest.mark.parametrize("order", [0.6, 1.0, 1.8, 2.0, 2.8, 3.0, 4.0, 4.7])
+def test_claimed_order_follows_the_grid(order):
+    """plan.info["order"]: k = ceil(order) on steps uniform in varsigma, min(k, 2) on any other grid (the mixer's
+    weights are those of equal steps); both measured in tests/sampling/test_convergence.py (ghvb-* cases)."""
+    k = math.ceil(order)
+    uniform = grid_schedule("varsigma", 2049)
+    for n in (8, 64, 2048):
+        plan = build_plan("ghvb", uniform, n, order=order, **table_grid_options(uniform, n))
+        assert (plan.info["order"], plan.info["nominal_order"]) == (k, k), n
+    lam = grid_schedule("lambda", 2049)
+    for schedule, options in ((lam, table_grid_options(lam, 64)), (NoiseSchedule.sd(), {}),
+                              (NoiseSchedule.sd(), dict(spacing="trailing"))):
+        plan = build_plan("ghvb", schedule, 64, order=order, **options)
+        assert (plan.info["order"], plan.info["nominal_order"]) == (min(k, 2), k)
 
 
 def test_bad_options():
