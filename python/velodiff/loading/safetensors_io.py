@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -50,7 +51,6 @@ UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 
 #: the format's cap on the JSON header, in bytes (the reference implementation's MAX_HEADER_SIZE)
 MAX_HEADER_BYTES = 100_000_000
-_MAX_HEADER = MAX_HEADER_BYTES  # the old private name
 #: deepest nesting of JSON arrays/objects the reference implementation's JSON parser accepts
 MAX_JSON_DEPTH = 127
 _U64_END = 2 ** 64  # sizes and offsets are unsigned 64-bit integers in the reference implementation
@@ -124,26 +124,29 @@ def _no_constant(text: str) -> None:
     raise ValueError(f"{text} is not valid JSON")
 
 
-def _check_json_tree(header: Dict[str, Any], path: str) -> None:
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape somewhere in the text
+
+
+def _check_json_tree(header: Dict[str, Any], text: str, path: str) -> None:
     """Refuse nesting deeper than the reference parser allows and strings holding a lone UTF-16
-    surrogate (``"\\ud800"``, which is not a Unicode string)."""
+    surrogate (``"\\ud800"``, which is not a Unicode string; only a surrogate escape can produce one)."""
+    check_strings = _SURROGATE_ESCAPE.search(text) is not None
     stack: List[Tuple[Any, int]] = [(header, 1)]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise CheckpointError(f"{path!r}: corrupt safetensors header (JSON nested deeper than "
                                   f"{MAX_JSON_DEPTH} levels)")
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for key, value in items:
-            for text in (key, value):
-                if isinstance(text, str):
+        values = node.values() if isinstance(node, dict) else node
+        if check_strings:
+            for text_value in (*node, *values) if isinstance(node, dict) else values:
+                if isinstance(text_value, str):
                     try:
-                        text.encode("utf-8")
+                        text_value.encode("utf-8")
                     except UnicodeEncodeError:
                         raise CheckpointError(f"{path!r}: corrupt safetensors header (the string "
-                                              f"{_short(text)} holds a lone UTF-16 surrogate escape)") from None
-            if isinstance(value, (dict, list)):
-                stack.append((value, depth + 1))
+                                              f"{_short(text_value)} holds a lone UTF-16 surrogate escape)") from None
+        stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
 
 
 def _parse_header_json(raw: bytes, path: str) -> Dict[str, Any]:
@@ -165,7 +168,7 @@ def _parse_header_json(raw: bytes, path: str) -> Dict[str, Any]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path!r}: corrupt safetensors header (a JSON object was expected, "
                               f"got {type(header).__name__})")
-    _check_json_tree(header, path)
+    _check_json_tree(header, text, path)
     return header
 
 
@@ -237,7 +240,8 @@ def _check_entry(name: str, entry: Any, path: str) -> TensorInfo:
     nbytes = numel * dtype.itemsize
     if nbytes >= _U64_END:
         raise CheckpointError(f"{where}: corrupt shape {_short(shape)}: its byte count overflows 64 bits")
-    _check_torch_can_hold(dtype, shape, where)
+    if numel == 0 or nbytes >= 2 ** 62:  # else every size and stride is at most numel < 2**62: torch holds it
+        _check_torch_can_hold(dtype, shape, where)
     begin, end = offsets
     if end < begin:
         raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] are reversed (end before begin)")
@@ -269,7 +273,7 @@ def _check_layout(tensors: Mapping[str, TensorInfo], data_size: int, path: str) 
         cursor, previous = info.end, info.name
     if cursor != data_size:
         last = f"tensor {previous!r}" if previous is not None else "the header (no tensor)"
-        raise CheckpointError(f"{path!r}: corrupt safetensors file: {data_size - cursor} stray bytes after "
+        raise CheckpointError(f"{path!r}: corrupt safetensors file: {data_size - cursor} stray byte(s) after "
                               f"{last}: the data section has {data_size} bytes, the tensors cover {cursor}")
 
 
