@@ -48,14 +48,23 @@ def test_same_vae_as_digits():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_label_conditions_the_digit(pipe):
+#: README: "At 20 steps of `dpmpp_2m` it draws the requested digit 97.6% of the time at guidance 1.5 ... and 99.7% at
+#: guidance 3"
+CLAIMED_ACCURACY = {1.5: 0.976, 3.0: 0.997}
+
+
+@pytest.mark.parametrize("guidance", sorted(CLAIMED_ACCURACY))
+def test_label_conditions_the_digit_as_claimed(pipe, guidance):
+    """The README's accuracy claims on 500 images from other seeds than the measurement's (the judge:
+    velodiff.eval, fitted only on digits the model never saw)."""
     pytest.importorskip("sklearn")
-    from velodiff.eval import judge
-    labels = [d for d in range(10) for _ in range(8)]
-    out = pipe(labels, num_inference_steps=10, guidance_scale=3.0, output_type="np",
-               generator=torch.Generator().manual_seed(0))
-    result = judge(out.images, labels, n_boot=50, fd_boot=10)
-    assert result["conditional_accuracy"] >= 0.8, result["per_class_accuracy"]
+    from claims import assert_accuracy_claim
+    from velodiff.eval import evaluate
+    r = evaluate(pipe, sampler="dpmpp_2m", steps=20, guidance=guidance, per_class=50, seed=1, n_boot=10,
+                 fd_boot=10, warmup=False)
+    correct = int(round(r["conditional_accuracy"] * r["num_images"]))
+    assert_accuracy_claim(correct, r["num_images"], CLAIMED_ACCURACY[guidance],
+                          what=f"digits-dit, guidance {guidance}")
 
 
 def test_generate_cli_class_label(tmp_path):
