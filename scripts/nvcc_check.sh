@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile every CUDA kernel under csrc/kernels/cuda with nvcc for sm_80, sm_89 and sm_90a, without torch, then
-# syntax-check their torch glue (csrc/ops/*_cuda.cpp) against the installed torch's headers.
+# Compile every CUDA kernel under csrc/kernels/cuda with nvcc for sm_80, sm_89 and sm_90a, without torch, link
+# each architecture's objects into one shared library (as the build does: whole-program device code, -rdc=false),
+# then syntax-check their torch glue (csrc/ops/*_cuda.cpp) against the installed torch's headers.
 # Kernels include no torch header (blueprint rule 2), so this runs on a machine whose torch is CPU-only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,13 +16,22 @@ n=0
 for cu in $(find "$here/csrc/kernels/cuda" -name '*.cu' | sort); do
   for arch in 80 89 90a; do
     "$nvcc" -std=c++17 -O2 -DVELODIFF_WITH_CUDA -I"$here/csrc/include" \
-      -gencode "arch=compute_${arch},code=sm_${arch}" -Xcompiler -Wall -Werror all-warnings \
+      -gencode "arch=compute_${arch},code=sm_${arch}" -Xcompiler -Wall -Xcompiler -fPIC -Werror all-warnings \
       -c "$cu" -o "$out/$(basename "$cu" .cu)_sm${arch}.o"
     n=$((n + 1))
   done
   echo "nvcc_check: $(basename "$cu") ok for sm_80 sm_89 sm_90a"
 done
 echo "nvcc_check: $n compilations passed"
+
+# The kernel files share headers of templates and inline functions and export one launcher each (the quantized
+# GEMM family is split by kernel: csrc/kernels/cuda/qgemm_device.cuh): linking one architecture's objects with
+# --no-undefined fails on a symbol defined twice or declared and never defined.
+for arch in 80 89 90a; do
+  "$nvcc" -shared -gencode "arch=compute_${arch},code=sm_${arch}" "$out"/*_sm${arch}.o -Xlinker --no-undefined \
+    -o "$out/kernels_sm${arch}.so"
+done
+echo "nvcc_check: the objects of each architecture link into one shared library"
 
 # The torch glue of the CUDA kernels (csrc/ops/*_cuda.cpp) includes torch's CUDA headers, which a CPU torch
 # ships too: a syntax-only compile against them catches glue errors without a CUDA torch. The one generated

@@ -1,4 +1,5 @@
-// CUDA implementation of velodiff::quantize_act and velodiff::qgemm (torch glue over csrc/kernels/cuda/qgemm.cu).
+// CUDA implementation of velodiff::quantize_act and velodiff::qgemm (torch glue over the kernels of
+// csrc/kernels/cuda/quantize_act.cu and qgemm*.cu, listed in qgemm_device.cuh).
 // Argument checks and output allocation are shared with the CPU glue (qgemm_args.h).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

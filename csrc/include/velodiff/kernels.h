@@ -20,7 +20,8 @@ bool qgemm_cpu(const QGemmArgs& args, char* error);
 // 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).
 int sampler_update_cuda(const SamplerUpdateArgs& args, double* workspace, void* stream);
 
-// Quantized GEMM family (csrc/kernels/cuda/qgemm.cu). `args.lora_act` must be zero-filled by the caller
+// Quantized GEMM family (csrc/kernels/cuda/quantize_act.cu, qgemm.cu and the kernel files qgemm.cu dispatches to,
+// listed in qgemm_device.cuh). `args.lora_act` must be zero-filled by the caller
 // (partial down-projections are added atomically). Return the cudaError_t as int (0 = success).
 int quantize_act_cuda(const QuantizeActArgs& args, void* stream);
 int qgemm_cuda(const QGemmArgs& args, void* stream);

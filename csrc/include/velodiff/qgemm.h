@@ -1,6 +1,6 @@
 // Quantized GEMM family (SVDQuant W4A4 with a fused low-rank branch; naive W4A4 and W8A8 as baselines).
 // One packed format, shared by the pure-PyTorch reference (python/velodiff/ops/reference.py), the CPU kernels
-// (csrc/kernels/cpu/qgemm.cpp) and the CUDA kernels (csrc/kernels/cuda/qgemm.cu).
+// (csrc/kernels/cpu/qgemm.cpp) and the CUDA kernels (csrc/kernels/cuda/, one file per kernel: qgemm_device.cuh).
 //
 // ---------------------------------------------------------------------------------------------------------
 // Notation: x [M, K] activations (M tokens), W [N, K] weights (torch's nn.Linear layout), y = x W^T [M, N].
@@ -52,7 +52,7 @@ enum class QActivation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
 //   kAuto: kS4 below sm_90, kS8 on sm_90 and later (Hopper has no int4 tensor cores).
 //   kS4:   mma.sync m16n8k64 .s4 (sm_80..sm_89 only).
 //   kS8:   4-bit storage, codes unpacked in registers to s8 (x16), mma.sync m16n8k32 .s8, int32 dot.
-//   kE4M3: 4-bit storage, codes unpacked in registers to e4m3 (value code * 2^-9, exact: see qgemm.cu),
+//   kE4M3: 4-bit storage, codes unpacked in registers to e4m3 (value code * 2^-9, exact: see qgemm_device.cuh),
 //          mma.sync m16n8k32 .e4m3 with fp32 accumulation (sm_89 and later).
 //   kWgmmaS8, kWgmmaE4M3: the same two unpackings into shared memory for Hopper's warpgroup MMA
 //          (wgmma.mma_async m64n128k32; sm_90 only, and only in a build that has sm_90a code).
