@@ -18,6 +18,7 @@
 // across groups, never half). The mma.sync kernel (qgemm_mma.cuh) and the wgmma kernel (qgemm_wgmma.cu) differ
 // in how they get the dots; they share the cp.async loads, the unpackings, the scaling and the epilogue below.
 //
+// int32 -> fp32 without I2F: the accumulator starts at 0x4B400000 (the float 1.5 * 2^23), so the MMA result
 // read as a float is 1.5 * 2^23 + dot exactly (|dot| < 2^22 always holds here), and one FADD recovers dot.
 // The per-group update is then FADD + FMUL (ascale * wscale) + FFMA per output element.
 //
