@@ -96,6 +96,8 @@ def test_rescale_zero_terminal_snr_matches_diffusers(beta_schedule, beta_start, 
 @pytest.mark.parametrize("num_steps", STEP_COUNTS)
 @pytest.mark.parametrize("steps_offset", [0, 1])
 def test_ddim_timesteps_match_diffusers(spacing, num_steps, steps_offset):
+    if (spacing, num_steps, steps_offset) == ("leading", 1000, 1):
+        pytest.skip("diffusers gives timestep 1000, past the schedule: rejected (tests/sampling/test_step_limits.py)")
     ref = DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
     ref.set_timesteps(num_steps)
     ours = sch.ddim_timesteps(num_steps, 1000, spacing, steps_offset)
@@ -104,7 +106,7 @@ def test_ddim_timesteps_match_diffusers(spacing, num_steps, steps_offset):
 
 
 def test_ddim_timesteps_reject_too_many_steps():
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="num_inference_steps=1001 .* at most 1000"):
         sch.ddim_timesteps(1001, 1000)
 
 

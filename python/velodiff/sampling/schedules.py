@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -102,36 +102,111 @@ class NoiseSchedule:
 
 # --- timestep spacings (diffusers; table 2 of Lin et al. 2305.08891) ---
 
+# --- how many steps a spacing can give ---
+
+#: The most steps any plan is built for, whatever the discretisation (continuous ones, e.g. Euler's fractional
+#: ``linspace`` timesteps, Karras sigmas or flow sigmas, have no other limit). Every step is at least one model
+#: evaluation and one precomputed coefficient row; DDPM's 1000 is the most any published sampler uses. It keeps
+#: a typo (``num_inference_steps=10**9``) from building a plan for hours; raise it here if you truly need more.
+MAX_NUM_STEPS = 10_000
+SPACINGS = ("linspace", "leading", "trailing")
+#: ``ddim``: N timesteps (diffusers' DDIM / DDPM / Euler leading and trailing); ``multistep``: N + 1 grid points
+#: of which the last is dropped (DPM-Solver, UniPC); ``euler``: as ``ddim`` but ``linspace`` is fractional.
+TIMESTEP_KINDS = ("ddim", "multistep", "euler")
+
+
+def _check_spacing(spacing) -> None:
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+
+
+def spaced_steps_limit(kind: str, num_train_timesteps: int, spacing: str, steps_offset: int = 0) -> Tuple[int, str]:
+    """(N_max, why): the largest N such that every count 1..N gets N distinct timesteps in [0, T) from
+    ``spacing`` (T = ``num_train_timesteps``), at most :data:`MAX_NUM_STEPS`; ``why`` says what sets it.
+
+    Closed forms (diffusers' spacings, checked count by count against diffusers' schedulers in
+    tests/sampling/test_step_limits.py): ``linspace`` rounds N points of [0, T-1] (``ddim``: N <= T) or N + 1
+    points (``multistep``: N <= T - 1; ``euler`` keeps them fractional: no limit); ``trailing`` takes
+    round(T - k T/N) - 1, k < N (N <= T); ``leading`` takes k * stride + steps_offset with stride T // N
+    (``ddim``, ``euler``, k < N) or T // (N + 1) (``multistep``, k = 1..N), so it needs stride >= 1 and the
+    largest timestep (N - 1) * stride + steps_offset (resp. N * stride + steps_offset) <= T - 1.
+    """
+    if kind not in TIMESTEP_KINDS:
+        raise ValueError(f"kind must be one of {TIMESTEP_KINDS}, got {kind!r}")
+    _check_spacing(spacing)
+    t = int(num_train_timesteps)
+    cap = (MAX_NUM_STEPS, f"velodiff.sampling.schedules.MAX_NUM_STEPS = {MAX_NUM_STEPS}")
+    if spacing == "linspace":
+        if kind == "euler":
+            return cap
+        n_max = t if kind == "ddim" else t - 1
+        why = (f"'linspace' spacing rounds {'N' if kind == 'ddim' else 'N + 1'} points of [0, {t - 1}], which "
+               f"are distinct up to N = {n_max}")
+    elif spacing == "trailing":
+        n_max, why = t, f"'trailing' spacing has {t} distinct timesteps in a {t}-step training schedule"
+    else:
+        n = np.arange(1, t + 1, dtype=np.int64)
+        if kind == "multistep":
+            stride = t // (n + 1)
+            top = n * stride + steps_offset
+        else:
+            stride = t // n
+            top = (n - 1) * stride + steps_offset
+        ok = (stride >= 1) & (top <= t - 1) & (steps_offset >= 0)
+        n_max = int(np.argmin(ok)) if not ok.all() else t  # the first failing count - 1
+        why = (f"'leading' spacing with steps_offset={steps_offset} puts the largest timestep past {t - 1} "
+               f"(or repeats timesteps) beyond N = {n_max}")
+    return (n_max, why) if n_max <= MAX_NUM_STEPS else cap
+
+
+def check_steps_limit(num_steps: int, limit: Tuple[int, str], what: str = "this schedule") -> int:
+    """``num_steps`` if it is at most ``limit[0]`` (from :func:`spaced_steps_limit`); otherwise a ValueError
+    naming ``num_inference_steps``, the maximum and why."""
+    n_max, why = limit
+    if num_steps > n_max:
+        raise ValueError(f"num_inference_steps={num_steps} is too many for {what}: at most {n_max} ({why})")
+    return num_steps
+
+
+def trailing_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
+    """diffusers' ``trailing`` timesteps round(T - k T/N) - 1, k = 0..N-1, float64 [N] descending.
+
+    diffusers computes them as ``np.arange(T, 0, -T/N).round() - 1``; for N = 61, 103, 121, ... (62 counts up to
+    T = 1000) the floating-point step makes that arange one element longer, its last timestep -1 (which then
+    indexes the end of the schedule: a step back to noise). velodiff keeps the first N of the same arange (the same
+    floating-point values, so the same rounding as diffusers)."""
+    t, n = num_train_timesteps, num_steps
+    return np.round(np.arange(t, 0, -t / n)[:n]) - 1
+
+
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
                    steps_offset: int = 0) -> np.ndarray:
-    """Discrete timesteps of diffusers' DDIM/DDPM/LCM-style schedulers (descending), int64 [num_steps]."""
-    t, n = num_train_timesteps, num_steps
-    if n > t:
-        raise ValueError(f"num_steps ({n}) cannot exceed num_train_timesteps ({t})")
+    """Discrete timesteps of diffusers' DDIM/DDPM/LCM-style schedulers (descending), int64 [num_steps].
+    ValueError naming ``num_inference_steps`` beyond :func:`spaced_steps_limit` ("ddim")."""
+    t, n = num_train_timesteps, check_num_steps(num_steps)
+    check_steps_limit(n, spaced_steps_limit("ddim", t, spacing, steps_offset))
     if spacing == "linspace":
         ts = np.linspace(0, t - 1, n).round()[::-1].copy()
     elif spacing == "leading":
         ts = (np.arange(0, n) * (t // n)).round()[::-1].copy() + steps_offset
-    elif spacing == "trailing":
-        ts = np.round(np.arange(t, 0, -t / n)) - 1
-    else:
-        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+    else:  # trailing
+        ts = trailing_timesteps(n, t)
     return ts.astype(np.int64)
 
 
 def multistep_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "linspace",
                         steps_offset: int = 0) -> np.ndarray:
-    """Discrete timesteps of diffusers' DPM-Solver / UniPC / Euler schedulers (descending) [num_steps]."""
-    t, n = num_train_timesteps, num_steps
+    """Discrete timesteps of diffusers' DPM-Solver / UniPC / Euler schedulers (descending) [num_steps].
+    ValueError naming ``num_inference_steps`` beyond :func:`spaced_steps_limit` ("multistep")."""
+    t, n = num_train_timesteps, check_num_steps(num_steps)
+    check_steps_limit(n, spaced_steps_limit("multistep", t, spacing, steps_offset))
     if spacing == "linspace":
         ts = np.linspace(0, t - 1, n + 1).round()[::-1][:-1].copy()
     elif spacing == "leading":
         step_ratio = t // (n + 1)
         ts = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy() + steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(t, 0, -t / n).round().copy() - 1
-    else:
-        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+    else:  # trailing
+        ts = trailing_timesteps(n, t)
     return ts.astype(np.int64)
 
 
@@ -194,9 +269,11 @@ def half_log_snr(alpha: float, sigma: float) -> float:
 
 
 def check_num_steps(num_steps: Optional[int]) -> int:
+    """``num_steps`` as an int in [1, :data:`MAX_NUM_STEPS`]; ValueError naming ``num_inference_steps``."""
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
-    return int(num_steps)
+    return check_steps_limit(int(num_steps), (MAX_NUM_STEPS, f"velodiff.sampling.schedules.MAX_NUM_STEPS"),
+                             "any sampler")
 
 
 # --- discretisations: the points a sampler steps through ---
@@ -293,14 +370,13 @@ def euler_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: st
     (fractional timesteps, e.g. 999, 888, ... for N = 10), and ``leading`` uses the stride T // N.
     """
     t, n = num_train_timesteps, check_num_steps(num_steps)
+    check_steps_limit(n, spaced_steps_limit("euler", t, spacing, steps_offset))
     if spacing == "linspace":
         ts = np.linspace(0, t - 1, n)[::-1].copy()
     elif spacing == "leading":
         ts = (np.arange(0, n) * (t // n)).round()[::-1].astype(np.float64) + steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(t, 0, -t / n).round() - 1
-    else:
-        raise ValueError(f"spacing must be linspace|leading|trailing, got {spacing!r}")
+    else:  # trailing
+        ts = trailing_timesteps(n, t)
     return ts.astype(np.float64)
 
 
