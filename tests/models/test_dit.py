@@ -1,4 +1,4 @@
-"""DiTTransformer2DModel against diffusers' DiTTransformer2DModel with the same weights (fp32, 1e-5 relative)."""
+"""DiTTransformer2DModel against diffusers' DiTTransformer2DModel with the same weights (fp32, relative <= TOL)."""
 import inspect
 
 import pytest
@@ -21,6 +21,12 @@ CONFIGS = {
     "patch1": dict(num_attention_heads=1, attention_head_dim=16, in_channels=2, out_channels=4, num_layers=2,
                    sample_size=6, patch_size=1, num_embeds_ada_norm=5, upcast_attention=True, activation_fn="geglu"),
 }
+
+
+# Relative Frobenius error allowed against diffusers, fp32 (u = 6e-8): the same operations in the same order give
+# bit-identical outputs (measured 0 in most cases below); another attention kernel (the math backend) measured at
+# most 1.3e-7, a few u. The bound is ~8x that, still 10x tighter than the blueprint's fp32 1e-5.
+TOL = 1e-6
 
 
 def rel(a, b):
@@ -68,7 +74,7 @@ def test_dit_matches_diffusers(name, batch):
         out = ours(x, t, y)
         ref = theirs(x, t, y).sample
         assert out.shape == (batch, theirs.out_channels, s, s)
-        assert rel(out, ref) <= 1e-5
+        assert rel(out, ref) <= TOL
 
 
 @pytest.mark.parametrize("hw", [(12, 12), (4, 4)])
@@ -77,7 +83,7 @@ def test_dit_other_square_sizes_match_diffusers(hw):
     ours, theirs = pair(CONFIGS["xl_like"])
     x = torch.randn(2, 4, *hw)
     t, y = torch.tensor([10, 900]), torch.tensor([3, 1000])
-    assert rel(ours(x, t, y), theirs(x, t, y).sample) <= 1e-5
+    assert rel(ours(x, t, y), theirs(x, t, y).sample) <= TOL
 
 
 @pytest.mark.parametrize("name,hw", [("xl_like", (8, 12)), ("xl_like", (6, 4)), ("awkward", (10, 6)),
@@ -90,7 +96,7 @@ def test_dit_non_square_matches_diffusers_modules(name, hw):
     t, y = torch.tensor([10, 900]), torch.tensor([cfg["num_embeds_ada_norm"], 1])
     out = ours(x, t, y)
     assert out.shape == (2, theirs.out_channels, *hw)
-    assert rel(out, reference_any_shape(theirs, x, t, y)) <= 1e-5
+    assert rel(out, reference_any_shape(theirs, x, t, y)) <= TOL
 
 
 @torch.no_grad()
@@ -99,11 +105,11 @@ def test_dit_scalar_timestep_and_math_backend():
     x = torch.randn(2, 4, 8, 8)
     y = torch.tensor([5, 1000])
     ref = theirs(x, torch.tensor([321, 321]), y).sample
-    assert rel(ours(x, 321, y), ref) <= 1e-5
-    assert rel(ours(x, torch.tensor(321), y), ref) <= 1e-5
-    assert rel(ours(x, torch.tensor([321]), y), ref) <= 1e-5
+    assert rel(ours(x, 321, y), ref) <= TOL
+    assert rel(ours(x, torch.tensor(321), y), ref) <= TOL
+    assert rel(ours(x, torch.tensor([321]), y), ref) <= TOL
     assert set_attention_backend(ours, "math") == 2
-    assert rel(ours(x, 321, y), ref) <= 1e-5
+    assert rel(ours(x, 321, y), ref) <= TOL
 
 
 @torch.no_grad()
@@ -135,7 +141,7 @@ def test_meta_build_then_assign_load_rebuilds_pos_table():
     assert torch.equal(lazy.pos_embed.pos_embed, ours.pos_embed.pos_embed)
     x, t, y = torch.randn(1, 3, 10, 10), torch.tensor([5]), torch.tensor([7])
     with torch.no_grad():
-        assert rel(lazy(x, t, y), theirs(x, t, y).sample) <= 1e-5
+        assert rel(lazy(x, t, y), theirs(x, t, y).sample) <= TOL
 
 
 def test_dit_bad_inputs_are_named():
@@ -198,7 +204,7 @@ def test_dit_from_config_matches_diffusers_from_config():
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1000, 4])
     with torch.no_grad():
-        assert rel(ours(x, t, y), theirs(x, t, y).sample) <= 1e-5
+        assert rel(ours(x, t, y), theirs(x, t, y).sample) <= TOL
 
 
 def test_patch_embed_table_is_not_in_state_dict():

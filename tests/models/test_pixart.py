@@ -1,4 +1,4 @@
-"""PixArtTransformer2DModel against diffusers' PixArtTransformer2DModel with the same weights (fp32, 1e-5)."""
+"""PixArtTransformer2DModel against diffusers' PixArtTransformer2DModel with the same weights (fp32, rel <= TOL)."""
 import inspect
 
 import pytest
@@ -24,6 +24,12 @@ CONFIGS = {
                     activation_fn="gelu", attention_bias=False, upcast_attention=True),
 }
 LATENTS = {"alpha": (16, 16), "sigma": (16, 16), "awkward": (5, 5)}
+
+
+# Relative Frobenius error allowed against diffusers, fp32 (u = 6e-8): the same operations in the same order give
+# bit-identical outputs (measured 0 in most cases below); another attention kernel (the math backend) measured at
+# most 1.3e-7, a few u. The bound is ~8x that, still 10x tighter than the blueprint's fp32 1e-5.
+TOL = 1e-6
 
 
 def rel(a, b):
@@ -71,7 +77,7 @@ def test_pixart_matches_diffusers(name, batch, masked):
         out = ours(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask)
         ref = theirs(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample
         assert out.shape == (batch, theirs.out_channels, *LATENTS[name])
-        assert rel(out, ref) <= 1e-5
+        assert rel(out, ref) <= TOL
 
 
 @torch.no_grad()
@@ -106,7 +112,7 @@ def test_pixart_mask_forms_match_diffusers(kind):
     out = ours(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask)
     ref = theirs(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample
     assert torch.isfinite(out).all()
-    assert rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= TOL
 
 
 @pytest.mark.parametrize("name,hw", [("alpha", (8, 24)), ("sigma", (12, 6)), ("awkward", (3, 7))])
@@ -119,7 +125,7 @@ def test_pixart_non_square_matches_diffusers(name, hw):
     t = torch.tensor([20, 980])
     out = ours(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask)
     assert out.shape == (2, theirs.out_channels, *hw)
-    assert rel(out, theirs(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample) <= 1e-5
+    assert rel(out, theirs(x, ctx, t, added_cond_kwargs=cond, encoder_attention_mask=mask).sample) <= TOL
 
 
 @torch.no_grad()
@@ -129,10 +135,10 @@ def test_pixart_sigma_condition_forms_and_math_backend():
     x, ctx, _ = inputs(CONFIGS["sigma"], 2, (16, 16))
     ref = theirs(x, ctx, torch.tensor([640, 640])).sample
     none_cond = {"resolution": None, "aspect_ratio": None}  # what diffusers' sigma pipeline passes
-    assert rel(ours(x, ctx, 640), ref) <= 1e-5
-    assert rel(ours(x, ctx, torch.tensor([640]), added_cond_kwargs=none_cond), ref) <= 1e-5
+    assert rel(ours(x, ctx, 640), ref) <= TOL
+    assert rel(ours(x, ctx, torch.tensor([640]), added_cond_kwargs=none_cond), ref) <= TOL
     assert set_attention_backend(ours, "math") == 4
-    assert rel(ours(x, ctx, 640), ref) <= 1e-5
+    assert rel(ours(x, ctx, 640), ref) <= TOL
 
 
 @torch.no_grad()
@@ -225,7 +231,7 @@ def test_pixart_from_config():
     model.load_state_dict(theirs.state_dict(), strict=True)
     x, ctx, _ = inputs(model.config, 2, (16, 16))
     with torch.no_grad():
-        assert rel(model(x, ctx, 77), theirs(x, ctx, torch.tensor([77, 77])).sample) <= 1e-5
+        assert rel(model(x, ctx, 77), theirs(x, ctx, torch.tensor([77, 77])).sample) <= TOL
 
 
 @pytest.mark.slow

@@ -1,12 +1,10 @@
-"""velodiff's UNet2DConditionModel against diffusers' with identical weights (fp32 CPU, 1e-5 relative).
+"""velodiff's UNet2DConditionModel against diffusers' with identical weights (fp32 CPU, relative error <= TOL).
 
 Tiny SD 1.5-, SD 2.1- and SDXL-like configs; awkward latent sizes; timesteps as numbers, 0-d and [B] tensors.
-The full-size random-weight checks are marked ``slow``.
+The full-size random-weight checks are in test_unet_fullsize.py.
 """
 import copy
-import math
 import os
-import resource
 
 import pytest
 import torch
@@ -15,6 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from velodiff.models.transformer_2d import Transformer2DModel  # noqa: E402
 from velodiff.models.unet import UNet2DConditionModel  # noqa: E402
+
+# Relative Frobenius error allowed against diffusers, fp32 (u = 2^-24 = 6e-8). Where both run the same operations in
+# the same order the outputs are bit-identical (most cases below); where the order differs (channels-last layout,
+# odd latent sizes, only_cross_attention) the measured error is at most 1.1e-6, ~20 u after a few dozen layers.
+# The bound is ~2.3x that. (The blueprint's fp32 1e-5 let through the scale of every attention layer off by 1e-4:
+# measured 4.7e-6 .. 9.9e-6 on these configs; one layer's scale off by 1e-4 gives 0.9e-6 .. 3.2e-6.)
+TOL = 2.5e-6
 
 SD15_TINY = dict(block_out_channels=(32, 64), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
@@ -73,7 +78,7 @@ def test_unet_matches_diffusers(pairs, name, batch, h, w):
     x, ctx, kw = inputs(CONFIGS[name], batch, h, w)
     with torch.no_grad():
         for t in (0, 999, 437.25):
-            assert rel(ours(x, t, ctx, **kw), theirs(x, t, ctx, **kw).sample) <= 1e-5, (name, t)
+            assert rel(ours(x, t, ctx, **kw), theirs(x, t, ctx, **kw).sample) <= TOL, (name, t)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -86,7 +91,7 @@ def test_channels_last_matches_diffusers(pairs, name):
         with torch.no_grad():
             out = ours(x, 250, ctx, **kw)
             assert out.is_contiguous()
-            assert rel(out, theirs(x, 250, ctx, **kw).sample) <= 1e-5
+            assert rel(out, theirs(x, 250, ctx, **kw).sample) <= TOL
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
@@ -97,7 +102,7 @@ def test_tensor_timesteps_match_diffusers(pairs, name):
         for t in (torch.tensor(981), torch.tensor([1.0, 500.0, 999.0]), torch.tensor([17])):
             out = ours(x, t, ctx, **kw)
             assert out.shape == x.shape and out.dtype == x.dtype
-            assert rel(out, theirs(x, t, ctx, **kw).sample) <= 1e-5
+            assert rel(out, theirs(x, t, ctx, **kw).sample) <= TOL
 
 
 def test_variants_match_diffusers():
@@ -118,7 +123,7 @@ def test_variants_match_diffusers():
     g = torch.Generator().manual_seed(3)
     x, ctx, tc = torch.randn(2, 9, 10, 6, generator=g), torch.randn(2, 5, 12, generator=g), torch.randn(2, 6, generator=g)
     with torch.no_grad():
-        assert rel(ours(x, 10, ctx, timestep_cond=tc), theirs(x, 10, ctx, timestep_cond=tc).sample) <= 1e-5
+        assert rel(ours(x, 10, ctx, timestep_cond=tc), theirs(x, 10, ctx, timestep_cond=tc).sample) <= TOL
 
 
 def test_only_cross_attention_everywhere_matches_diffusers():
@@ -127,7 +132,7 @@ def test_only_cross_attention_everywhere_matches_diffusers():
     theirs, ours = pair(cfg)
     x, ctx, _ = inputs(cfg, 2, 8, 8)
     with torch.no_grad():
-        assert rel(ours(x, 3, ctx), theirs(x, 3, ctx).sample) <= 1e-5
+        assert rel(ours(x, 3, ctx), theirs(x, 3, ctx).sample) <= TOL
 
 
 def test_encoder_attention_mask_and_controlnet_residuals_match_diffusers(pairs):
@@ -143,7 +148,7 @@ def test_encoder_attention_mask_and_controlnet_residuals_match_diffusers(pairs):
                      mid_block_additional_residual=mid).sample
         out = ours(x, 300, ctx, encoder_attention_mask=mask, down_block_additional_residuals=down,
                    mid_block_additional_residual=mid)
-    assert rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= TOL
 
 
 def _skip_shapes(unet, x, ctx):
@@ -170,10 +175,10 @@ def test_transformer_2d_matches_diffusers(linear):
         ref = theirs(x, ctx).sample
         out = ours(x, ctx)
         assert out.is_contiguous()  # an NCHW caller gets NCHW back
-        assert rel(out, ref) <= 1e-5
+        assert rel(out, ref) <= TOL
         out = ours(x.contiguous(memory_format=torch.channels_last), ctx)
         assert out.is_contiguous(memory_format=torch.channels_last)
-        assert rel(out, ref) <= 1e-5
+        assert rel(out, ref) <= TOL
 
 
 def test_json_config_round_trip_matches_diffusers():
@@ -186,7 +191,7 @@ def test_json_config_round_trip_matches_diffusers():
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x, ctx, kw = inputs(SDXL_TINY, 2, 8, 8)
     with torch.no_grad():
-        assert rel(ours(x, 1, ctx, **kw), theirs(x, 1, ctx, **kw).sample) <= 1e-5
+        assert rel(ours(x, 1, ctx, **kw), theirs(x, 1, ctx, **kw).sample) <= TOL
 
 
 def test_config_is_kept_and_checked():
@@ -229,64 +234,3 @@ def test_half_precision_input_keeps_dtype(pairs):
         out = ours(x.to(torch.bfloat16), 5, ctx)
     assert out.dtype == torch.bfloat16
     assert rel(out.float(), ours(x, 5, ctx)) < 3e-2
-
-
-# ---------------------------------------------------------------- full size (slow)
-
-SD15_FULL = dict(block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, attention_head_dim=8,
-                 cross_attention_dim=768, sample_size=64)
-SDXL_FULL = dict(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
-                                                                        "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816, sample_size=128)
-
-
-def _random_init_(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                bound = 1.0 / math.sqrt(p[0].numel())
-                p.copy_(torch.rand(p.shape, generator=g) * (2 * bound) - bound)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-
-
-def _shared_pair(config):
-    """Both models over ONE set of weight tensors: diffusers' is materialised, ours assigned its tensors."""
-    from diffusers import UNet2DConditionModel as DUNet
-    with torch.device("meta"):
-        theirs = DUNet(**config)
-    theirs = theirs.to_empty(device="cpu").eval()
-    _random_init_(theirs)
-    with torch.device("meta"):
-        ours = UNet2DConditionModel.from_config(dict(theirs.config))
-    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
-    assert ours.conv_in.weight.data_ptr() == theirs.conv_in.weight.data_ptr()
-    return theirs, ours.eval()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,config,latent,batch", [("sd15", SD15_FULL, 64, 2), ("sdxl", SDXL_FULL, 32, 1)])
-def test_full_size_random_weights_match_diffusers(name, config, latent, batch):
-    theirs, ours = _shared_pair(config)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, latent, latent, generator=g)
-    ctx = torch.randn(batch, 77, config["cross_attention_dim"], generator=g)
-    kw = {}
-    if name == "sdxl":
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g),
-                                   "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
-    with torch.inference_mode():
-        ref = theirs(x, 501, ctx, **kw).sample
-        out = ours(x, 501, ctx, **kw)
-    assert torch.isfinite(ref).all() and ref.abs().max() > 0
-    err = rel(out, ref)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"\n{name} full size latent {latent} batch {batch}: rel err {err:.3e}, peak RSS {peak_gib:.2f} GiB")
-    assert err <= 1e-4

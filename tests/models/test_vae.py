@@ -1,4 +1,4 @@
-"""AutoencoderKL against diffusers' AutoencoderKL with identical weights (fp32 CPU, relative error <= 1e-5)."""
+"""AutoencoderKL against diffusers' AutoencoderKL with identical weights (fp32 CPU, relative error <= TOL)."""
 import time
 
 import pytest
@@ -6,7 +6,11 @@ import torch
 
 from velodiff.models.vae import AutoencoderKL, DiagonalGaussian, randn_like_diffusers
 
-TOL = 1e-5
+# Relative Frobenius error allowed against diffusers, fp32 (u = 6e-8): encode, decode and forward are bit-identical
+# to diffusers' today (measured 0 in every case below) and the latent scalings differ by at most 4.7e-8; 1e-6 leaves
+# room for an operation order of our own (another attention kernel gives ~1e-7 in the DiT / PixArt tests), 10x
+# under the blueprint's fp32 1e-5.
+TOL = 1e-6
 
 
 def rel(a, b):
