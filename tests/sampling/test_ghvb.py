@@ -6,6 +6,7 @@ import torch
 
 from velodiff.sampling import NoiseSchedule, build_plan
 from velodiff.sampling import schedules as sch
+from velodiff.sampling.samplers import max_num_steps
 from velodiff.sampling.samplers.ghvb import mixer_weights
 from analytic import grid_schedule, table_grid_options
 from parity import dummy_model, relative_error, velodiff_trajectory
@@ -162,6 +163,26 @@ def test_claimed_order_follows_the_grid(order):
                               (NoiseSchedule.sd(), dict(spacing="trailing"))):
         plan = build_plan("ghvb", schedule, 64, order=order, **options)
         assert (plan.info["order"], plan.info["nominal_order"]) == (min(k, 2), k)
+
+
+@pytest.mark.parametrize("spacing,n_max", [("leading", 999), ("trailing", 1000), ("linspace", 1000)])
+def test_largest_step_count(spacing, n_max):
+    """The most steps SD's 1000-step table gives (velodiff.sampling.samplers.build_plan refuses more): 'leading'
+    spacing with steps_offset=1 would need timestep 1000 at N = 1000 (it was an IndexError), so 999; trailing and
+    linspace reach every timestep. The plan equals the paper's equations at every step: float64 to round-off
+    (measured 4.6e-15), fp32 run_plan within 1e-5 (measured 2.0e-6 after 1000 fp32 updates, about sqrt(1000)
+    times one update's rounding)."""
+    schedule = NoiseSchedule.sd()
+    assert max_num_steps("ghvb", schedule, spacing=spacing) == n_max
+    plan = build_plan("ghvb", schedule, n_max, order=3.8, spacing=spacing)
+    assert plan.timesteps[0] == 999 and len(set(plan.timesteps)) == n_max == len(plan.calls)
+    ref = ghvb_reference(schedule, n_max, noise(), 4, 0.8, spacing=spacing)
+    exact = run_plan_f64(plan, dummy_model, noise())
+    _, ours = velodiff_trajectory(plan, noise())
+    assert max(relative_error(a, b) for a, b in zip(exact, ref)) <= 1e-12
+    assert max(relative_error(a, b) for a, b in zip(ours, ref)) <= 1e-5
+    with pytest.raises(ValueError, match=f"num_inference_steps={n_max + 1} .*at most {n_max}"):
+        build_plan("ghvb", schedule, n_max + 1, order=3.8, spacing=spacing)
 
 
 def test_bad_options():
