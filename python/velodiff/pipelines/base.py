@@ -1,18 +1,39 @@
-"""What every velodiff pipeline shares: construction from a folder, devices and dtypes, initial noise drawn as
-diffusers draws it, the denoising loop through the sampling layer, decoding and output conversion."""
+"""What every velodiff pipeline shares: construction from a folder, the folder's defaults, call-argument checks
+(made before any heavy work), devices and dtypes, initial noise drawn as diffusers draws it, the denoising loop
+through the sampling layer, decoding and output conversion."""
 from __future__ import annotations
 
+import math
+import numbers
+import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from velodiff.sampling import run_plan
+from velodiff.sampling import SamplerPlan, run_plan
 from velodiff.pipelines.scheduling import make_plan
 
 Generator = Union[torch.Generator, List[torch.Generator], None]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+#: The largest image side a pipeline accepts, as a multiple of the model's native side (``sample_size`` x the VAE
+#: factor: 512 for SD 1.5, 1024 for SDXL, 16 for the built-in digits): 8 allows 4096 x 4096 from SD 1.5 and an
+#: 8:1 panorama, beyond what the high-resolution techniques publish (4x per side). It is checked before anything
+#: is allocated, so that a typo (height=100000) fails at once instead of running for minutes or asking for tens of
+#: GB. The environment variable ``VELODIFF_MAX_SIZE_FACTOR`` (read at each call) overrides it, as does assigning
+#: this module attribute.
+MAX_SIZE_FACTOR = 8
+MAX_SIZE_FACTOR_ENV = "VELODIFF_MAX_SIZE_FACTOR"
+#: What a folder's ``model_index.json`` may set under ``_velodiff_defaults`` (see :func:`read_defaults`).
+DEFAULT_KEYS = ("guidance_scale",)
+
+
+class PromptWarning(UserWarning):
+    """A prompt the text encoder cannot read whole: tokens cut at the tokenizer's length, or words it does not
+    know (see :func:`prompt_token_issues`)."""
 
 
 @dataclass
@@ -50,19 +71,165 @@ def postprocess(image: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
-def check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, height=None,
-                    width=None, multiple: int = 8) -> None:
+def check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt,
+                    guidance_rescale: float = 0.0) -> None:
+    """The arguments every pipeline call shares; ValueError / TypeError naming the argument. Sizes are checked by
+    :func:`image_size`, the step count against the sampler and schedule by :meth:`BasePipeline.make_plan`."""
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+    check_guidance(guidance_scale, guidance_rescale)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
+            or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (not isinstance(value, int) or value <= 0 or value % multiple):
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_guidance(guidance_scale, guidance_rescale: float = 0.0) -> None:
+    """Classifier-free guidance ``w`` must be a finite number >= 0 (``inf`` would give a black image, ``nan`` an
+    unguided one; w <= 1 means no guidance, as in diffusers); Lin et al.'s ``guidance_rescale`` phi a finite
+    number in [0, 1] (the weight of the rescaled prediction in a convex mix, 2305.08891 eq. 16)."""
+    if not _real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if not _real(guidance_rescale) or not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+
+
+def max_size_factor() -> float:
+    """:data:`MAX_SIZE_FACTOR`, or the environment variable ``VELODIFF_MAX_SIZE_FACTOR`` when set."""
+    text = os.environ.get(MAX_SIZE_FACTOR_ENV)
+    if text is None or text.strip() == "":
+        return MAX_SIZE_FACTOR
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{MAX_SIZE_FACTOR_ENV} must be a positive number, got {text!r}")
+    return value
+
+
+def image_size(height, width, native: Union[int, Tuple[int, int]], multiple: int,
+               multiple_why: str = "the VAE's downscaling factor") -> Tuple[int, int]:
+    """(height, width) of the image to make: ``native`` (the model's native size, an int or (height, width)) for
+    None, else the given values, which must be positive integer multiples of ``multiple`` (the VAE factor, times
+    the patch size for transformers: one latent pixel / one token per ``multiple`` pixels; diffusers requires the
+    same) and at most :func:`max_size_factor` x the native side. 0 is an error, never "the default". TypeError /
+    ValueError naming ``height`` or ``width``, raised before anything is allocated."""
+    natives = (native, native) if isinstance(native, int) else tuple(native)
+    factor = max_size_factor()
+    out = []
+    for name, value, nat in (("height", height, natives[0]), ("width", width, natives[1])):
+        if value is None:
+            out.append(int(nat))
+            continue
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer number of pixels, got {type(value).__name__} {value!r}")
+        value = int(value)
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} ({multiple_why}), got {value}")
+        limit = int(factor * nat) // multiple * multiple
+        if value > limit:
+            raise ValueError(f"{name}={value} is more than this model can be asked for: at most {limit} pixels "
+                             f"({factor:g} x its native {nat}; velodiff.pipelines.base.MAX_SIZE_FACTOR, or set "
+                             f"the environment variable {MAX_SIZE_FACTOR_ENV} to allow more)")
+        out.append(value)
+    return out[0], out[1]
+
+
+def read_defaults(model_index: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The folder's call defaults: ``model_index.json``'s ``"_velodiff_defaults"`` object (e.g.
+    ``{"guidance_scale": 3.0}``, the built-in models' measured best), checked; {} when absent. diffusers ignores
+    keys that start with an underscore, so the folder still loads there."""
+    if not model_index or "_velodiff_defaults" not in model_index:
+        return {}
+    defaults = model_index["_velodiff_defaults"]
+    if not isinstance(defaults, dict):
+        raise ValueError(f"model_index.json: _velodiff_defaults must be an object, got {defaults!r}")
+    unknown = sorted(set(defaults) - set(DEFAULT_KEYS))
+    if unknown:
+        raise ValueError(f"model_index.json: _velodiff_defaults has unknown keys {unknown}; velodiff reads "
+                         f"{list(DEFAULT_KEYS)}")
+    if "guidance_scale" in defaults:
+        try:
+            check_guidance(defaults["guidance_scale"])
+        except ValueError as e:
+            raise ValueError(f"model_index.json: _velodiff_defaults: {e}") from None
+    return dict(defaults)
+
+
+def _piece(token: str) -> str:
+    """A token's text without the tokenizers' word markers (CLIP ``</w>``, SentencePiece ``▁``, GPT-2 ``Ġ``,
+    WordPiece ``##``)."""
+    for suffix in ("</w>",):
+        if token.endswith(suffix):
+            token = token[:-len(suffix)]
+    for prefix in ("\u2581", "\u0120", "##"):
+        if token.startswith(prefix):
+            token = token[len(prefix):]
+    return token
+
+
+def prompt_token_issues(tokenizer, texts: Sequence[str], max_length: int) -> Tuple[int, List[str]]:
+    """(how many tokens ``max_length`` cuts from the longest of ``texts``, the words the tokenizer does not
+    know), special tokens included as the pipelines tokenize.
+
+    A word is unknown when the tokenizer maps part of it to its unknown token, or spells it (2 characters or more)
+    with at least half of its pieces single characters: the vocabulary has no piece of it, as with the built-in
+    digits tokenizer, whose vocabulary is its prompt words plus the letters that spell anything else. Words need a
+    fast tokenizer (word boundaries); with a slow one only the count of unknown tokens is reported."""
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+    ids_list = enc["input_ids"]
+    cut = max((len(ids) - max_length for ids in ids_list), default=0)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown: List[str] = []
+    for i, (text, ids) in enumerate(zip(texts, ids_list)):
+        try:
+            word_ids = enc.word_ids(i)
+        except (ValueError, AttributeError):  # a slow tokenizer: no word boundaries
+            unknown += ["<unk>"] * sum(1 for t in ids if unk is not None and t == unk)
+            continue
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        words: Dict[int, List[Tuple[str, int]]] = {}
+        for token, token_id, w in zip(tokens, ids, word_ids):
+            if w is not None:
+                words.setdefault(w, []).append((token, token_id))
+        for w, parts in words.items():
+            span = enc.word_to_chars(i, w)
+            word = text[span.start:span.end] if span is not None else "".join(_piece(t) for t, _ in parts)
+            singles = sum(1 for t, _ in parts if len(_piece(t)) <= 1)
+            if any(unk is not None and t == unk for _, t in parts) or (len(word) > 1 and 2 * singles >= len(parts)):
+                if word not in unknown:
+                    unknown.append(word)
+    return max(cut, 0), unknown
+
+
+def warn_prompt_issues(checks: Sequence[Tuple[str, Any, Sequence[str], int]]) -> None:
+    """One :class:`PromptWarning` for a whole call: ``checks`` are (argument name, tokenizer, texts, max_length),
+    e.g. ("prompt", tokenizer, prompts, 77); nothing when every text fits and every word is known."""
+    lines: List[str] = []
+    for name, tokenizer, texts, max_length in checks:
+        texts = [t for t in texts if t]
+        if not texts:
+            continue
+        cut, unknown = prompt_token_issues(tokenizer, texts, max_length)
+        if cut > 0:
+            line = (f"{name}: {cut} tokens cut (the text encoder reads {max_length} tokens, start and end included; "
+                    f"the rest of the text is ignored)")
+            if line not in lines:
+                lines.append(line)
+        if unknown:
+            shown = ", ".join(repr(w) for w in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10
+                                                                else "")
+            line = f"{name}: words the tokenizer does not know (the model has no meaning for them): {shown}"
+            if line not in lines:
+                lines.append(line)
+    if lines:
+        warnings.warn("; ".join(lines), PromptWarning, stacklevel=3)
 
 
 def is_class_conditional(pipe) -> bool:
@@ -73,11 +240,16 @@ def is_class_conditional(pipe) -> bool:
 class BasePipeline:
     """A set of components plus the shared denoising loop. Subclasses implement ``__call__``."""
 
+    #: guidance_scale when neither the call nor the folder's defaults give one: diffusers' pipeline default
+    DEFAULT_GUIDANCE_SCALE = 7.5
+
     def __init__(self, components: Dict[str, Any], dtype: torch.dtype, device: torch.device):
         self.components = components
         self.dtype = dtype
         self.device = torch.device(device)
         self.scheduler_config: Dict[str, Any] = components.get("scheduler") or {}
+        #: the folder's call defaults (model_index.json ``_velodiff_defaults``, see :func:`read_defaults`)
+        self.defaults: Dict[str, Any] = read_defaults(components.get("_model_index"))
         self.progress = True
         self._restore_hooks: List[Callable[[], None]] = []
         for name, value in components.items():
@@ -112,12 +284,25 @@ class BasePipeline:
         image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
         return PipelineOutput(postprocess(image, output_type), name, nfe)
 
-    def denoise(self, model_fn, latents: torch.Tensor, num_inference_steps: int, sampler: Optional[str],
-                guidance_scale: Optional[float], generator: Generator, guidance_rescale: float = 0.0,
-                sampler_options: Optional[Dict[str, Any]] = None, callback=None):
-        """Draw nothing, decide nothing: run the sampler plan over ``model_fn`` from ``latents`` (unit noise).
-        Returns (final latents fp32, sampler name, number of model evaluations)."""
-        name, plan = make_plan(sampler, self.scheduler_config, num_inference_steps, sampler_options)
+    def guidance(self, guidance_scale: Optional[float]) -> float:
+        """The guidance scale of a call: the caller's, else the folder's default (``pipe.defaults``), else
+        diffusers' default for this pipeline (:attr:`DEFAULT_GUIDANCE_SCALE`)."""
+        if guidance_scale is None:
+            return self.defaults.get("guidance_scale", self.DEFAULT_GUIDANCE_SCALE)
+        return guidance_scale
+
+    def make_plan(self, sampler: Optional[str], num_inference_steps: int,
+                  sampler_options: Optional[Dict[str, Any]] = None) -> Tuple[str, SamplerPlan]:
+        """(sampler name, plan) for this pipeline's schedule: cheap, so calls build it before any heavy work (a
+        step count the schedule cannot give is a ValueError naming num_inference_steps)."""
+        return make_plan(sampler, self.scheduler_config, num_inference_steps, sampler_options)
+
+    def denoise(self, model_fn, latents: torch.Tensor, plan: Tuple[str, SamplerPlan],
+                guidance_scale: Optional[float], generator: Generator, guidance_rescale: float = 0.0, callback=None):
+        """Draw nothing, decide nothing: run ``plan`` (from :meth:`make_plan`) over ``model_fn`` from ``latents``
+        (unit noise). Returns (final latents fp32, sampler name, number of model evaluations). Ctrl-C
+        (KeyboardInterrupt) leaves the loop at the next model call: nothing here catches it."""
+        name, plan = plan
         gen = generator[0] if isinstance(generator, list) else generator
         x = latents.to(torch.float32) * plan.init_noise_scale
         out = run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,

@@ -6,14 +6,13 @@ posterior sample, then the noise, then the sampler's own draws."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from velodiff.pipelines.base import Generator, randn_tensor
-from velodiff.pipelines.scheduling import make_plan
-from velodiff.sampling import run_plan
+from velodiff.sampling import SamplerPlan, run_plan
 
 ImageInput = Union[Any, Sequence[Any], torch.Tensor, Sequence[torch.Tensor]]  # PIL images or tensors
 
@@ -33,8 +32,9 @@ def check_strength(strength, num_inference_steps: int) -> int:
 def preprocess_image(image: ImageInput, multiple: int) -> torch.Tensor:
     """A PIL image, a list of them, or a [B, 3, H, W] / [3, H, W] tensor (or list of them) -> fp32 [B, 3, H, W] in
     [-1, 1], as diffusers' ``VaeImageProcessor.preprocess``: PIL images are converted to RGB and scaled from
-    [0, 255]; tensors with a negative value are taken to be in [-1, 1] already, others in [0, 1]. H and W must be
-    multiples of ``multiple`` (diffusers would resize; velodiff asks for the exact size)."""
+    [0, 255]; tensors with a negative value are taken to be in [-1, 1] already, others in [0, 1], and must be
+    finite and within those ranges (up to :data:`VALUE_SLACK`): ValueError naming ``image`` otherwise. H and W
+    must be multiples of ``multiple`` (diffusers would resize; velodiff asks for the exact size)."""
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     if not items:
         raise ValueError("image must not be an empty list")
@@ -51,16 +51,35 @@ def preprocess_image(image: ImageInput, multiple: int) -> torch.Tensor:
         if any(i.dim() not in (3, 4) for i in items):
             raise ValueError(f"image tensors must be [B, 3, H, W] or [3, H, W], got {[tuple(i.shape) for i in items]}")
         x = torch.cat([i if i.dim() == 4 else i.unsqueeze(0) for i in items]).float()
-        if x.min() >= 0:
-            x = x * 2.0 - 1.0
-        x = x.to(torch.float32)
         if x.shape[1] != 3:
             raise ValueError(f"image must have 3 channels, got shape {tuple(x.shape)}")
-        return _check_size(x, multiple)
+        _check_values(x)
+        if x.min() >= 0:
+            x = x * 2.0 - 1.0
+        return _check_size(x.to(torch.float32), multiple)
     else:
         raise ValueError(f"image must be a PIL image, a list of PIL images or a torch.Tensor, got "
                          f"{type(image).__name__}")
     return _check_size(x * 2.0 - 1.0, multiple)
+
+
+#: How far a tensor image may stray outside [-1, 1] (e.g. the overshoot of a bicubic resize) before it is taken
+#: for a mistake, such as 8-bit values 0..255 not divided by 255.
+VALUE_SLACK = 0.1
+
+
+def _check_values(x: torch.Tensor) -> None:
+    """A tensor image must be finite (NaN / inf would make a black image) and within [-1, 1] (+- VALUE_SLACK)."""
+    if x.numel() == 0:
+        raise ValueError(f"image is empty, shape {tuple(x.shape)}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"image has {bad} NaN or infinite values (of {x.numel()}); pass a finite image")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - VALUE_SLACK or hi > 1 + VALUE_SLACK:
+        raise ValueError(f"image tensor values must lie in [0, 1] or [-1, 1], got [{lo:g}, {hi:g}]"
+                         + (" (8-bit values? divide by 255)" if hi > 2 else ""))
 
 
 def _check_size(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -97,18 +116,25 @@ def noised_start(start: Dict[str, float], latents: torch.Tensor, generator: Gene
     return (scale * start["alpha"]) * latents.float() + (scale * start["sigma"]) * noise.float()
 
 
-def img2img_denoise(pipe, model_fn, image: torch.Tensor, batch: int, num_inference_steps: int, strength: float,
-                    sampler: Optional[str], guidance_scale: Optional[float], generator: Generator,
-                    guidance_rescale: float = 0.0, sampler_options: Optional[Dict[str, Any]] = None,
-                    callback=None):
-    """Encode, noise and denoise ``image`` (preprocessed, [B, 3, H, W] in [-1, 1]) with ``pipe``'s VAE and
-    scheduler config. Returns (final latents fp32, sampler name, number of model evaluations)."""
+def img2img_plan(pipe, sampler: Optional[str], num_inference_steps: int, strength: float,
+                 sampler_options: Optional[Dict[str, Any]] = None) -> Tuple[str, SamplerPlan]:
+    """(sampler name, plan) starting at ``t_start`` of the N-step schedule (see :func:`check_strength`), from
+    ``pipe``'s scheduler config."""
     t_start = check_strength(strength, num_inference_steps)
     options = dict(sampler_options or {})
     if "begin" in options:
         raise ValueError("sampler_options must not set 'begin' with image: it follows from strength")
     options["begin"] = t_start
-    name, plan = make_plan(sampler, pipe.scheduler_config, num_inference_steps, options)
+    return pipe.make_plan(sampler, num_inference_steps, options)
+
+
+def img2img_denoise(pipe, model_fn, image: torch.Tensor, batch: int, plan: Tuple[str, SamplerPlan],
+                    guidance_scale: Optional[float], generator: Generator, guidance_rescale: float = 0.0,
+                    callback=None):
+    """Encode, noise and denoise ``image`` (preprocessed, [B, 3, H, W] in [-1, 1]) with ``pipe``'s VAE along
+    ``plan`` (from :func:`img2img_plan`). Returns (final latents fp32, sampler name, number of model
+    evaluations)."""
+    name, plan = plan
     latents = encode_image(pipe.vae, image, batch, generator, pipe.device, pipe.dtype)
     x = noised_start(plan.info["start"], latents, generator)
     gen = generator[0] if isinstance(generator, list) else generator

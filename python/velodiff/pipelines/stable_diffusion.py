@@ -6,8 +6,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, randn_tensor)
-from velodiff.pipelines.img2img import check_strength, img2img_denoise, preprocess_image
+from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, image_size, randn_tensor,
+                                     warn_prompt_issues)
+from velodiff.pipelines.img2img import img2img_denoise, img2img_plan, preprocess_image
 
 Prompt = Union[str, List[str]]
 
@@ -68,61 +69,90 @@ class StableDiffusionPipeline(BasePipeline):
         emb, neg = self.encode_prompt(prompt, negative_prompt, num_images, guided)
         return {"encoder_hidden_states": emb}, (None if neg is None else {"encoder_hidden_states": neg})
 
+    def prompt_checks(self, prompts: List[str], negatives: Optional[List[str]], guided: bool):
+        """(argument, tokenizer, texts, max_length) for :func:`velodiff.pipelines.base.warn_prompt_issues`: what
+        this call's text encoders read."""
+        tokenizers = [t for t in (self.tokenizer, getattr(self, "tokenizer_2", None)) if t is not None]
+        checks = [("prompt", t, prompts, t.model_max_length) for t in tokenizers]
+        if guided and negatives is not None:
+            checks += [("negative_prompt", t, negatives, t.model_max_length) for t in tokenizers]
+        return checks
+
+    @property
+    def native_size(self) -> int:
+        """The image side the UNet was configured for: ``sample_size`` x the VAE factor (512 for SD 1.5)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     @torch.no_grad()
     def __call__(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, height: Optional[int] = None, width: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None,
                  num_images_per_prompt: int = 1, generator=None, output_type: str = "pil",
                  sampler: Optional[str] = None, sampler_options: Optional[Dict[str, Any]] = None,
                  guidance_rescale: float = 0.0, latents: Optional[torch.Tensor] = None,
-                 callback=None, image=None, strength: float = 0.8) -> PipelineOutput:
+                 callback=None, image=None, strength: Optional[float] = None) -> PipelineOutput:
         """Generate images for ``prompt`` (diffusers' argument names and defaults). ``sampler`` is any name of
         :data:`velodiff.sampling.SAMPLERS` (default: the folder's scheduler); ``sampler_options`` go to it
-        (e.g. ``{"eta": 0.5}`` for ddim).
+        (e.g. ``{"eta": 0.5}`` for ddim). ``guidance_scale`` None means the folder's default (``pipe.defaults``,
+        from model_index.json ``_velodiff_defaults``), else diffusers' (7.5; SDXL 5.0). ``height`` / ``width``
+        (default: the model's native size) must be positive multiples of the VAE factor and at most
+        :data:`velodiff.pipelines.base.MAX_SIZE_FACTOR` x the native size. A prompt longer than the tokenizer's
+        ``model_max_length`` is cut and words the tokenizer does not know are dropped, as in diffusers; both give
+        one :class:`velodiff.pipelines.base.PromptWarning` per call.
 
         Image-to-image when ``image`` is given (a PIL image, a list of them, or a [B, 3, H, W] tensor in [-1, 1] or
-        [0, 1], H and W multiples of the VAE factor): the image is encoded, noised to the point
-        ``N - int(N * strength)`` of the N-step schedule and denoised from there, as diffusers'
-        ``StableDiffusion(XL)Img2ImgPipeline``; the output has the image's size (height/width, if given, must
-        match it) and ``latents`` cannot be given."""
+        [0, 1], finite, H and W multiples of the VAE factor): the image is encoded, noised to the point
+        ``N - int(N * strength)`` of the N-step schedule (``strength`` in (0, 1], default 0.8) and denoised from
+        there, as diffusers' ``StableDiffusion(XL)Img2ImgPipeline``; the output has the image's size
+        (height/width, if given, must match it) and ``latents`` cannot be given. ``strength`` without ``image`` is
+        an error.
+
+        Every argument is checked, and the sampler plan built, before the text encoder runs."""
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        default = self.unet.config.sample_size * self.vae_scale_factor
-        if image is not None:
-            image = preprocess_image(image, self.vae_scale_factor)
+        guidance_scale = self.guidance(guidance_scale)
+        check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, guidance_rescale)
+        factor = self.vae_scale_factor
+        if image is None:
+            if strength is not None:
+                raise ValueError(f"strength={strength!r} is for image-to-image: pass image= too (strength says how "
+                                 "far the image is noised), or drop strength")
+            height, width = image_size(height, width, self.native_size, factor)
+            plan = self.make_plan(sampler, num_inference_steps, sampler_options)
+        else:
             if latents is not None:
                 raise ValueError("latents cannot be given together with image")
-            if (height or image.shape[2]) != image.shape[2] or (width or image.shape[3]) != image.shape[3]:
-                raise ValueError(f"image is {image.shape[2]}x{image.shape[3]} but height x width is {height}x{width}")
-            height, width = int(image.shape[2]), int(image.shape[3])
-        height, width = height or default, width or default
-        check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, height, width,
-                        self.vae_scale_factor)
-        if image is not None:
-            check_strength(strength, num_inference_steps)
-        guided = guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None
-        cond, uncond = self.conditioning(prompts, negatives, num_images_per_prompt, guided, height, width)
+            image = preprocess_image(image, factor)
+            size = (int(image.shape[2]), int(image.shape[3]))
+            if (size[0] if height is None else height, size[1] if width is None else width) != size:
+                raise ValueError(f"image is {size[0]}x{size[1]} but height x width is {height}x{width}")
+            height, width = image_size(size[0], size[1], self.native_size, factor)
+            plan = img2img_plan(self, sampler, num_inference_steps, 0.8 if strength is None else strength,
+                                sampler_options)
         batch = len(prompts) * num_images_per_prompt
+        shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        guided = guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None
+        warn_prompt_issues(self.prompt_checks(prompts, negatives, guided))
+        cond, uncond = self.conditioning(prompts, negatives, num_images_per_prompt, guided, height, width)
+        model_fn = self.unet_fn(cond, uncond)
+        guidance = guidance_scale if guided else None
         if image is not None:
-            final, name, nfe = img2img_denoise(self, self.unet_fn(cond, uncond), image, batch, num_inference_steps,
-                                               strength, sampler, guidance_scale if guided else None, generator,
-                                               guidance_rescale=guidance_rescale, sampler_options=sampler_options,
-                                               callback=callback)
+            final, name, nfe = img2img_denoise(self, model_fn, image, batch, plan, guidance, generator,
+                                               guidance_rescale=guidance_rescale, callback=callback)
             return self.finish(final, name, nfe, output_type)
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator, self.device, self.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        final, name, nfe = self.denoise(self.unet_fn(cond, uncond), latents.to(self.device), num_inference_steps,
-                                        sampler, guidance_scale if guided else None, generator,
-                                        guidance_rescale=guidance_rescale, sampler_options=sampler_options,
-                                        callback=callback)
+        final, name, nfe = self.denoise(model_fn, latents.to(self.device), plan, guidance, generator,
+                                        guidance_rescale=guidance_rescale, callback=callback)
         return self.finish(final, name, nfe, output_type)
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
     """SDXL text-to-image: two CLIP encoders (penultimate hidden states concatenated; pooled projection of the
     second), the text_time added conditioning (original size, crop, target size)."""
+
+    DEFAULT_GUIDANCE_SCALE = 5.0  # diffusers' StableDiffusionXL(Img2Img)Pipeline
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
