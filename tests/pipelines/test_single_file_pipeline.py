@@ -8,6 +8,7 @@ SD1's CLIP-L default is "quick_gelu"). Everything else is inferred from the weig
 ``addition_time_embed_dim`` (8 here, 256 by default), from the add-embedding width and text_encoder_2's
 projection width — and the test checks that by not passing it.
 """
+import json
 import os
 
 import numpy as np
@@ -16,7 +17,8 @@ import torch
 
 import velodiff as vd
 from fixtures import clip_tokenizer, save_pipeline, tiny_sd_pipeline
-from velodiff.loading import CheckpointError, convert_diffusers_to_single_file, read_safetensors
+from velodiff.loading import (CheckpointError, convert_diffusers_to_single_file, read_safetensors,
+                              write_safetensors)
 
 TE = {"num_attention_heads": 4, "hidden_act": "gelu"}
 # Max-abs difference allowed on [0, 1] images, velodiff from the single file vs diffusers from the folder: fp32 on
@@ -86,7 +88,14 @@ def test_single_file_matches_diffusers(build, kind):
 def test_defaults_pickle_rule_and_dtype(build, tmp_path):
     kind, theirs, folder, path = build("sd15")
     configs = tiny_configs(theirs)
-    ref = vd.Pipeline.from_pretrained(path, configs=configs, tokenizer=folder)
+    # a file written by velodiff records the folder's configs and scheduler: it needs no configs=
+    recorded = vd.Pipeline.from_pretrained(path, tokenizer=folder)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        assert recorded.scheduler_config == json.load(f)  # the folder's DDIMScheduler, not the SD1 default
+    assert recorded.unet.config.norm_num_groups == theirs.unet.config.norm_num_groups
+    # a file from elsewhere (no metadata) gets the family defaults
+    write_safetensors(read_safetensors(path), tmp_path / "plain.safetensors")
+    ref = vd.Pipeline.from_pretrained(tmp_path / "plain.safetensors", configs=configs, tokenizer=folder)
     assert ref.scheduler_config["_class_name"] == "PNDMScheduler"
     assert ref.scheduler_config["prediction_type"] == "epsilon"  # the family default
     torch.save({"state_dict": read_safetensors(path)}, tmp_path / "model.ckpt")
@@ -94,8 +103,8 @@ def test_defaults_pickle_rule_and_dtype(build, tmp_path):
         vd.Pipeline.from_pretrained(tmp_path / "model.ckpt", configs=configs, tokenizer=folder)
     pickled = vd.Pipeline.from_pretrained(tmp_path / "model.ckpt", configs=configs, tokenizer=folder,
                                           allow_pickle=True)
-    pickled.set_progress_bar_config(disable=True)
-    ref.set_progress_bar_config(disable=True)
+    for pipe in (pickled, ref, recorded):
+        pipe.set_progress_bar_config(disable=True)
     assert np.array_equal(_images(pickled, "ddim"), _images(ref, "ddim"))
     half = vd.Pipeline.from_pretrained(path, dtype=torch.float16, configs=configs, tokenizer=folder)
     for name in ("unet", "vae", "text_encoder"):

@@ -195,3 +195,31 @@ def test_quantize_on_cuda_matches_cpu_quality(quantized, method):
         out = pipe.unet(x.to(device), t.to(device), e.to(device)).cpu()
         errors[device] = float((out - original).norm() / original.norm())
     assert 0 < errors["cuda"] < 1.5 * errors["cpu"] + 1e-3, errors
+
+
+def test_save_refuses_an_existing_folder_and_force_keeps_other_files(quantized, tmp_path):
+    """No data loss: an existing destination is refused unless force=True; force replaces only what it writes, so
+    a file the user put there survives; the source folder's model-index settings (its default guidance) travel."""
+    import stat
+    from velodiff.loading.output import DestinationExistsError
+    pipe, _, _, _ = quantized
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(DestinationExistsError, match="exists; nothing was written"):
+        vd.quant.save_quantized(pipe, str(out))
+    assert os.listdir(out) == ["notes.txt"]
+    old = os.umask(0o027)
+    try:
+        vd.quant.save_quantized(pipe, str(out), force=True)
+    finally:
+        os.umask(old)
+    assert (out / "notes.txt").read_text() == "the user's"
+    path = out / "unet" / QUANTIZED_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 and stat.S_IMODE(os.stat(out / "unet").st_mode) == 0o750
+    source = json.load(open(os.path.join(vd.pipelines.BUILTIN_MODELS["digits"], "model_index.json")))
+    written = json.load(open(out / "model_index.json"))
+    assert written == source and "_velodiff_defaults" in written
+    loaded = vd.Pipeline.from_pretrained(str(out))
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.unet.modules()) == 32
+    assert not [n for n in os.listdir(tmp_path) if ".velodiff-" in n]

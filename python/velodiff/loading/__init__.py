@@ -22,7 +22,7 @@ from velodiff.loading.keymap_vae import convert_vae, vae_to_original
 from velodiff.loading.modules import (load_diffusers_model, load_transformers_component, model_from_state_dict,
                                       no_transformers_progress_bar, text_encoder_from_state_dict)
 from velodiff.loading.pickle_guard import is_pickle_path, read_checkpoint, refuse_pickle
-from velodiff.loading.pipeline import load_folder_components, load_pipeline_components
+from velodiff.loading.pipeline import check_device, load_folder_components, load_pipeline_components
 from velodiff.loading.registry import FolderLoader, folder_loader_for, register_folder_loader
 from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 from velodiff.loading.single_file import (convert_diffusers_to_single_file, convert_single_file_to_diffusers,
@@ -33,7 +33,7 @@ from velodiff.loading.state_dict import check_state_dict, load_state_dict_into
 from velodiff.loading.tokenizers import load_tokenizer, resolve_tokenizers
 
 __all__ = [
-    "BUILTIN_MODELS", "CheckpointError", "DIT_CONFIG", "FAMILIES", "FolderLoader", "MissingFileError",
+    "BUILTIN_MODELS", "CheckpointError", "DIT_CONFIG", "check_device", "FAMILIES", "FolderLoader", "MissingFileError",
     "PIXART_CONFIG", "PREDICTION_TYPES", "SINGLE_FILE_FAMILIES", "TEXT_ENCODER_PREFIXES", "check_state_dict",
     "convert_diffusers_to_single_file", "convert_dit", "convert_pixart", "convert_single_file_to_diffusers",
     "convert_text_encoder", "convert_unet", "convert_vae", "default_scheduler_config",

@@ -90,7 +90,7 @@ SCHEDULER_CONFIGS: Dict[str, dict] = {
     "sdxl_refiner": {"_class_name": "EulerDiscreteScheduler", **_SCHED, "interpolation_type": "linear"},
 }
 
-PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+PIPELINE_CLASSES = {"dit": "DiTPipeline", "sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                     "sdxl": "StableDiffusionXLPipeline", "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}
 
 
@@ -125,12 +125,13 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def single_file_scheduler_config(family: str, overrides: Optional[Mapping] = None,
-                                 prediction_type: Optional[str] = None) -> dict:
-    """The scheduler config of a pipeline built from a ``family`` single file: the family default, then
-    ``overrides``, then ``prediction_type`` (one of :data:`PREDICTION_TYPES`; the weights do not tell it)."""
+                                 prediction_type: Optional[str] = None, base: Optional[Mapping] = None) -> dict:
+    """The scheduler config of a pipeline built from a ``family`` single file: ``base`` (the config the file
+    recorded, if any) or the family default, then ``overrides``, then ``prediction_type`` (one of
+    :data:`PREDICTION_TYPES`; the weights do not tell it)."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    sched = default_scheduler_config(family)
+    sched = copy.deepcopy(dict(base)) if base else default_scheduler_config(family)
     sched.update(overrides or {})
     if prediction_type is not None:
         sched["prediction_type"] = prediction_type

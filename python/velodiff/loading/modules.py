@@ -11,7 +11,7 @@ from velodiff.loading.errors import CheckpointError
 from velodiff.loading.folders import find_weights, read_config
 from velodiff.loading.keymap_text import fit_clip_keys
 from velodiff.loading.registry import folder_loader_for
-from velodiff.loading.safetensors_io import read_safetensors
+from velodiff.loading.pickle_guard import read_checkpoint
 from velodiff.loading.state_dict import load_state_dict_into
 from velodiff.models.registry import model_class_for
 
@@ -31,20 +31,20 @@ def model_from_state_dict(cls: type, config: Mapping[str, Any], state: Dict[str,
 
 
 def load_diffusers_model(folder: str, class_name: str, dtype: torch.dtype, device,
-                         variant: Optional[str] = None):
+                         variant: Optional[str] = None, allow_pickle: bool = False):
     """velodiff's model for the diffusers component folder ``folder`` (``config.json`` plus safetensors
-    weights), whose pipeline declares it as ``class_name``. A folder that a registered loader recognises
-    (:mod:`velodiff.loading.registry`, e.g. a quantized denoiser written by ``velodiff quantize``) is built by
-    that loader instead."""
+    weights; pickled ``.bin`` weights only with ``allow_pickle=True``), whose pipeline declares it as
+    ``class_name``. A folder that a registered loader recognises (:mod:`velodiff.loading.registry`, e.g. a
+    quantized denoiser written by ``velodiff quantize``) is built by that loader instead."""
     loader = folder_loader_for(folder)
     if loader is not None:
         return loader.load(folder, class_name, dtype, device)
     config = read_config(folder)
     cls = model_class_for(class_name, config)
     state: Dict[str, torch.Tensor] = {}
-    files = find_weights(folder, variant=variant)
+    files = find_weights(folder, variant=variant, allow_pickle=allow_pickle)
     for path in files:
-        state.update(read_safetensors(path, dtype=dtype, device=device))
+        state.update(read_checkpoint(path, dtype=dtype, device=device, allow_pickle=allow_pickle))
     return model_from_state_dict(cls, config, state, source=files[0] if len(files) == 1 else folder)
 
 
@@ -63,9 +63,11 @@ def no_transformers_progress_bar():
             hf_logging.enable_progress_bar()
 
 
-def load_transformers_component(folder: str, class_name: str, dtype: torch.dtype, device):
+def load_transformers_component(folder: str, class_name: str, dtype: torch.dtype, device,
+                                allow_pickle: bool = False):
     """A text encoder or tokenizer with transformers, from the local folder only (tokenizers of any class
-    through AutoTokenizer, which reads the folder's own tokenizer files)."""
+    through AutoTokenizer, which reads the folder's own tokenizer files). A text encoder's weights are read from
+    safetensors; a pickled ``pytorch_model.bin`` is refused unless ``allow_pickle=True``."""
     import transformers
 
     if "Tokenizer" in class_name:
@@ -73,9 +75,11 @@ def load_transformers_component(folder: str, class_name: str, dtype: torch.dtype
     if class_name not in TEXT_ENCODERS:
         raise ValueError(f"unsupported transformers component {class_name}; supported: {TEXT_ENCODERS} and "
                          "tokenizers")
+    if not allow_pickle:
+        find_weights(folder)  # the pickle refusal, in velodiff's words, when the folder has only a .bin
     with no_transformers_progress_bar():
         model = getattr(transformers, class_name).from_pretrained(folder, local_files_only=True, dtype=dtype,
-                                                                  use_safetensors=True)
+                                                                  use_safetensors=None if allow_pickle else True)
     return model.to(device).eval().requires_grad_(False)
 
 

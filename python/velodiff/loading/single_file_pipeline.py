@@ -16,6 +16,7 @@ from velodiff.loading.keymap_vae import VAE_PREFIXES, convert_vae
 from velodiff.loading.modules import model_from_state_dict, text_encoder_from_state_dict
 from velodiff.loading.pickle_guard import is_pickle_path, read_checkpoint
 from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header
+from velodiff.loading.single_file import merge_configs, stored_pipeline_info
 from velodiff.loading.tokenizers import resolve_tokenizers, tokenizer_name
 from velodiff.models.registry import model_class_for
 
@@ -83,7 +84,8 @@ def load_single_file_components(path: str, dtype: torch.dtype, device, *, family
     diffusers / transformers names and handed to a model built on the meta device, so peak memory stays near
     the size of the loaded pipeline. No temporary folder is written.
 
-    Configs: the family default (:mod:`velodiff.loading.configs`), with the structure read from the weights —
+    Configs: those recorded in the file's metadata by velodiff (see :mod:`velodiff.loading.single_file`), else the
+    family default (:mod:`velodiff.loading.configs`) with the structure read from the weights —
     UNet channels, levels, block types, layers per block, transformer depth, cross-attention width, linear vs
     conv projections, in/out channels, SDXL add-embedding width and (from it and ``text_encoder_2``'s
     projection width) ``addition_time_embed_dim``; VAE channels, levels and latent channels; text-encoder
@@ -93,17 +95,23 @@ def load_single_file_components(path: str, dtype: torch.dtype, device, *, family
     text-encoder ``num_attention_heads`` (width / 64 when the width is not the family's), ``hidden_act``,
     ``layer_norm_eps``; the whole scheduler config, including ``prediction_type`` (SD 2.x 768-v files need
     ``prediction_type="v_prediction"``). ``configs`` = ``{"unet" | "vae" | "text_encoder" | "text_encoder_2"
-    | "scheduler": {key: value}}`` overrides fields of those configs.
+    | "scheduler": {key: value}}`` overrides fields of those configs. The model index gets the settings the file
+    recorded (e.g. ``_velodiff_defaults``).
     """
     configs = check_configs(configs)
+    stored, settings = stored_pipeline_info(path)
+    configs = merge_configs(stored, configs)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     source = CheckpointSource(path, dtype, device, allow_pickle)
     family = family or detect_family(source.shapes, source=path)
     if family not in SINGLE_FILE_FAMILIES:
-        raise CheckpointError(f"{path!r}: a {family!r} single file holds only its denoiser, not a pipeline; "
-                              f"Pipeline.from_pretrained builds pipelines from {SINGLE_FILE_FAMILIES} single files")
-    sched = single_file_scheduler_config(family, configs.get("scheduler"), prediction_type)
+        raise CheckpointError(f"{path!r}: Pipeline.from_pretrained builds pipelines from {SINGLE_FILE_FAMILIES} "
+                              f"single files, and this is a {family!r} one; write it as a pipeline folder with "
+                              "velodiff.loading.convert_single_file_to_diffusers (velodiff convert FILE FOLDER) and "
+                              "load that")
+    sched = single_file_scheduler_config(family, configs.get("scheduler"), prediction_type,
+                                         base=stored.get("scheduler"))
     encoders = {name: spec for name, spec in TEXT_ENCODER_PREFIXES[family].items() if source.keys_under(spec[0])}
     unet_keys = source.keys_under(UNET_PREFIX)
     vae_prefix = next((p for p in VAE_PREFIXES if source.keys_under(p)), None)
@@ -115,7 +123,7 @@ def load_single_file_components(path: str, dtype: torch.dtype, device, *, family
     tokenizers = resolve_tokenizers([tokenizer_name(n) for n in encoders],
                                     {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2}, path, family)
 
-    index: Dict[str, Any] = {"_class_name": PIPELINE_CLASSES[family]}
+    index: Dict[str, Any] = {"_class_name": PIPELINE_CLASSES[family], **settings}
     components: Dict[str, Any] = {"_class_name": index["_class_name"], "_model_index": index,
                                   "_single_file": path, "_family": family}
     for name, (prefix, kind) in encoders.items():

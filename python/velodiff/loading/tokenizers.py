@@ -6,17 +6,19 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Sequence
 
+from velodiff.loading.builtin import resolve_model_path
+
 
 def load_tokenizer(value, name: str):
     """``value`` is a tokenizer object (returned as is) or a folder: a tokenizer folder, or a diffusers pipeline
-    folder whose ``name`` subfolder (``tokenizer`` / ``tokenizer_2``) is taken."""
+    folder (or a built-in model's name) whose ``name`` subfolder (``tokenizer`` / ``tokenizer_2``) is taken."""
     if not isinstance(value, (str, os.PathLike)):
         if not callable(value):
             raise TypeError(f"{name} must be a tokenizer object or a folder path, got {type(value).__name__}")
         return value
     import transformers
 
-    folder = os.fspath(value)
+    folder = resolve_model_path(value)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name}={folder!r} is not a folder (pass a tokenizer folder, a diffusers "
                                 "pipeline folder, or a tokenizer object)")
@@ -40,12 +42,13 @@ def tokenizer_sources(needed: Sequence[str], given: Mapping[str, Any]) -> Dict[s
     """``{tokenizer name: what the caller gave for it}`` for the ``needed`` names, None where nothing was given;
     a pipeline folder given as ``tokenizer`` also supplies ``tokenizer_2`` when it has that subfolder."""
     root = given.get("tokenizer")
-    pipeline_root = (isinstance(root, (str, os.PathLike)) and
-                     os.path.isfile(os.path.join(os.fspath(root), "model_index.json")))
+    if isinstance(root, (str, os.PathLike)):
+        root = resolve_model_path(root)
+    pipeline_root = isinstance(root, str) and os.path.isfile(os.path.join(root, "model_index.json"))
     out = {}
     for name in needed:
         value = given.get(name)
-        if value is None and pipeline_root and os.path.isdir(os.path.join(os.fspath(root), name)):
+        if value is None and pipeline_root and os.path.isdir(os.path.join(root, name)):
             value = root
         out[name] = value
     return out

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from velodiff.loading.folders import read_config
+from velodiff.loading.output import output_folder
 from velodiff.loading.registry import register_folder_loader
 from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 from velodiff.loading.state_dict import load_state_dict_into
@@ -88,10 +89,13 @@ def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.
     write_safetensors(state, path, metadata=metadata)
 
 
-def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16) -> str:
-    """Write a quantized pipeline as a folder: the source folder's other components copied, the denoiser as
-    ``config.json`` + :data:`QUANTIZED_FILE` with floating parts in ``dtype``. The pipeline must come from a folder (convert single files first
-    with ``velodiff convert``). Returns ``out``."""
+def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16, force: bool = False) -> str:
+    """Write a quantized pipeline as a folder: the source folder's other files copied (its model_index.json with
+    its settings, e.g. ``_velodiff_defaults``, included), the denoiser as ``config.json`` + :data:`QUANTIZED_FILE`
+    with floating parts in ``dtype``. The pipeline must come from a folder (convert single files first with
+    ``velodiff convert``). ``out`` is written as :mod:`velodiff.loading.output` describes: an existing folder
+    is refused unless ``force=True``, and even then only the files written here are replaced; the folder is
+    complete or untouched. Returns ``out``."""
     from velodiff.quant import denoiser_of
     quant = getattr(pipe, "quantization", None)
     if not quant:
@@ -103,13 +107,12 @@ def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16) -> str:
     component, model = denoiser_of(pipe)
     if os.path.abspath(out) == os.path.abspath(source):
         raise ValueError(f"out must differ from the source folder {source}")
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns(component))
-    target = os.path.join(out, component)
-    os.makedirs(target)
-    shutil.copy(os.path.join(source, component, "config.json"), os.path.join(target, "config.json"))
-    save_quantized_model(model, os.path.join(target, QUANTIZED_FILE), quant["method"], dtype)
+    with output_folder(out, force=force) as tmp:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(component), dirs_exist_ok=True)
+        target = os.path.join(tmp, component)
+        os.makedirs(target)
+        shutil.copy(os.path.join(source, component, "config.json"), os.path.join(target, "config.json"))
+        save_quantized_model(model, os.path.join(target, QUANTIZED_FILE), quant["method"], dtype)
     return out
 
 
