@@ -146,10 +146,10 @@ def test_sizes_must_be_positive_multiples(which, sd, dit, pixart):
 @pytest.mark.parametrize("which", ["sd", "dit", "pixart"])
 def test_huge_sizes_refused_before_allocating(which, sd, dit, pixart):
     """height=100000 ran 575 s; 100000 x 100000 asked for 40 GB: now refused at once, naming the limit and how to
-    raise it. The tiny models' native side is 32 / 16 / 16 pixels: at most 8x that."""
+    raise it. The tiny models' native side is 32 / 16 / 16 pixels: at most 4x that."""
     pipe = {"sd": sd, "dit": dit[1], "pixart": pixart}[which]
     native = 32 if which == "sd" else 16
-    limit = 8 * native
+    limit = 4 * native
     start = time.perf_counter()
     refused_before_work(pipe, ValueError, f"height=100000 is more than this model can be asked for: at most {limit} "
                                           f"pixels.*VELODIFF_MAX_SIZE_FACTOR", height=100000, width=100000)
@@ -244,6 +244,16 @@ def test_guidance_must_be_finite_and_nonnegative(which, sd, dit, pixart):
         for bad in (math.nan, math.inf, -0.1, 1.5, "0.7"):
             refused_before_work(pipe, ValueError, r"guidance_rescale must be a number in \[0, 1\]",
                                 guidance_rescale=bad)
+
+
+def test_sampler_and_latents_arguments(sd):
+    refused_before_work(sd, TypeError, "sampler must be a str", sampler=3)
+    refused_before_work(sd, ValueError, "unknown sampler 'nope'", sampler="nope")
+    refused_before_work(sd, TypeError, "sampler_options must be a dict", sampler_options=[("eta", 1.0)])
+    latents = torch.zeros(1, 4, 16, 16)
+    latents[0, 0, 0, 0] = math.nan
+    refused_before_work(sd, ValueError, "latents has NaN or infinite values", latents=latents)
+    refused_before_work(sd, ValueError, r"latents must have shape \(1, 4, 16, 16\)", latents=torch.zeros(1, 4, 8, 8))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,12 +20,13 @@ Generator = Union[torch.Generator, List[torch.Generator], None]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 #: The largest image side a pipeline accepts, as a multiple of the model's native side (``sample_size`` x the VAE
-#: factor: 512 for SD 1.5, 1024 for SDXL, 16 for the built-in digits): 8 allows 4096 x 4096 from SD 1.5 and an
-#: 8:1 panorama, beyond what the high-resolution techniques publish (4x per side). It is checked before anything
-#: is allocated, so that a typo (height=100000) fails at once instead of running for minutes or asking for tens of
-#: GB. The environment variable ``VELODIFF_MAX_SIZE_FACTOR`` (read at each call) overrides it, as does assigning
-#: this module attribute.
-MAX_SIZE_FACTOR = 8
+#: factor: 512 for SD 1.5, 1024 for SDXL, 16 for the built-in digits). 4 is as far as the published
+#: high-resolution methods go (HiDiffusion, ScaleCrafter, DemoFusion: 4x per side, e.g. SDXL at 4096 x 4096;
+#: diffusers' MultiDiffusion panorama: 512 x 2048 from SD). It is checked before anything is allocated, so that a
+#: typo (height=100000) fails at once instead of running for minutes in one attention call (where Ctrl-C waits for
+#: the call to return) or asking for tens of GB. The environment variable ``VELODIFF_MAX_SIZE_FACTOR`` (read at
+#: each call) overrides it, as does assigning this module attribute.
+MAX_SIZE_FACTOR = 4
 MAX_SIZE_FACTOR_ENV = "VELODIFF_MAX_SIZE_FACTOR"
 #: What a folder's ``model_index.json`` may set under ``_velodiff_defaults`` (see :func:`read_defaults`).
 DEFAULT_KEYS = ("guidance_scale",)
@@ -141,6 +142,13 @@ def image_size(height, width, native: Union[int, Tuple[int, int]], multiple: int
     return out[0], out[1]
 
 
+def native_image_size(sample_size, vae_scale_factor: int) -> Union[int, Tuple[int, int]]:
+    """The image size a denoiser config's ``sample_size`` (latent pixels: an int, or [height, width]) stands for."""
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[0]) * vae_scale_factor, int(sample_size[1]) * vae_scale_factor
+    return int(sample_size) * vae_scale_factor
+
+
 def read_defaults(model_index: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The folder's call defaults: ``model_index.json``'s ``"_velodiff_defaults"`` object (e.g.
     ``{"guidance_scale": 3.0}``, the built-in models' measured best), checked; {} when absent. diffusers ignores
@@ -229,7 +237,7 @@ def warn_prompt_issues(checks: Sequence[Tuple[str, Any, Sequence[str], int]]) ->
             if line not in lines:
                 lines.append(line)
     if lines:
-        warnings.warn("; ".join(lines), PromptWarning, stacklevel=3)
+        warnings.warn("; ".join(lines), PromptWarning, stacklevel=4)  # the caller of pipe(...)
 
 
 def is_class_conditional(pipe) -> bool:

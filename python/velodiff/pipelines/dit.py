@@ -6,7 +6,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from velodiff.pipelines.base import BasePipeline, PipelineOutput, check_call_args, image_size, randn_tensor
+from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, image_size, native_image_size,
+                                     randn_tensor)
 
 
 class DiTPipeline(BasePipeline):
@@ -19,9 +20,9 @@ class DiTPipeline(BasePipeline):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def native_size(self) -> int:
+    def native_size(self):
         """The image side the transformer was trained at: ``sample_size`` latents x the VAE factor."""
-        return self.transformer.config.sample_size * self.vae_scale_factor
+        return native_image_size(self.transformer.config.sample_size, self.vae_scale_factor)
 
     def transformer_fn(self, labels: torch.Tensor, guided: bool):
         channels = self.transformer.config.in_channels

@@ -6,8 +6,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, image_size, randn_tensor,
-                                     warn_prompt_issues)
+from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, image_size, native_image_size,
+                                     randn_tensor, warn_prompt_issues)
 from velodiff.pipelines.stable_diffusion import _as_list
 
 
@@ -43,9 +43,9 @@ class PixArtPipeline(BasePipeline):
                               guided, cond_first=False, channels=channels)
 
     @property
-    def native_size(self) -> int:
+    def native_size(self):
         """The image side the transformer was trained at: ``sample_size`` latents x the VAE factor."""
-        return self.transformer.config.sample_size * self.vae_scale_factor
+        return native_image_size(self.transformer.config.sample_size, self.vae_scale_factor)
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str]] = "",

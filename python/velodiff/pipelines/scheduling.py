@@ -74,7 +74,13 @@ def accepted(builder, options: Dict[str, Any]) -> Dict[str, Any]:
 def make_plan(sampler: Optional[str], scheduler_config: Dict[str, Any], num_steps: int,
               overrides: Optional[Dict[str, Any]] = None) -> Tuple[str, SamplerPlan]:
     """(sampler name, plan): ``sampler`` or the folder's scheduler, with the folder's spacing etc. plus the
-    caller's ``overrides`` (which must all be accepted by the sampler)."""
+    caller's ``overrides`` (which must all be accepted by the sampler). A step count the schedule cannot give is a
+    ValueError naming ``num_inference_steps`` with the maximum (:func:`velodiff.sampling.build_plan`)."""
+    if sampler is not None and not isinstance(sampler, str):
+        raise TypeError(f"sampler must be a str (one of {', '.join(sorted(SAMPLERS))}), got "
+                        f"{type(sampler).__name__}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"sampler_options must be a dict of the sampler's options, got {type(overrides).__name__}")
     name = sampler or SCHEDULER_TO_SAMPLER.get(scheduler_config.get("_class_name"), DEFAULT_SAMPLER)
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}")

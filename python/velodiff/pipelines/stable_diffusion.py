@@ -6,8 +6,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, image_size, randn_tensor,
-                                     warn_prompt_issues)
+from velodiff.pipelines.base import (BasePipeline, PipelineOutput, check_call_args, image_size, native_image_size,
+                                     randn_tensor, warn_prompt_issues)
 from velodiff.pipelines.img2img import img2img_denoise, img2img_plan, preprocess_image
 
 Prompt = Union[str, List[str]]
@@ -79,9 +79,9 @@ class StableDiffusionPipeline(BasePipeline):
         return checks
 
     @property
-    def native_size(self) -> int:
+    def native_size(self):
         """The image side the UNet was configured for: ``sample_size`` x the VAE factor (512 for SD 1.5)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return native_image_size(self.unet.config.sample_size, self.vae_scale_factor)
 
     @torch.no_grad()
     def __call__(self, prompt: Prompt, negative_prompt: Optional[Prompt] = None, num_inference_steps: int = 50,
@@ -130,8 +130,13 @@ class StableDiffusionPipeline(BasePipeline):
                                 sampler_options)
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("latents has NaN or infinite values; pass finite initial noise")
         guided = guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None
         warn_prompt_issues(self.prompt_checks(prompts, negatives, guided))
         cond, uncond = self.conditioning(prompts, negatives, num_images_per_prompt, guided, height, width)

@@ -19,6 +19,8 @@ model sees ``x * input_scale``) and ``anchor`` is a second state kept by the loo
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -130,6 +132,21 @@ def randn_like_diffusers(shape, generator: Optional[torch.Generator], device: to
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
 
 
+def check_guidance_args(guidance_scale: Optional[float], guidance_rescale: float, cfg_delta: float) -> None:
+    """:func:`run_plan`'s guidance scalars: finite numbers (a NaN or infinite w gives NaN / a black image), phi in
+    [0, 1] (Lin et al. 2305.08891 eq. 16 mixes the rescaled and the plain prediction); ValueError naming the
+    argument. The sign of w is left to the caller (the pipelines require w >= 0)."""
+    def finite(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if guidance_scale is not None and not finite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number or None, got {guidance_scale!r}")
+    if not finite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+    if not finite(cfg_delta):
+        raise ValueError(f"cfg_delta must be a finite number, got {cfg_delta!r}")
+
+
 def run_plan(
     plan: SamplerPlan,
     model_fn: ModelFn,
@@ -169,6 +186,7 @@ def run_plan(
     from velodiff import ops  # late import: ops loads the native module
 
     plan.validate()
+    check_guidance_args(guidance_scale, guidance_rescale, cfg_delta)
     update = update_fn or ops.sampler_update
     x = x.to(torch.float32).contiguous()
     guided = guidance_scale is not None
