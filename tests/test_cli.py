@@ -46,7 +46,8 @@ def test_convert_round_trip_loads_in_diffusers(tiny, tmp_path, capsys):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert back.tokenizer("lower newer").input_ids == theirs.tokenizer("lower newer").input_ids
     kw = dict(prompt="lower newer", num_inference_steps=2, height=32, width=32, output_type="np")
-    assert type(back.scheduler).__name__ == "PNDMScheduler"  # the SD1 family default, written by convert
+    # the folder's own scheduler, recorded in the single file's metadata (a foreign file gets the family default)
+    assert type(back.scheduler).__name__ == type(theirs.scheduler).__name__ == "DDIMScheduler"
     back.scheduler = theirs.scheduler = EulerDiscreteScheduler.from_config(back.scheduler.config)
     expect = theirs(generator=torch.Generator().manual_seed(0), **kw).images
     got = back(generator=torch.Generator().manual_seed(0), **kw).images
@@ -68,7 +69,7 @@ def test_convert_options_and_messages(tiny, tmp_path, capsys):
     assert json.load(open(os.path.join(out, "unet", "config.json")))["attention_head_dim"] == 4
     assert not os.path.exists(os.path.join(out, "tokenizer"))
     # refusals, each with a message naming what is wrong
-    cases = [(["convert", half, out], "exists and is not an empty folder"),
+    cases = [(["convert", half, out], "exists; nothing was written (pass --force"),
              (["convert", folder, str(tmp_path / "x.ckpt")], "name it *.safetensors"),
              (["convert", str(tmp_path / "nope"), out], "no such file or folder"),
              (["convert", folder, str(tmp_path / "y.safetensors"), "--tokenizer", folder], "--tokenizer: only for"),
@@ -77,9 +78,10 @@ def test_convert_options_and_messages(tiny, tmp_path, capsys):
     torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, ckpt)
     cases.append((["convert", ckpt, str(tmp_path / "o2")], "--allow-pickle"))
     for argv, message in cases:
-        assert main(argv) == 1, argv
+        assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("velodiff convert: ") and message in err, (argv, err)
+        assert err.count("\n") == 1, err  # one line
 
 
 def test_generate_writes_images_grid_and_is_deterministic(tiny, tmp_path, capsys):

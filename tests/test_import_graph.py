@@ -98,7 +98,7 @@ def test_the_walker_sees_imports_of_every_form():
     graph = subpackage_graph()
     assert "loading" in graph["quant"]  # quant/checkpoint.py: from velodiff.loading.folders import ...
     assert "models" in graph["loading"]  # loading/modules.py: the model registry
-    assert "pipelines" in graph["cli"] and "loading" in graph["pipelines"]
+    assert "commands" in graph["cli"] and "pipelines" in graph["commands"] and "loading" in graph["pipelines"]
     assert "ops" in graph["sampling"]  # sampling/plan.py: ``from velodiff import ops`` inside a function
 
 

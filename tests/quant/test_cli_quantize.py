@@ -44,4 +44,25 @@ def test_quantize_memory_budget(tmp_path, capsys):
     assert ratio <= 0.45
     assert main(["quantize", "--model", "digits", "--method", "svdquant", "--memory-budget", "0.1", "--out",
                  str(tmp_path / "o")]) == 2
-    assert "memory_budget=0.1 cannot be met" in capsys.readouterr().err
+    assert "--memory-budget=0.1 cannot be met" in capsys.readouterr().err
+
+
+def test_quantized_folder_keeps_the_models_default_guidance(tmp_path, capsys):
+    """Defaults travel with the folder: generate from a quantized digits folder without --guidance uses digits'
+    own 3 (not Stable Diffusion's 7.5), because quantize copies model_index.json's settings."""
+    out = str(tmp_path / "q")
+    assert main(["quantize", "--model", "digits", "--method", "w8a8", "--out", out, "--calibration-images", "1",
+                 "--calibration-steps", "2"]) == 0
+    assert json.load(open(tmp_path / "q" / "model_index.json"))["_velodiff_defaults"]["guidance_scale"] == 3.0
+    common = ["generate", "--model", out, "--prompt", "a handwritten 5", "--steps", "3", "--seed", "2"]
+    for name, extra in (("default", []), ("g3", ["--guidance", "3"]), ("g75", ["--guidance", "7.5"])):
+        assert main(common + extra + ["--outdir", str(tmp_path / name)]) == 0
+    image = {n: (tmp_path / n / "000.png").read_bytes() for n in ("default", "g3", "g75")}
+    assert image["default"] == image["g3"] != image["g75"]
+    # an existing --out is refused unless --force, and --force keeps the files quantize does not write
+    (tmp_path / "q" / "notes.txt").write_text("the user's")
+    assert main(["quantize", "--method", "w8a8", "--out", out, "--calibration-images", "1"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["quantize", "--method", "w8a8", "--out", out, "--calibration-images", "1", "--calibration-steps",
+                 "2", "--force"]) == 0
+    assert (tmp_path / "q" / "notes.txt").read_text() == "the user's"

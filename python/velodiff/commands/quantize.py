@@ -1,0 +1,88 @@
+"""``velodiff quantize``: quantize a model's denoiser and write a pipeline folder that loads like any model."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from velodiff.commands import args as A
+from velodiff.commands.errors import UsageError, step
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8) into a loadable folder",
+        description="Calibrate on the model's own sampling trajectory, quantize the linear layers of the "
+                    "denoiser's transformer blocks and write a pipeline folder that generate and eval load (with "
+                    "the source folder's settings, e.g. its default guidance). An existing --out is refused "
+                    "unless --force.")
+    A.add_model(p, "a diffusers pipeline folder")
+    p.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8"], required=True, help="the quantizer")
+    p.add_argument("--rank", metavar="R", type=A.positive_int, default=32,
+                   help="svdquant: rank of the 16-bit low-rank branch (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the folder to write")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out: the files this writes are replaced, other files there are kept")
+    p.add_argument("--layers", choices=["default", "all"], default="default",
+                   help="default: the linear layers of the transformer blocks; all: also convolutions, "
+                        "cross-attention k/v and modulation layers (see velodiff.quant.ALL_LAYERS)")
+    p.add_argument("--memory-budget", type=A.nonnegative_float, default=None, metavar="FRACTION",
+                   help="svdquant: the denoiser's weight bytes at most FRACTION of its fp16 bytes (e.g. 0.3), met "
+                        "by lowering the branch ranks where they matter least")
+    p.add_argument("--calibration-images", metavar="N", type=A.positive_int, default=16, help="(default: %(default)s)")
+    p.add_argument("--calibration-steps", metavar="N", type=A.positive_int, default=20, help="(default: %(default)s)")
+    p.add_argument("--seed", metavar="S", type=A.nonnegative_int, default=0, help="(default: %(default)s)")
+    A.add_device_dtype(p, dtype_default="fp16", device_default="cpu",
+                       dtype_help="dtype of the stored floating parts (scales, low-rank branch, unquantized layers; "
+                                  "default: %(default)s); the quantizer itself computes in fp32")
+    p.set_defaults(func=run)
+
+
+def _rank_text(rank: int, ranks: dict) -> str:
+    if not rank:
+        return ""
+    if ranks["min"] == ranks["max"]:
+        return f" (rank {rank})"
+    return f" (ranks {ranks['min']}-{ranks['max']}, mean {ranks['mean']})"
+
+
+def _size(path: str) -> str:
+    n = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    A.check_model_path(args.model)
+    if os.path.isfile(args.model):
+        raise UsageError(f"--model {args.model!r} is a single file; quantize writes a folder beside the source's "
+                         "other components, so convert it first: velodiff convert FILE FOLDER")
+    A.read_model_index(args.model)
+    if args.memory_budget is not None and args.method != "svdquant":
+        raise UsageError("--memory-budget: only for --method svdquant")
+
+    import torch
+
+    from velodiff import quant
+    from velodiff.loading.output import check_destination
+    from velodiff.pipelines import Pipeline
+
+    with step(f"--out {args.out}"):
+        check_destination(args.out, folder=True, force=args.force)
+    device = A.check_device(args.device)
+    with step(f"--model {args.model}"):
+        pipe = Pipeline.from_pretrained(args.model, dtype=torch.float32, device=device)
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    with step(None):
+        rank = args.rank if args.method == "svdquant" else 0
+        config = quant.QuantConfig(args.method, rank=rank, layers=args.layers, memory_budget=args.memory_budget,
+                                   calibration_images=args.calibration_images,
+                                   calibration_steps=args.calibration_steps, seed=args.seed)
+        report = quant.quantize(pipe, config, progress=sys.stderr.isatty())
+    with step(f"--out {args.out}"):
+        quant.save_quantized(pipe, args.out, dtype=getattr(torch, A.DTYPES[args.dtype]), force=args.force)
+    print(f"quantized {report['layers']} layers of the {report['component']} with {args.method}"
+          f"{_rank_text(report['rank'], report['ranks'])} in {report['seconds']:.1f} s: layer weights "
+          f"{report['layer_bytes_before'] / 2 ** 20:.2f} MiB -> {report['layer_bytes_after'] / 2 ** 20:.2f} MiB "
+          f"(denoiser {report['model_ratio']:.3f}x fp16); "
+          f"wrote {args.out} ({_size(args.out)})")
+    return 0
