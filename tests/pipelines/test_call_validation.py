@@ -344,8 +344,8 @@ def test_unknown_words_of_a_word_level_tokenizer(pixart):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_builtin_folders_carry_their_guidance(digits, digits_dit):
-    assert digits.defaults == {"guidance_scale": 3.0}
-    assert digits_dit.defaults == {"guidance_scale": 1.5}
+    assert digits.defaults == {"guidance_scale": 3.0} and digits.default_guidance_scale == 3.0
+    assert digits_dit.defaults == {"guidance_scale": 1.5} and digits_dit.default_guidance_scale == 1.5
     kw = dict(num_inference_steps=3, output_type="np")
     none = digits("a 7", generator=torch.Generator().manual_seed(0), **kw).images
     three = digits("a 7", guidance_scale=3.0, generator=torch.Generator().manual_seed(0), **kw).images
@@ -366,7 +366,7 @@ def test_default_guidance_without_folder_defaults_is_diffusers(sd):
                          (vd.pipelines.PixArtSigmaPipeline, diffusers.PixArtSigmaPipeline)):
         assert inspect.signature(ours.__call__).parameters["guidance_scale"].default is None
         assert ours.DEFAULT_GUIDANCE_SCALE == inspect.signature(theirs.__call__).parameters["guidance_scale"].default
-    assert sd.defaults == {}
+    assert sd.defaults == {} and sd.default_guidance_scale == 7.5
     kw = dict(num_inference_steps=2, output_type="np")
     none = sd("lower", generator=torch.Generator().manual_seed(0), **kw).images
     given = sd("lower", guidance_scale=7.5, generator=torch.Generator().manual_seed(0), **kw).images

@@ -292,12 +292,15 @@ class BasePipeline:
         image = self.vae.decode(self.vae.latents_to_vae(final.to(vae_dtype)))
         return PipelineOutput(postprocess(image, output_type), name, nfe)
 
-    def guidance(self, guidance_scale: Optional[float]) -> float:
-        """The guidance scale of a call: the caller's, else the folder's default (``pipe.defaults``), else
-        diffusers' default for this pipeline (:attr:`DEFAULT_GUIDANCE_SCALE`)."""
-        if guidance_scale is None:
-            return self.defaults.get("guidance_scale", self.DEFAULT_GUIDANCE_SCALE)
-        return guidance_scale
+    @property
+    def default_guidance_scale(self) -> float:
+        """What ``guidance_scale=None`` means for this pipeline: the folder's default (``pipe.defaults``), else
+        diffusers' default for this pipeline class (:attr:`DEFAULT_GUIDANCE_SCALE`)."""
+        return self.defaults.get("guidance_scale", self.DEFAULT_GUIDANCE_SCALE)
+
+    def resolve_guidance(self, guidance_scale: Optional[float]) -> float:
+        """The guidance scale of a call: the caller's, else :attr:`default_guidance_scale`."""
+        return self.default_guidance_scale if guidance_scale is None else guidance_scale
 
     def make_plan(self, sampler: Optional[str], num_inference_steps: int,
                   sampler_options: Optional[Dict[str, Any]] = None) -> Tuple[str, SamplerPlan]:

@@ -54,7 +54,7 @@ class DiTPipeline(BasePipeline):
         if not labels or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes
                                  for c in labels):
             raise ValueError(f"class_labels must be integers in [0, {num_classes}), got {class_labels!r}")
-        guidance_scale = self.guidance(guidance_scale)
+        guidance_scale = self.resolve_guidance(guidance_scale)
         check_call_args(num_inference_steps, guidance_scale, output_type, 1)
         factor, patch = self.vae_scale_factor, self.transformer.config.patch_size
         height, width = image_size(height if height is not None else width,

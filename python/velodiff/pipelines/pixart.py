@@ -67,7 +67,7 @@ class PixArtPipeline(BasePipeline):
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        guidance_scale = self.guidance(guidance_scale)
+        guidance_scale = self.resolve_guidance(guidance_scale)
         check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt)
         if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or
                                                 isinstance(max_sequence_length, bool) or max_sequence_length < 1):

@@ -109,7 +109,7 @@ class StableDiffusionPipeline(BasePipeline):
         Every argument is checked, and the sampler plan built, before the text encoder runs."""
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        guidance_scale = self.guidance(guidance_scale)
+        guidance_scale = self.resolve_guidance(guidance_scale)
         check_call_args(num_inference_steps, guidance_scale, output_type, num_images_per_prompt, guidance_rescale)
         factor = self.vae_scale_factor
         if image is None:
