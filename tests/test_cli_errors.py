@@ -350,3 +350,13 @@ def test_configs_file_errors(tmp_path, no_loading, capsys, files):
     for value in (str(bad), str(tmp_path / "missing.json")):
         code, err = run_cli(["generate", "--prompt", "a", "--model", files["single"], "--configs", value], capsys)
         assert_one_line(code, err, "generate", "--configs")
+
+
+def test_warnings_are_one_line_each(tmp_path, capsys):
+    """The library's warnings (here: a word the digits tokenizer does not know) print as one line naming the flag,
+    not as Python's two-line file:line format."""
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "a 7 zebra", "--steps", "2", "--outdir", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("velodiff generate: warning: --prompt: ") and "'zebra'" in err, err
+    assert err.count("\n") == 1 and ".py:" not in err, err

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import sys
+import warnings
 from typing import Iterator, Optional, Sequence, Tuple
 
 #: exit codes: bad input, interrupted by Ctrl-C (128 + SIGINT), an internal error (a bug: please report it)
@@ -76,7 +77,10 @@ def rename_arguments(message: str, command: str) -> str:
         message = re.sub(pattern, replacement, message)
     for name, flag in LIBRARY_NAMES.get(command, ()):
         message = re.sub(_EDGE_BEFORE + re.escape(name) + r"=(?=\.\.\.)", flag + " ", message)
-        message = re.sub(_EDGE_BEFORE + re.escape(name) + _EDGE_AFTER, flag, message)
+        # a name with an underscore is an argument wherever it stands; a plain word (prompt, tokenizer, height)
+        # only where it is used as one: followed by "=", ":" or "must" ("words the tokenizer does not know" stays)
+        where = _EDGE_AFTER if "_" in name else r"(?=\s*(?:=|:|must\b))"
+        message = re.sub(_EDGE_BEFORE + re.escape(name) + where, flag, message)
     return message
 
 
@@ -100,10 +104,28 @@ def step(flag: Optional[str]) -> Iterator[None]:
         raise FlagError(flag, e) from e
 
 
+def show_warnings_as_lines(command: str, stderr):
+    """A ``warnings.showwarning`` that prints each warning as one line, the library's names turned into flags
+    (``velodiff generate: warning: --prompt: 2986 tokens cut ...``); the category is named unless it is
+    velodiff's own."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = rename_arguments(one_line(str(message)), command)
+        kind = "" if category.__module__.startswith("velodiff") else f" ({category.__name__})"
+        print(f"velodiff {command}: warning{kind}: {text}", file=stderr)
+    return show
+
+
 def run_command(command: str, func, args, stderr=None) -> int:
-    """``func(args)`` with every input error turned into one line on ``stderr`` and exit code 2, Ctrl-C into 130.
-    An unexpected exception is a bug: one line and exit 1 (``VELODIFF_TRACEBACK=1`` shows the traceback)."""
+    """``func(args)`` with every input error turned into one line on ``stderr`` and exit code 2, Ctrl-C into 130,
+    warnings into one line each. An unexpected exception is a bug: one line and exit 1 (``VELODIFF_TRACEBACK=1``
+    shows the traceback)."""
     stderr = stderr or sys.stderr
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warnings_as_lines(command, stderr)
+        return _run(command, func, args, stderr)
+
+
+def _run(command: str, func, args, stderr) -> int:
     try:
         return func(args)
     except UsageError as e:
