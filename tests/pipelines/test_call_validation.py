@@ -136,7 +136,7 @@ def test_sizes_must_be_positive_multiples(which, sd, dit, pixart):
     for name in ("height", "width"):
         other = "width" if name == "height" else "height"
         same = {other: 16} if which == "dit" else {}  # DiT: square
-        for bad in (0, -16, multiple + 1):
+        for bad in (0, -16, multiple + 1) + ((6,) if multiple == 4 else ()):  # 6: the VAE's 2, not the patch's
             refused_before_work(pipe, ValueError, f"{name} must be a positive multiple of {multiple}.*got {bad}",
                                 **{name: bad}, **same)
         refused_before_work(pipe, TypeError, name, **{name: 16.0}, **same)
