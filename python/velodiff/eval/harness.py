@@ -210,13 +210,13 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
 
 
 def default_guidance(pipe) -> Optional[float]:
-    """The guidance scale ``pipe`` uses when called without one: its ``defaults["guidance_scale"]`` (from its
-    folder's ``_velodiff_defaults``; the built-in models: digits 3, digits-dit 1.5), else the default of its call
-    signature (diffusers': 7.5 for Stable Diffusion, 4.0 for DiT, 4.5 for PixArt); None when neither says."""
+    """The guidance scale ``pipe`` uses when called without one: velodiff pipelines say it
+    (``pipe.default_guidance_scale``: the folder's ``_velodiff_defaults``, e.g. digits 3, digits-dit 1.5, else
+    diffusers' default); for other pipelines, the default of their call signature; None when neither says."""
     import inspect
-    defaults = getattr(pipe, "defaults", None) or {}
-    if defaults.get("guidance_scale") is not None:
-        return float(defaults["guidance_scale"])
+    value = getattr(pipe, "default_guidance_scale", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
     if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
         return None
