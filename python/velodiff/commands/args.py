@@ -27,7 +27,8 @@ TECHNIQUE_NAMES: tuple = ()
 BUILTIN_NAMES = ("digits", "digits-dit")
 _DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 GUIDANCE_HELP = ("classifier-free guidance scale, a finite number >= 0 (default: the model's own: digits 3, "
-                 "digits-dit 1.5, Stable Diffusion 7.5)")
+                 "digits-dit 1.5, Stable Diffusion 7.5, SDXL 5, DiT 4, PixArt 4.5; a folder's model_index.json "
+                 "_velodiff_defaults can set it)")
 
 
 class Parser(argparse.ArgumentParser):
