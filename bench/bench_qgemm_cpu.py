@@ -142,7 +142,8 @@ def main():
         summary[c]["median_of_rows"] = statistics.median(r[c]["median"] for r in rows)
     violations = [f"{r['model']} {r['layer']} ({lab})" for r in rows for lab in ("w4a4", "w8a8")
                   if r[f"{lab}_layer>=gemm"] == "VIOLATED"]
-    sentences = " ".join(f"{c}: {v['sentence']}, median of rows {v['median_of_rows']:.3g}x." for c, v in summary.items())
+    sentences = " ".join(f"{c}: {v['sentence']}, median of rows {v['median_of_rows']:.3g}x."
+                         for c, v in summary.items())
     cols = ["model", "layer", "M", "K", "N", "fp32_ms", "int8_dyn_ms", "int8_dyn_vs_fp32", "w4a4_gemm_ms",
             "w4a4_gemm_vs_fp32", "w4a4_layer_ms", "w4a4_layer_vs_fp32", "w4a4_layer_vs_int8", "w4a4_layer>=gemm",
             "w8a8_gemm_ms", "w8a8_gemm_vs_fp32", "w8a8_layer_ms", "w8a8_layer_vs_fp32", "w8a8_layer_vs_int8",

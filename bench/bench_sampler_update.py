@@ -49,8 +49,10 @@ def main():
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="model-output dtype (default: fp32 on the CPU, fp16 on CUDA)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     dev = args.device
     dtype_name = args.dtype or ("fp16" if dev.startswith("cuda") else "fp32")
     out_dtype = DTYPES[dtype_name]
@@ -120,6 +122,7 @@ def main():
                               "round, then median (min-max) over the rounds; > 1 means the fused kernel is "
                               f"faster. Summary over rows: {sentences}",
                          extra={"load_start": load_start, "load_end": load_end, "rounds": args.rounds,
+                                "threads": args.threads,
                                 "model_output_dtype": dtype_name, "summary": summary, "timing": timings})
     print(sentences)
     print("wrote", path)

@@ -43,8 +43,10 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     dev, n, w = args.device, args.steps, 7.5
     dtype_name = args.dtype or ("fp16" if dev.startswith("cuda") else "fp32")
     out_dtype = DTYPES[dtype_name]
@@ -98,6 +100,7 @@ def main():
                               "loops. diffusers/velodiff: diffusers' time / velodiff's within each round, then "
                               f"median (min-max) over the rounds. Summary over rows: {summary['sentence']}.",
                          extra={"load_start": load_start, "load_end": load_end, "rounds": args.rounds,
+                                "threads": args.threads,
                                 "model_output_dtype": dtype_name, "summary": summary, "timing": timings})
     print(summary["sentence"])
     print("wrote", path)
