@@ -164,8 +164,8 @@ def main() -> None:
             "every loader fills, but only a mapping counts in VmHWM): for safetensors-stream the largest RssAnon "
             "increase sampled in its loop while both copies of a tensor are alive; for the others the peak less "
             "any growth of mapped file pages (about 3 MB). load_s: wall time of the load inside the process; "
-            "time_vs_velodiff: that loader's time / velodiff's in the same round, median (min-max); > 1 means velodiff is faster. within_1.3x: every "
-            "round's peak <= 1.3x the weights.")
+            "time_vs_velodiff: that loader's time / velodiff's in the same round, median (min-max); > 1 means "
+            "velodiff is faster. within_1.3x: every round's peak <= 1.3x the weights.")
     print(write_results("loading_peak_memory", rows,
                         ["loader", "tensors", "file_MB", "weights_MB", "peak_increase_MB", "peak_over_weights",
                          "peak_over_weights_range", "peak_over_file", "anon_peak_over_weights",
