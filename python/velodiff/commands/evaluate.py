@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 
 from velodiff.commands import args as A
@@ -53,7 +54,9 @@ def check_eval_dependencies() -> None:
 def run(args: argparse.Namespace) -> int:
     check_eval_dependencies()
     A.check_model_path(args.model)
-    A.check_pickle(args.model, False)
+    if os.path.isfile(args.model):
+        raise UsageError(f"--model {args.model!r} is a single file; eval takes a pipeline folder (a single file "
+                         "holds no tokenizer): convert it first with velodiff convert FILE FOLDER --tokenizer ...")
     A.read_model_index(args.model)
 
     import torch
