@@ -88,6 +88,16 @@ def save_pipeline(pipe, folder: str) -> str:
     return folder
 
 
+def saved_and_loaded(theirs, folder: str):
+    """(diffusers' pipeline, velodiff's pipeline loaded from ``folder`` where it was saved (progress bar off),
+    folder)."""
+    import velodiff as vd
+    save_pipeline(theirs, folder)
+    ours = vd.Pipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    return theirs, ours, folder
+
+
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)

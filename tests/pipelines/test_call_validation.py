@@ -21,7 +21,7 @@ import torch
 import velodiff as vd
 from velodiff.pipelines import base
 from velodiff.pipelines.base import PromptWarning
-from fixtures import save_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
+from fixtures import save_pipeline, saved_and_loaded, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,11 +51,7 @@ def sd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
-    theirs = tiny_dit_pipeline()
-    folder = save_pipeline(theirs, str(tmp_path_factory.mktemp("dit")))
-    ours = vd.Pipeline.from_pretrained(folder)
-    ours.set_progress_bar_config(disable=True)
-    return theirs, ours, folder
+    return saved_and_loaded(tiny_dit_pipeline(), str(tmp_path_factory.mktemp("dit")))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import velodiff as vd
-from fixtures import save_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline
+from fixtures import save_pipeline, saved_and_loaded, tiny_dit_pipeline, tiny_pixart_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Max-abs difference allowed between velodiff's and diffusers' [0, 1] images: fp32 on both sides (u = 6e-8), so
@@ -28,11 +28,7 @@ def with_scheduler(pipe, sampler, folder):
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
-    theirs = tiny_dit_pipeline()
-    folder = save_pipeline(theirs, str(tmp_path_factory.mktemp("dit")))
-    ours = vd.Pipeline.from_pretrained(folder)
-    ours.set_progress_bar_config(disable=True)
-    return theirs, ours, folder
+    return saved_and_loaded(tiny_dit_pipeline(), str(tmp_path_factory.mktemp("dit")))
 
 
 @pytest.mark.parametrize("sampler", list(DETERMINISTIC))
