@@ -289,8 +289,11 @@ def _state_dicts(draw):
 
 
 def _bytes_of(t):
-    """A tensor's bytes as a flat uint8 tensor (an empty tensor's strides can be anything)."""
-    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    """A tensor's bytes as a flat uint8 tensor (an empty tensor's strides can be anything, and ``contiguous()``
+    keeps a size-1 dimension's stride, e.g. 2, which ``view`` refuses: copy into fresh row-major storage)."""
+    if not t.numel():
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t).reshape(-1).view(torch.uint8)
 
 
 @settings(max_examples=40, deadline=None)
@@ -332,3 +335,15 @@ def test_writer_refusals_name_the_key(tmp_path, sd, error, message):
 def test_writer_metadata_must_map_str_to_str(tmp_path, metadata):
     with pytest.raises(TypeError, match=r"m\.safetensors.*metadata"):
         write_safetensors({"x": torch.ones(1)}, tmp_path / "m.safetensors", metadata=metadata)
+
+
+def test_written_file_mode_follows_the_umask(tmp_path):
+    """safetensors' save_file leaves mode 0600; files velodiff writes get 0666 less the umask like any other."""
+    import os
+    import stat
+    old = os.umask(0o027)
+    try:
+        write_safetensors({"x": torch.ones(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o640

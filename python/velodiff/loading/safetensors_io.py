@@ -456,3 +456,7 @@ def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
             seen.add(ptr)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(clean, path, metadata=meta)
+    # safetensors writes through a private temporary file (mode 0600): give the file the mode any other new file
+    # of the user gets, 0666 less the umask
+    from velodiff.loading.output import current_umask
+    os.chmod(path, 0o666 & ~current_umask())
