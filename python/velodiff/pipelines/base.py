@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from velodiff.sampling import SamplerPlan, run_plan
+from velodiff.pipelines.context import ContextHolder, DenoiseContext
 from velodiff.pipelines.scheduling import make_plan
 
 Generator = Union[torch.Generator, List[torch.Generator], None]
@@ -260,6 +261,9 @@ class BasePipeline:
         self.defaults: Dict[str, Any] = read_defaults(components.get("_model_index"))
         self.progress = True
         self._restore_hooks: List[Callable[[], None]] = []
+        #: the techniques applied with velodiff.optimize, oldest first (parallel to _restore_hooks)
+        self._applied: List[Any] = []
+        self._context = ContextHolder(f"velodiff-denoise-context-{id(self)}")
         for name, value in components.items():
             if not name.startswith("_") and name != "scheduler":
                 setattr(self, name, value)
@@ -282,7 +286,30 @@ class BasePipeline:
                 return out
             first, second = out.chunk(2)
             return (first, second) if cond_first else (second, first)
+        fn.cfg = "batched" if guided else "none"  # read by run_denoising for the call's context
+        fn.cond_first = cond_first
         return fn
+
+    @property
+    def denoise_context(self) -> Optional[DenoiseContext]:
+        """The context of the denoising loop running now in this thread (see :mod:`velodiff.pipelines.context`),
+        None outside a call."""
+        return self._context.current
+
+    def run_denoising(self, plan: Tuple[str, SamplerPlan], model_fn, x: torch.Tensor, guidance_scale: Optional[float],
+                      generator: Generator, guidance_rescale: float = 0.0, callback=None) -> torch.Tensor:
+        """Run ``plan`` over ``model_fn`` from the sampler state ``x`` (fp32) inside a fresh
+        :class:`DenoiseContext`, which follows the plan's calls and is closed when the loop ends."""
+        name, plan = plan
+        gen = generator[0] if isinstance(generator, list) else generator
+        context = DenoiseContext(sampler=name, call_steps=tuple(plan.call_steps),
+                                 begin=int(plan.info.get("begin", 0) or 0), guided=guidance_scale is not None,
+                                 cfg=getattr(model_fn, "cfg", "batched" if guidance_scale is not None else "none"),
+                                 cond_first=getattr(model_fn, "cond_first", True), batch_size=int(x.shape[0]))
+        with self._context.open(context):
+            return run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                            generator=gen, progress=self.progress, callback=callback,
+                            before_call=lambda i, call: context.advance(i, call.timestep))
 
     def finish(self, final: torch.Tensor, name: str, nfe: int, output_type: str) -> PipelineOutput:
         """Decode the final latents with the pipeline's VAE (unless ``output_type='latent'``) into the output."""
@@ -313,9 +340,6 @@ class BasePipeline:
         """Draw nothing, decide nothing: run ``plan`` (from :meth:`make_plan`) over ``model_fn`` from ``latents``
         (unit noise). Returns (final latents fp32, sampler name, number of model evaluations). Ctrl-C
         (KeyboardInterrupt) leaves the loop at the next model call: nothing here catches it."""
-        name, plan = plan
-        gen = generator[0] if isinstance(generator, list) else generator
-        x = latents.to(torch.float32) * plan.init_noise_scale
-        out = run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                       generator=gen, progress=self.progress, callback=callback)
-        return out, name, len(plan.calls)
+        x = latents.to(torch.float32) * plan[1].init_noise_scale
+        out = self.run_denoising(plan, model_fn, x, guidance_scale, generator, guidance_rescale, callback)
+        return out, plan[0], len(plan[1].calls)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from velodiff.pipelines.base import Generator, randn_tensor
-from velodiff.sampling import SamplerPlan, run_plan
+from velodiff.sampling import SamplerPlan
 
 ImageInput = Union[Any, Sequence[Any], torch.Tensor, Sequence[torch.Tensor]]  # PIL images or tensors
 
@@ -134,10 +134,7 @@ def img2img_denoise(pipe, model_fn, image: torch.Tensor, batch: int, plan: Tuple
     """Encode, noise and denoise ``image`` (preprocessed, [B, 3, H, W] in [-1, 1]) with ``pipe``'s VAE along
     ``plan`` (from :func:`img2img_plan`). Returns (final latents fp32, sampler name, number of model
     evaluations)."""
-    name, plan = plan
     latents = encode_image(pipe.vae, image, batch, generator, pipe.device, pipe.dtype)
-    x = noised_start(plan.info["start"], latents, generator)
-    gen = generator[0] if isinstance(generator, list) else generator
-    out = run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                   generator=gen, progress=pipe.progress, callback=callback)
-    return out, name, len(plan.calls)
+    x = noised_start(plan[1].info["start"], latents, generator)
+    out = pipe.run_denoising(plan, model_fn, x, guidance_scale, generator, guidance_rescale, callback)
+    return out, plan[0], len(plan[1].calls)

@@ -62,6 +62,8 @@ class StableDiffusionPipeline(BasePipeline):
             out = self.unet(torch.cat([x, x]), ts, both["encoder_hidden_states"], added_cond_kwargs=added)
             out_uncond, out_cond = out.chunk(2)
             return out_cond, out_uncond
+        fn.cfg = "none" if uncond is None else "batched"  # the call's context reads the CFG layout from here
+        fn.cond_first = False
         return fn
 
     def conditioning(self, prompt: List[str], negative_prompt: Optional[List[str]], num_images: int, guided: bool,

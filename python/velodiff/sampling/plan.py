@@ -55,6 +55,9 @@ class Call:
     want_y: bool = False           # compute the second output y
     anchor: str = "keep"           # anchor for the calls after this one: 'keep', 'x' (this call's input x),
                                    # 'y' (this call's y) or 'x_next'
+    step: int = -1                 # the sampler step (a point of the num_inference_steps discretisation) this
+                                   # evaluation belongs to; -1: its own step (one call per step). Heun's two
+                                   # calls of step i both say i. Caches key their decisions on it.
 
     def folded(self) -> "Call":
         """An equivalent call with D = g when D is not stored: the conversion folded into the update.
@@ -110,6 +113,20 @@ class SamplerPlan:
     def timesteps(self) -> List[float]:
         return [c.timestep for c in self.calls]
 
+    @property
+    def call_steps(self) -> List[int]:
+        """[num_calls] the step each call belongs to (0-based, non-decreasing, no gaps): ``Call.step`` where set,
+        else a step of its own."""
+        if all(c.step < 0 for c in self.calls):
+            return list(range(len(self.calls)))
+        return [c.step for c in self.calls]
+
+    @property
+    def num_steps(self) -> int:
+        """The number of sampler steps of this plan (num_inference_steps less ``begin``)."""
+        steps = self.call_steps
+        return steps[-1] + 1 if steps else 0
+
     def validate(self) -> None:
         if not 0 <= self.history_slots <= _ref.MAX_HISTORY:
             raise ValueError(f"history_slots must be in [0, {_ref.MAX_HISTORY}], got {self.history_slots}")
@@ -120,6 +137,12 @@ class SamplerPlan:
                 raise ValueError(f"call {i}: anchor must be keep|x|y|x_next, got {c.anchor!r}")
             if c.anchor == "y" and not c.want_y:
                 raise ValueError(f"call {i}: anchor='y' needs want_y=True")
+        labelled = [c.step >= 0 for c in self.calls]
+        if any(labelled) and not all(labelled):
+            raise ValueError("Call.step must be set on every call of a plan or on none")
+        steps = self.call_steps
+        if steps and (steps[0] != 0 or any(b - a not in (0, 1) for a, b in zip(steps, steps[1:]))):
+            raise ValueError(f"Call.step must count 0, 1, 2, ... over the calls (repeats allowed), got {steps}")
 
 
 def randn_like_diffusers(shape, generator: Optional[torch.Generator], device: torch.device,
@@ -157,6 +180,7 @@ def run_plan(
     generator: Optional[torch.Generator] = None,
     noise_fn: Optional[NoiseFn] = None,
     callback: Optional[Callable[[int, Call, torch.Tensor], None]] = None,
+    before_call: Optional[Callable[[int, Call], None]] = None,
     progress: bool = False,
     update_fn: Optional[Callable] = None,
     initial_history: Optional[torch.Tensor] = None,
@@ -174,6 +198,8 @@ def run_plan(
         noise_fn: ``noise_fn(call_index, shape) -> fp32 tensor``, to inject noise (tests, parity); default draws
             with ``generator`` like diffusers.
         callback: called as ``callback(call_index, call, x_next)`` after every call.
+        before_call: called as ``before_call(call_index, call)`` before every model evaluation (a pipeline's
+            per-call context follows the loop with it: caches key on the call's step, never on counted calls).
         update_fn: the fused update to use (default :func:`velodiff.ops.sampler_update`).
         initial_history: [K, *x.shape] values for the ring buffer (default zeros), e.g. exact predictions at
             the points before the start for a plan built with ``warm_start=True``; copied, not modified.
@@ -211,6 +237,8 @@ def run_plan(
         iterator = tqdm(iterator, total=len(plan.calls), desc=plan.name)
     for i, call in iterator:
         x_in = x if call.input_scale == 1.0 else x * call.input_scale
+        if before_call is not None:
+            before_call(i, call)
         out = model_fn(x_in, call.timestep)
         if isinstance(out, (tuple, list)):
             if not guided:

@@ -91,7 +91,9 @@ def build_plan(name: str, schedule, num_steps: int, **options) -> SamplerPlan:
         limit = steps_limit(name, schedule, **options)
         if limit is not None:
             sch.check_steps_limit(int(num_steps), limit, f"sampler {name!r} on this schedule")
-    return builder(schedule, num_steps, **options)
+    plan = builder(schedule, num_steps, **options)
+    plan.info.setdefault("begin", int(options.get("begin", 0) or 0))  # where this run starts in the N steps
+    return plan
 
 
 def _import_all() -> None:

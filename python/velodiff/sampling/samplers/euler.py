@@ -151,6 +151,7 @@ def heun(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str 
     for i in range(pts.num_steps):
         s_from, s_to = s[i], s[i + 1]
         pred = _euler_call(pt, s_from, s_to, ts[i])
+        pred.step = i
         if s_to <= 0:
             calls.append(pred)
             continue
@@ -162,7 +163,7 @@ def heun(schedule: sch.NoiseSchedule, num_steps: Optional[int], *, spacing: str 
         h = (s_to - s_from) / (2.0 * s_to)
         t_to = ts[i + 1] if i + 1 < pts.num_steps else float(schedule.sigma_to_t(s_to)[0])
         calls.append(Call(timestep=t_to, input_scale=1.0 / math.sqrt(s_to * s_to + 1.0), p_x=p_x, p_m=p_m,
-                          c_x=0.5 + h, c_a=0.5, c_d=-h))
+                          c_x=0.5 + h, c_a=0.5, c_d=-h, step=i))
     return SamplerPlan("heun", calls, init_noise_scale=init,
                        info={"order": 2, "timesteps": [c.timestep for c in calls], "sigmas": s,
                              "start": points_start(pts, ve=True)})
