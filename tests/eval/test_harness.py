@@ -85,7 +85,7 @@ def test_cli_eval_json(sd_folder, capsys):
             "--guidance", "3", "--seed", "4"]
     assert main(args + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert tuple(data) == ("model",) + RESULT_KEYS
+    assert tuple(data) == ("model", "optimize") + RESULT_KEYS and data["optimize"] == []
     assert data["model"] == sd_folder and data["sampler"] == "euler" and data["steps"] == 2
     assert data["guidance"] == 3.0 and data["seed"] == 4 and data["num_images"] == 10
     for key in ("conditional_accuracy", "frechet_distance", "frechet_distance_floor", "seconds_per_image",

@@ -19,9 +19,9 @@ FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner", "dit", "pixart")
 SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3",
                  "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_exact", "dpmpp_2m_sde", "unipc", "lcm", "flow_euler", "ghvb",
                  "bdia")
-#: technique names for ``--optimize`` (velodiff.accel.TECHNIQUES once it exists; empty until then, and the test
+#: technique names for ``--optimize`` (velodiff.accel.TECHNIQUES, kept here so --help imports no torch; the test
 #: that checks SAMPLER_NAMES checks this against it)
-TECHNIQUE_NAMES: tuple = ()
+TECHNIQUE_NAMES: tuple = ("attention_backend", "cpu_conv_prepack")
 #: the built-in models and their folders (velodiff.loading.BUILTIN_MODELS, which imports torch; checked by the
 #: same test)
 BUILTIN_NAMES = ("digits", "digits-dit")
@@ -72,10 +72,32 @@ def samplers_help(default: str) -> str:
 
 
 def epilog() -> Optional[str]:
-    """The technique list for --help, once there are techniques (the hook for ``vd.accel.TECHNIQUES``)."""
+    """The technique list for --help (``vd.accel.TECHNIQUES``)."""
     if not TECHNIQUE_NAMES:
         return None
-    return f"techniques: {', '.join(TECHNIQUE_NAMES)}"
+    return (f"techniques for --optimize: {', '.join(TECHNIQUE_NAMES)} (options: velodiff.accel.technique_help, "
+            "e.g. --optimize attention_backend:backend=math)")
+
+
+def add_optimize(parser) -> None:
+    parser.add_argument("--optimize", metavar="NAME[:key=value,...]", action="append", default=[],
+                        help="apply a technique (repeatable; names below), e.g. --optimize "
+                             "cpu_conv_prepack:components=unet/vae (a tuple option takes a/b/c)")
+
+
+def parse_optimize(specs) -> list:
+    """The technique configs of the ``--optimize`` flags, parsed and validated before any model loads (imports
+    velodiff.accel, hence torch); a bad spec is a UsageError naming the flag."""
+    if not specs:
+        return []
+    from velodiff.accel import parse_technique
+    configs = []
+    for spec in specs:
+        try:
+            configs.append(parse_technique(spec))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--optimize {spec}: {e}") from None
+    return configs
 
 
 def add_model(parser, what: str = "a diffusers pipeline folder, a single-file checkpoint or a quantized folder"):

@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--upsample", choices=["bilinear", "nearest", "none"], default="bilinear",
                    help="how real digits are rendered at the generated size before comparison (default: %(default)s)")
     A.add_device_dtype(p)
+    A.add_optimize(p)
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=run)
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model!r} is a single file; eval takes a pipeline folder (a single file "
                          "holds no tokenizer): convert it first with velodiff convert FILE FOLDER --tokenizer ...")
     A.read_model_index(args.model)
+    techniques = A.parse_optimize(args.optimize)
 
     import torch
 
@@ -67,11 +69,15 @@ def run(args: argparse.Namespace) -> int:
     device = A.check_device(args.device)
     with step(f"--model {args.model}"):
         pipe = Pipeline.from_pretrained(args.model, dtype=getattr(torch, A.DTYPES[args.dtype]), device=device)
+    if techniques:
+        from velodiff.accel import optimize
+        with step("--optimize " + " --optimize ".join(args.optimize)):
+            optimize(pipe, *techniques)
     with step(None):
         result = evaluate(pipe, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                           per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
                           prompt_template=args.prompt_template, upsample=args.upsample,
                           progress=sys.stderr.isatty())
-    result = {"model": args.model, **result}
+    result = {"model": args.model, "optimize": list(args.optimize), **result}
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

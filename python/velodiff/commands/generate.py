@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-images", metavar="N", type=A.positive_int, default=1,
                    help="images to draw (default: %(default)s)")
     A.add_device_dtype(p)
+    A.add_optimize(p)
     p.add_argument("--outdir", metavar="DIR", default="out",
                    help="the folder to write (created if needed; default: %(default)s)")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     _check_conditioning(args, index)
     A.check_outdir(args.outdir)
     configs = A.read_configs(args.configs)
+    techniques = A.parse_optimize(args.optimize)
 
     import torch
 
@@ -129,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(args.model, dtype=getattr(torch, A.DTYPES[args.dtype]), device=device,
                                         **single)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    if techniques:
+        from velodiff.accel import optimize
+        with step("--optimize " + " --optimize ".join(args.optimize)):
+            optimize(pipe, *techniques)
     kwargs = _call_kwargs(args, pipe)
     with step(None):
         if args.class_label is not None:
