@@ -185,3 +185,44 @@ def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: to
             la = la * lora_scales.double()[None, :]
         acc += la @ lora_up.double().T
     return _activation(acc, activation).to(wscales.dtype)
+
+
+# Flags and state layout of cache_gate; mirrors csrc/include/velodiff/cache_gate.h.
+CACHE_GATE_ACCUMULATE, CACHE_GATE_STORE_ALWAYS, CACHE_GATE_FORCE_COMPUTE = 1, 2, 4
+CACHE_GATE_MAX_COEFFICIENTS = 8
+GATE_ACCUMULATOR, GATE_DISTANCE, GATE_VALID, GATE_DECISION = 0, 1, 2, 3
+
+
+def cache_gate(probe: torch.Tensor, stored: torch.Tensor, state: torch.Tensor, threshold: float,
+               coefficients=(), flags: int = 0) -> torch.Tensor:
+    """Reference of ``velodiff::cache_gate`` (semantics in csrc/include/velodiff/cache_gate.h), in float64.
+
+    probe [B, ...] fp32/fp16/bf16; stored [2, B, ...] of probe's dtype and state [4] fp32 are updated in place;
+    coefficients: a polynomial, highest degree first. Returns the decision as int32 [1] (1 compute, 0 reuse)."""
+    b = probe.shape[0]
+    v = int(state[GATE_VALID].item())
+    if v in (0, 1):
+        p = probe.reshape(b, -1).double()
+        ref = stored[v].reshape(b, -1).double()
+        num = (p - ref).abs().sum(dim=1)
+        den = ref.abs().sum(dim=1)
+        d_b = torch.where(den > 0, num / den.clamp_min(1e-300),
+                          torch.where(num == 0, torch.zeros_like(num), torch.full_like(num, float("inf"))))
+        d = float(d_b.max())
+    else:
+        d = float("inf")
+    r = d
+    if len(coefficients):
+        r = 0.0
+        for c in coefficients:
+            r = r * d + float(c)
+    accumulate = bool(flags & CACHE_GATE_ACCUMULATE)
+    a = float(state[GATE_ACCUMULATOR].item()) + r if accumulate else r
+    compute = not (a < threshold) or bool(flags & CACHE_GATE_FORCE_COMPUTE) or v not in (0, 1)
+    w = 1 - v if v in (0, 1) else 0
+    stored[w].copy_(probe)
+    state[GATE_ACCUMULATOR] = a if accumulate and not compute else 0.0
+    state[GATE_DISTANCE] = d
+    state[GATE_VALID] = w if (compute or flags & CACHE_GATE_STORE_ALWAYS) else v
+    state[GATE_DECISION] = 1.0 if compute else 0.0
+    return torch.tensor([1 if compute else 0], dtype=torch.int32, device=probe.device)
