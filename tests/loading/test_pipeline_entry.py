@@ -43,10 +43,14 @@ def test_pickled_folder_weights_follow_the_pickle_rule(tmp_path):
     assert torch.equal(_digits_latents(pickled), _digits_latents(vd.Pipeline.from_pretrained("digits")))
 
 
-def test_loading_shows_no_transformers_progress_bar(capsys):
+def test_loading_shows_no_transformers_progress_bar(capsys, tmp_path):
+    """PixArt's T5 encoder is the text encoder that still loads through transformers (CLIP is velodiff's own)."""
+    from fixtures import save_pipeline, tiny_pixart_pipeline
     from transformers.utils import logging as hf_logging
+    folder = save_pipeline(tiny_pixart_pipeline(), str(tmp_path / "pixart"))
     before = hf_logging.is_progress_bar_enabled()
     capsys.readouterr()
-    vd.Pipeline.from_pretrained("digits")
+    pipe = vd.Pipeline.from_pretrained(folder)
+    assert type(pipe.text_encoder).__module__.startswith("transformers.")  # so the transformers load did run
     assert "Loading weights" not in capsys.readouterr().err
     assert hf_logging.is_progress_bar_enabled() == before  # the user's setting is put back

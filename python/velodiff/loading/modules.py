@@ -1,8 +1,9 @@
-"""Building one pipeline component as a module: velodiff's models from a diffusers config plus weights, text
-encoders and tokenizers with transformers from local files only (never from a hub)."""
+"""Building one pipeline component as a module: velodiff's models from a diffusers config plus weights, CLIP text
+encoders (velodiff's) and tokenizers from local files only (never from a hub); T5 encoders with transformers."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -13,7 +14,8 @@ from velodiff.loading.keymap_text import fit_clip_keys
 from velodiff.loading.registry import folder_loader_for
 from velodiff.loading.pickle_guard import read_checkpoint
 from velodiff.loading.state_dict import load_state_dict_into
-from velodiff.models.registry import model_class_for
+from velodiff.models.clip_text import clip_text_config
+from velodiff.models.registry import model_class_for, text_encoder_class_for
 
 #: transformers text-encoder classes a pipeline folder may declare
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
@@ -64,17 +66,25 @@ def no_transformers_progress_bar():
 
 
 def load_transformers_component(folder: str, class_name: str, dtype: torch.dtype, device,
-                                allow_pickle: bool = False):
-    """A text encoder or tokenizer with transformers, from the local folder only (tokenizers of any class
-    through AutoTokenizer, which reads the folder's own tokenizer files). A text encoder's weights are read from
-    safetensors; a pickled ``pytorch_model.bin`` is refused unless ``allow_pickle=True``."""
-    import transformers
-
+                                allow_pickle: bool = False, variant: Optional[str] = None):
+    """A text encoder or tokenizer that a pipeline folder declares as ``["transformers", class_name]``, from the
+    local folder only. CLIP text encoders are velodiff's own (:mod:`velodiff.models.clip_text`, see
+    :func:`load_native_text_encoder`); T5 encoders are transformers'. Tokenizers: velodiff's CLIP tokenizer where it
+    is exactly transformers', else transformers' AutoTokenizer (:func:`velodiff.loading.tokenizers.
+    tokenizer_from_folder`). Weights are read from safetensors; a pickled ``.bin`` is refused unless
+    ``allow_pickle=True``."""
     if "Tokenizer" in class_name:
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        from velodiff.loading.tokenizers import tokenizer_from_folder
+
+        return tokenizer_from_folder(folder)
     if class_name not in TEXT_ENCODERS:
         raise ValueError(f"unsupported transformers component {class_name}; supported: {TEXT_ENCODERS} and "
                          "tokenizers")
+    if text_encoder_class_for(class_name) is not None:
+        return load_native_text_encoder(folder, class_name, dtype, device, variant=variant,
+                                        allow_pickle=allow_pickle)
+    import transformers
+
     if not allow_pickle:
         find_weights(folder)  # the pickle refusal, in velodiff's words, when the folder has only a .bin
     with no_transformers_progress_bar():
@@ -83,29 +93,39 @@ def load_transformers_component(folder: str, class_name: str, dtype: torch.dtype
     return model.to(device).eval().requires_grad_(False)
 
 
-def text_encoder_from_state_dict(config: Mapping[str, Any], state: Dict[str, torch.Tensor], *, source: str):
-    """A transformers CLIP text encoder built from a CLIPTextConfig dict on the meta device, taking
-    ``state``'s tensors (transformers' classic or flattened names) without a copy."""
-    import transformers
+def load_native_text_encoder(folder: str, class_name: str, dtype: torch.dtype, device, *,
+                             variant: Optional[str] = None, allow_pickle: bool = False):
+    """velodiff's CLIP text encoder for a transformers text-encoder folder (``config.json`` plus
+    ``model[.variant].safetensors`` or its shards; a folder without the variant's file gives its plain weights,
+    as transformers, which ignores variants, did), weights read straight into ``dtype`` / ``device``."""
+    config_path = os.path.join(folder, "config.json")
+    config = read_config(folder)
+    try:
+        files = find_weights(folder, variant=variant, allow_pickle=allow_pickle)
+    except CheckpointError:
+        if variant is None:
+            raise
+        files = find_weights(folder, allow_pickle=allow_pickle)
+    clip_text_config(config, projection=class_name == "CLIPTextModelWithProjection", source=config_path)
+    state: Dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(read_checkpoint(path, dtype=dtype, device=device, allow_pickle=allow_pickle))
+    return text_encoder_from_state_dict(config, state, source=files[0] if len(files) == 1 else folder,
+                                        class_name=class_name)
 
-    arch = (config.get("architectures") or ["CLIPTextModel"])[0]
+
+def text_encoder_from_state_dict(config: Mapping[str, Any], state: Dict[str, torch.Tensor], *, source: str,
+                                 class_name: Optional[str] = None):
+    """velodiff's CLIP text encoder (``class_name``, default: the config's ``architectures[0]``) built from a
+    CLIPTextConfig dict on the meta device, taking ``state``'s tensors (transformers' classic ``text_model.*`` or
+    flattened names; a stored ``position_ids`` buffer is dropped) without a copy."""
+    arch = class_name or (config.get("architectures") or ["CLIPTextModel"])[0]
     if arch not in CLIP_CLASSES:
         raise ValueError(f"{source}: text encoder architecture {arch!r} is not supported here; "
                          f"supported: {CLIP_CLASSES}")
-    cfg = transformers.CLIPTextConfig.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    cls = text_encoder_class_for(arch)
     with torch.device("meta"):
-        model = getattr(transformers, arch)(cfg)
+        model = cls.from_config(config)
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     load_state_dict_into(model, fit_clip_keys(state, model), source=source, strict=True, assign=True)
-    device = next(iter(state.values())).device
-    # Non-persistent buffers are in no state dict: CLIP's only one is the position-id row.
-    for name, buf in list(model.named_buffers()):
-        if not buf.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        if attr != "position_ids":
-            raise CheckpointError(f"{source}: {arch} buffer {name!r} is not in the weights and velodiff does not "
-                                  "know how to rebuild it")
-        owner = model.get_submodule(owner_name)
-        setattr(owner, attr, torch.arange(buf.shape[-1], device=device).expand(tuple(buf.shape)))
     return model.eval().requires_grad_(False)
-

@@ -50,7 +50,7 @@ def load_folder_components(root: str, dtype: torch.dtype, device, variant: Optio
         elif library == "diffusers":
             components[name] = load_diffusers_model(folder, class_name, dtype, device, variant, allow_pickle)
         elif library == "transformers":
-            components[name] = load_transformers_component(folder, class_name, dtype, device, allow_pickle)
+            components[name] = load_transformers_component(folder, class_name, dtype, device, allow_pickle, variant)
         else:
             raise ValueError(f"{root}: component {name!r} comes from {library!r}, which velodiff does not load")
     return components

@@ -1,12 +1,28 @@
 """Tokenizers for single-file checkpoints, which hold none: given by the caller as a tokenizer object, a
-tokenizer folder or a diffusers pipeline folder (its ``tokenizer/`` and ``tokenizer_2/``). Loaded locally with
-transformers, never downloaded. One resolution for loading a single file and for converting one to a folder."""
+tokenizer folder or a diffusers pipeline folder (its ``tokenizer/`` and ``tokenizer_2/``). Loaded locally, never
+downloaded: CLIP tokenizers through the ``tokenizers`` library when that reproduces transformers' tokenizer exactly
+(:mod:`velodiff.loading.fast_tokenizer`), anything else with transformers. One resolution for loading a single file
+and for converting one to a folder."""
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, Mapping, Sequence
 
 from velodiff.loading.builtin import resolve_model_path
+from velodiff.loading.fast_tokenizer import NotReproducible, load_clip_tokenizer
+
+
+def tokenizer_from_folder(folder: str):
+    """The tokenizer of a local tokenizer folder: velodiff's :class:`~velodiff.loading.fast_tokenizer.CLIPTokenizer`
+    where it is exactly transformers' ``CLIPTokenizer`` (no transformers import), otherwise transformers'
+    ``AutoTokenizer`` from the folder's own files."""
+    try:
+        return load_clip_tokenizer(folder)
+    except NotReproducible:
+        pass
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def load_tokenizer(value, name: str):
@@ -16,8 +32,6 @@ def load_tokenizer(value, name: str):
         if not callable(value):
             raise TypeError(f"{name} must be a tokenizer object or a folder path, got {type(value).__name__}")
         return value
-    import transformers
-
     folder = resolve_model_path(value)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{name}={folder!r} is not a folder (pass a tokenizer folder, a diffusers "
@@ -28,7 +42,7 @@ def load_tokenizer(value, name: str):
             raise FileNotFoundError(f"{name}={folder!r} is a diffusers pipeline folder without a {name}/ subfolder")
         folder = sub
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return tokenizer_from_folder(folder)
     except (OSError, ValueError) as e:
         raise ValueError(f"{name}={folder!r}: no tokenizer could be loaded from this folder: {e}") from e
 

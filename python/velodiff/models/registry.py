@@ -1,7 +1,9 @@
-"""The one map from a diffusers model class name to velodiff's implementation of it.
+"""The one map from a diffusers model class name to velodiff's implementation of it, and from the transformers
+text-encoder classes velodiff implements (CLIP) to its own.
 
-Every loader (diffusers folders, single files, quantized folders) asks :func:`model_class_for`; nothing else
-keeps a copy of this table. Values are ``"module:Class"`` strings so that reading the table imports no model
+Every loader (diffusers folders, single files, quantized folders) asks :func:`model_class_for` (or, for a
+component a pipeline folder declares as ``["transformers", name]``, :func:`text_encoder_class_for`); nothing else
+keeps a copy of these tables. Values are ``"module:Class"`` strings so that reading the table imports no model
 code (and no torch) until a class is actually needed.
 """
 from __future__ import annotations
@@ -16,6 +18,12 @@ MODEL_CLASSES: Dict[str, str] = {
     "AutoencoderTiny": "velodiff.models.taesd:AutoencoderTiny",
     "DiTTransformer2DModel": "velodiff.models.dit:DiTTransformer2DModel",
     "PixArtTransformer2DModel": "velodiff.models.pixart:PixArtTransformer2DModel",
+}
+#: transformers class name -> "module:Class" of velodiff's implementation (transformers' parameter names); text
+#: encoders not listed here (T5EncoderModel) load with transformers
+TEXT_ENCODER_CLASSES: Dict[str, str] = {
+    "CLIPTextModel": "velodiff.models.clip_text:CLIPTextModel",
+    "CLIPTextModelWithProjection": "velodiff.models.clip_text:CLIPTextModelWithProjection",
 }
 #: older DiT / PixArt folders declare the generic ``Transformer2DModel``; its ``norm_type`` tells which it is
 TRANSFORMER_2D_NORM_TYPES: Dict[str, str] = {"ada_norm_zero": "DiTTransformer2DModel",
@@ -40,4 +48,13 @@ def diffusers_class_name(class_name: str, config: Optional[Mapping[str, Any]] = 
 def model_class_for(class_name: str, config: Optional[Mapping[str, Any]] = None) -> type:
     """velodiff's ``nn.Module`` class for the diffusers class ``class_name`` (see :func:`diffusers_class_name`)."""
     module, _, name = MODEL_CLASSES[diffusers_class_name(class_name, config)].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def text_encoder_class_for(class_name: str) -> Optional[type]:
+    """velodiff's ``nn.Module`` class for the transformers text encoder ``class_name``, or None when velodiff
+    leaves that class to transformers."""
+    if class_name not in TEXT_ENCODER_CLASSES:
+        return None
+    module, _, name = TEXT_ENCODER_CLASSES[class_name].partition(":")
     return getattr(importlib.import_module(module), name)
