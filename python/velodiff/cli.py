@@ -1,4 +1,4 @@
-"""The ``velodiff`` command line: ``info``, ``generate``, ``convert``, ``eval`` and ``quantize``
+"""The ``velodiff`` command line: ``info``, ``generate``, ``convert``, ``eval``, ``quantize`` and ``bench``
 (one module per subcommand in :mod:`velodiff.commands`).
 
 Every subcommand reports bad input as one line naming the flag and the fix, exit code 2, no traceback; Ctrl-C
@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from velodiff.commands import convert, evaluate, generate, info, quantize
+from velodiff.commands import bench, convert, evaluate, generate, info, quantize
 from velodiff.commands.args import Parser
 from velodiff.commands.errors import EXIT_INTERRUPTED, run_command
 from velodiff.commands.generate import make_grid
 
-SUBCOMMANDS = (info, generate, convert, evaluate, quantize)
+SUBCOMMANDS = (info, generate, convert, evaluate, quantize, bench)
 
 
 def build_parser() -> Parser:
