@@ -17,7 +17,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import build_from_config, init_config
-from .dit_common import PatchEmbed, timestep_batch, unpatchify
+from .dit_common import BlockStack, PatchEmbed, StackInputs, timestep_batch, unpatchify
 from .embeddings import TimestepEmbedding, Timesteps
 from .feedforward import FeedForward
 
@@ -92,6 +92,10 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.ff = FeedForward(dim, activation_fn=activation_fn)
 
+    def modulated_input(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """The attention's input LN(x) * (1 + scale_msa) + shift_msa: [B, N, D]."""
+        return self.norm1(x, timestep, class_labels)[0]
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels)
         x = x + gate_msa[:, None] * self.attn1(h)
@@ -99,7 +103,7 @@ class DiTBlock(nn.Module):
         return x + gate_mlp[:, None] * self.ff(h)
 
 
-class DiTTransformer2DModel(nn.Module):
+class DiTTransformer2DModel(BlockStack, nn.Module):
     """Class-conditional DiT over latents, diffusers' ``DiTTransformer2DModel`` config keys and parameter names.
 
     forward(hidden_states [B, in_channels, H, W] (H, W multiples of patch_size; any aspect ratio), timestep
@@ -108,6 +112,8 @@ class DiTTransformer2DModel(nn.Module):
     (DiT-XL/2: out_channels = 2 * in_channels) the first ``in_channels`` are the noise prediction.
 
     ``dropout`` and ``norm_num_groups`` are accepted and ignored (inference only; unused by diffusers too).
+    The block stack's extension points (:meth:`prepare`, :meth:`run_blocks`, :meth:`finish`, ...) are
+    :class:`velodiff.models.dit_common.BlockStack`'s.
     """
 
     def __init__(self, num_attention_heads: int = 16, attention_head_dim: int = 72, in_channels: int = 4,
@@ -142,8 +148,9 @@ class DiTTransformer2DModel(nn.Module):
         """Build from a diffusers ``transformer/config.json`` dict (also legacy ``Transformer2DModel`` ones)."""
         return build_from_config(cls, config, _LEGACY_KEYS)
 
-    def forward(self, hidden_states: torch.Tensor, timestep: Union[torch.Tensor, float, int],
-                class_labels: torch.Tensor) -> torch.Tensor:
+    def prepare(self, hidden_states: torch.Tensor, timestep: Union[torch.Tensor, float, int],
+                class_labels: torch.Tensor) -> Tuple[torch.Tensor, StackInputs]:
+        """Check the arguments and embed: (tokens [B, N, D], the stack's inputs)."""
         b = hidden_states.shape[0]
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         x = self.pos_embed(hidden_states)
@@ -154,11 +161,19 @@ class DiTTransformer2DModel(nn.Module):
             raise ValueError(f"class_labels must be an integer tensor, got {class_labels.dtype}")
         if class_labels.shape != (b,):
             raise ValueError(f"class_labels must be [{b}] (the batch), got shape {tuple(class_labels.shape)}")
-        for block in self.transformer_blocks:
-            x = block(x, t, class_labels)
+        return x, StackInputs((t, class_labels), height, width)
+
+    def finish(self, x: torch.Tensor, inputs: StackInputs) -> torch.Tensor:
+        """The final layer on the stack's output tokens -> [B, out_channels, H, W]."""
+        t, class_labels = inputs.block_args
         # The final layer is conditioned on the first block's embedders, as in diffusers.
         c = self.transformer_blocks[0].norm1.emb(t, class_labels, x.dtype)
         shift, scale = self.proj_out_1(F.silu(c)).chunk(2, dim=1)
         x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
         x = self.proj_out_2(x)
-        return unpatchify(x, height, width, self.patch_size, self.out_channels)
+        return unpatchify(x, inputs.height, inputs.width, self.patch_size, self.out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: Union[torch.Tensor, float, int],
+                class_labels: torch.Tensor) -> torch.Tensor:
+        x, inputs = self.prepare(hidden_states, timestep, class_labels)
+        return self.finish(self.run_stack(x, inputs), inputs)

@@ -1,12 +1,14 @@
 """Pieces shared by the patch transformers (DiT, PixArt): patch embedding over a fixed 2-D
-sin-cos position table, unpatchify and timestep normalisation.
+sin-cos position table, unpatchify, timestep normalisation, and the block-stack extension points the DiT caches
+use (:class:`BlockStack`).
 
 Parameter names follow diffusers (``pos_embed.proj``), so diffusers state dicts load unchanged. The sin-cos table
 is a non-persistent buffer, as in diffusers: it is never part of a state dict.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -112,3 +114,57 @@ def timestep_batch(timestep: Union[torch.Tensor, float, int], batch: int, device
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"timestep must be a scalar, [1] or [{batch}] (the batch), got shape {tuple(t.shape)}")
     return t
+
+
+@dataclass
+class StackInputs:
+    """What the block stack of one forward call needs besides the tokens: ``block_args``, passed to every block
+    after the tokens (DiT: timesteps and labels; PixArt: modulation, caption and its mask bias), the token grid
+    (``height`` x ``width``) and ``final``, what the model's final layer needs."""
+
+    block_args: Tuple[Any, ...]
+    height: int
+    width: int
+    final: Any = None
+
+
+class BlockStack:
+    """The extension points of a patch transformer's block stack (mixed into DiT and PixArt).
+
+    ``forward`` is ``finish(run_stack(*prepare(...)))``: :meth:`prepare` embeds the input into tokens [B, N, D] and
+    the :class:`StackInputs`, :meth:`run_blocks` runs blocks ``[start, stop)``, :meth:`modulated_input` gives block
+    0's timestep-modulated input (TeaCache's probe) and :meth:`finish` applies the final layer. A technique may set
+    :attr:`block_stack_hook`, a callable ``(model, tokens, inputs) -> tokens`` run in place of the whole stack
+    (``run_blocks(tokens, inputs)``); it must leave the result the model would give when it decides to compute.
+
+    Blocks never write their input tensor (each returns a fresh tensor), so the residual of a block range,
+    ``run_blocks(x, ..) - x``, is the range's contribution.
+    """
+
+    #: None, or ``hook(model, tokens, inputs) -> tokens`` run in place of the whole block stack
+    block_stack_hook: Optional[Callable[..., torch.Tensor]] = None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer_blocks)
+
+    def run_blocks(self, x: torch.Tensor, inputs: StackInputs, start: int = 0, stop: Optional[int] = None
+                   ) -> torch.Tensor:
+        """Blocks ``start`` .. ``stop - 1`` (``stop`` None: to the end) on tokens [B, N, D] -> [B, N, D]."""
+        blocks = self.transformer_blocks
+        stop = len(blocks) if stop is None else stop
+        for i in range(start, stop):
+            x = blocks[i](x, *inputs.block_args)
+        return x
+
+    def modulated_input(self, x: torch.Tensor, inputs: StackInputs) -> torch.Tensor:
+        """Block 0's input to its self-attention, LN(x) * (1 + scale) + shift with this call's timestep modulation:
+        [B, N, D] (a fresh tensor)."""
+        return self.transformer_blocks[0].modulated_input(x, *inputs.block_args)
+
+    def run_stack(self, x: torch.Tensor, inputs: StackInputs) -> torch.Tensor:
+        """The whole stack, through :attr:`block_stack_hook` when one is set."""
+        hook = self.block_stack_hook
+        if hook is None:
+            return self.run_blocks(x, inputs)
+        return hook(self, x, inputs)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import Attention
 from .config import build_from_config, init_config
-from .dit_common import PatchEmbed, timestep_batch, unpatchify
+from .dit_common import BlockStack, PatchEmbed, StackInputs, timestep_batch, unpatchify
 from .embeddings import TimestepEmbedding, Timesteps
 from .feedforward import FeedForward
 
@@ -113,6 +113,13 @@ class PixArtBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn=activation_fn)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
 
+    def modulated_input(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
+                        context_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The self-attention's input LN(x) * (1 + scale_msa) + shift_msa: [B, N, D]."""
+        b, d = x.shape[0], x.shape[-1]
+        shift_msa, scale_msa = (self.scale_shift_table[None, :2] + mod.reshape(b, 6, d)[:, :2]).chunk(2, dim=1)
+        return self.norm1(x) * (1 + scale_msa) + shift_msa
+
     def forward(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
                 context_bias: Optional[torch.Tensor]) -> torch.Tensor:
         b, d = x.shape[0], x.shape[-1]
@@ -123,7 +130,7 @@ class PixArtBlock(nn.Module):
         return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 
 
-class PixArtTransformer2DModel(nn.Module):
+class PixArtTransformer2DModel(BlockStack, nn.Module):
     """PixArt-alpha / -sigma transformer, diffusers' ``PixArtTransformer2DModel`` config keys and parameter names.
 
     forward(hidden_states [B, in_channels, H, W] (H, W multiples of patch_size; any aspect ratio),
@@ -138,6 +145,8 @@ class PixArtTransformer2DModel(nn.Module):
     max(sample_size // 64, 1). Dropped caption tokens get a -10000 bias in the cross-attention logits (diffusers'
     convention, so a row with every token dropped attends uniformly instead of producing NaN).
     ``dropout`` and ``norm_num_groups`` are accepted and ignored (inference only; unused by diffusers too).
+    The block stack's extension points (:meth:`prepare`, :meth:`run_blocks`, :meth:`finish`, ...) are
+    :class:`velodiff.models.dit_common.BlockStack`'s.
     """
 
     def __init__(self, num_attention_heads: int = 16, attention_head_dim: int = 72, in_channels: int = 4,
@@ -204,10 +213,11 @@ class PixArtTransformer2DModel(nn.Module):
         raise ValueError(f"encoder_attention_mask must be a [{batch}, {length}] keep-mask or a [{batch}, 1, {length}] "
                          f"bias, got shape {tuple(mask.shape)}")
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+    def prepare(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 timestep: Union[torch.Tensor, float, int],
                 added_cond_kwargs: Optional[Dict[str, Optional[torch.Tensor]]] = None,
-                encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                encoder_attention_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, StackInputs]:
+        """Check the arguments and embed: (tokens [B, N, D], the stack's inputs)."""
         b = hidden_states.shape[0]
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         if self.use_additional_conditions and added_cond_kwargs is None:
@@ -226,8 +236,18 @@ class PixArtTransformer2DModel(nn.Module):
         if self.caption_projection is not None:
             context = self.caption_projection(context)
         bias = self._context_bias(encoder_attention_mask, b, context.shape[1], x.dtype)
-        for block in self.transformer_blocks:
-            x = block(x, mod, context, bias)
-        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # each [B, 1, D]
+        return x, StackInputs((mod, context, bias), height, width, final=emb)
+
+    def finish(self, x: torch.Tensor, inputs: StackInputs) -> torch.Tensor:
+        """The final layer on the stack's output tokens -> [B, out_channels, H, W]."""
+        shift, scale = (self.scale_shift_table[None] + inputs.final[:, None]).chunk(2, dim=1)  # each [B, 1, D]
         x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
-        return unpatchify(x, height, width, self.patch_size, self.out_channels)
+        return unpatchify(x, inputs.height, inputs.width, self.patch_size, self.out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep: Union[torch.Tensor, float, int],
+                added_cond_kwargs: Optional[Dict[str, Optional[torch.Tensor]]] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, inputs = self.prepare(hidden_states, encoder_hidden_states, timestep, added_cond_kwargs,
+                                 encoder_attention_mask)
+        return self.finish(self.run_stack(x, inputs), inputs)
