@@ -288,6 +288,10 @@ class _CLIPTextBase(nn.Module):
         """Build from a transformers ``config.json`` dict (see :func:`clip_text_config`)."""
         return cls(config)
 
+    def _hidden_states(self, requested: Optional[bool]) -> bool:
+        """``output_hidden_states``: the argument, else the config's (as transformers decides)."""
+        return bool(self.config.get("output_hidden_states", False) if requested is None else requested)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.text_model.final_layer_norm.weight.dtype
@@ -303,7 +307,7 @@ class CLIPTextModel(_CLIPTextBase):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: bool = True):
-        last, pooled, states = self.text_model(input_ids, attention_mask, bool(output_hidden_states))
+        last, pooled, states = self.text_model(input_ids, attention_mask, self._hidden_states(output_hidden_states))
         out = BaseModelOutputWithPooling(last, pooled, states)
         return out if return_dict else out.to_tuple()
 
@@ -321,7 +325,7 @@ class CLIPTextModelWithProjection(_CLIPTextBase):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: bool = True):
-        last, pooled, states = self.text_model(input_ids, attention_mask, bool(output_hidden_states))
+        last, pooled, states = self.text_model(input_ids, attention_mask, self._hidden_states(output_hidden_states))
         out = CLIPTextModelOutput(self.text_projection(pooled), last, states)
         return out if return_dict else out.to_tuple()
 
