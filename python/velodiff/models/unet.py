@@ -6,10 +6,19 @@ The six knobs that separate the families: ``block_out_channels``, the block type
 (diffusers' name; it is the number of heads per block), ``cross_attention_dim``, ``use_linear_projection`` and
 ``transformer_layers_per_block``, plus ``addition_embed_type="text_time"`` (SDXL's pooled-text + size
 micro-conditioning) and ``upcast_attention`` (SD 2.1).
+
+Partial forwards (for the UNet caches): ``forward`` is :meth:`UNet2DConditionModel.prepare` (checks, time
+embedding), :meth:`~UNet2DConditionModel.encode` (``conv_in`` and the down blocks: the skip branches),
+:meth:`~UNet2DConditionModel.mid` and :meth:`~UNet2DConditionModel.decode` (the up blocks and ``conv_out``), and a
+cache calls these parts itself: the encoder up to one skip branch, the decoder from the up layer that consumes a
+given branch, or the decoder alone on stored features. Branches are numbered as DeepCache numbers them: branch 0 is
+``conv_in``'s output, then every down-block layer and downsampler in order (SD 1.5: 12 branches, 0..11); up layer
+``k`` (counted from the first up block's first resnet) consumes branch ``num_branches - 1 - k``, its mirror.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +47,23 @@ _UNSUPPORTED_DEFAULTS = {
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
 }
+
+
+@dataclass
+class UNetCall:
+    """What every part of one UNet forward shares, from :meth:`UNet2DConditionModel.prepare`.
+
+    sample: [B, in_channels, H, W] in the UNet's dtype and memory format (centred when the config says so);
+    emb: [B, time_embed_dim] time (and SDXL added) embedding; context: encoder_hidden_states in the UNet's dtype;
+    mask: the additive cross-attention bias or None; in_dtype: the caller's sample dtype (the output's);
+    forward_size: the sample's H, W are not multiples of 2**num_upsamplers (upsamplers then resize to the skips)."""
+
+    sample: torch.Tensor
+    emb: torch.Tensor
+    context: torch.Tensor
+    mask: Optional[torch.Tensor]
+    in_dtype: torch.dtype
+    forward_size: bool
 
 
 def _tuple(value, n: int, name: str) -> tuple:
@@ -246,16 +272,18 @@ class UNet2DConditionModel(nn.Module):
                              f"projection_class_embeddings_input_dim={self.add_embedding.linear_1.in_features}")
         return self.add_embedding(add)
 
-    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
+    @property
+    def num_branches(self) -> int:
+        """The number of skip branches (``conv_in`` plus every down-block layer and downsampler): SD 1.5 12,
+        SDXL 9, ``digits`` 4. Branch ids for the caches run 0 .. num_branches - 1."""
+        return 1 + sum(block.num_skips for block in self.down_blocks)
+
+    def prepare(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
                 encoder_hidden_states: torch.Tensor, added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
-                timestep_cond: Optional[torch.Tensor] = None, encoder_attention_mask: Optional[torch.Tensor] = None,
-                down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
-                mid_block_additional_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sample [B, C, H, W]; timestep number / 0-d / [B]; encoder_hidden_states [B, L, D];
-        added_cond_kwargs (SDXL) {"text_embeds": [B, Dp], "time_ids": [B, 6]}; timestep_cond [B, time_cond_proj_dim]
-        (LCM guidance embedding); encoder_attention_mask [B, L] (1 keep, 0 drop); ControlNet residuals
-        ``down_block_additional_residuals`` (one per skip) and ``mid_block_additional_residual``.
-        Returns [B, out_channels, H, W] in sample's dtype."""
+                timestep_cond: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None) -> UNetCall:
+        """Check the inputs of a forward and compute what its parts share (the time embedding); see
+        :meth:`forward` for the arguments."""
         if sample.dim() != 4 or sample.shape[1] != self.conv_in.in_channels:
             raise ValueError(f"sample must be [B, {self.conv_in.in_channels}, H, W], got {tuple(sample.shape)}")
         if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
@@ -279,28 +307,101 @@ class UNet2DConditionModel(nn.Module):
 
         up_factor = 2 ** self.num_upsamplers
         forward_size = any(s % up_factor for s in x.shape[-2:])
+        return UNetCall(x, emb, ctx, mask, in_dtype, forward_size)
 
-        x = self.conv_in(x)
+    def encode(self, call: UNetCall, down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+               until_branch: Optional[int] = None) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+        """``conv_in`` and the down blocks: (the last down block's output, the skips [branch 0, 1, ...]).
+
+        ``until_branch=b``: stop as soon as branch ``b`` exists; returns (None, skips 0..b), and the layers after it
+        do not run. ControlNet residuals are added to the skips computed (all of them when the encoder runs whole)."""
+        if until_branch is not None and not 0 <= until_branch < self.num_branches:
+            raise ValueError(f"until_branch must be in [0, {self.num_branches - 1}], got {until_branch}")
+        x = self.conv_in(call.sample)
         skips = [x]
+        stopped = until_branch == 0
         for block in self.down_blocks:
-            x, res = block(x, emb, ctx, mask)
-            skips.extend(res)
+            if stopped:
+                break
+            if until_branch is None or len(skips) + block.num_skips <= until_branch + 1:
+                x, res = block(x, call.emb, call.context, call.mask)
+                skips.extend(res)
+                stopped = until_branch is not None and len(skips) == until_branch + 1
+                continue
+            for i in range(len(block.resnets)):  # the branch lies inside this block: run it layer by layer
+                x = block.layer(i, x, call.emb, call.context, call.mask)
+                skips.append(x)
+                if len(skips) == until_branch + 1:
+                    break
+            stopped = True
         if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"down_block_additional_residuals needs {len(skips)} tensors, "
+            if len(down_block_additional_residuals) != self.num_branches:
+                raise ValueError(f"down_block_additional_residuals needs {self.num_branches} tensors, "
                                  f"got {len(down_block_additional_residuals)}")
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        return (None if until_branch is not None else x), skips
 
+    def mid(self, call: UNetCall, x: torch.Tensor,
+            mid_block_additional_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mid block (and a ControlNet mid residual) on the last down block's output."""
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, ctx, mask)
+            x = self.mid_block(x, call.emb, call.context, call.mask)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
+        return x
 
+    def decode(self, call: UNetCall, x: torch.Tensor, skips: Sequence[torch.Tensor],
+               start_branch: Optional[int] = None,
+               record_branch: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The up blocks and ``conv_out``: (the UNet output [B, out_channels, H, W] in ``call.in_dtype``, recorded).
+
+        Whole (``start_branch=None``): ``x`` is the mid block's output and ``skips`` all branches. From the mirror of
+        branch ``b`` (``start_branch=b``): ``x`` is the up-path state entering the up layer that consumes branch
+        ``b`` and ``skips`` holds branches 0..b; the layers before it do not run. ``record_branch=r``: also return
+        the up-path state entering the up layer that consumes branch ``r`` (else None)."""
+        n_branches = self.num_branches
+        start_k = 0 if start_branch is None else n_branches - 1 - start_branch
+        if len(skips) != n_branches - start_k:
+            raise ValueError(f"decode from up layer {start_k} needs {n_branches - start_k} skips, got {len(skips)}")
+        record_k = None if record_branch is None else n_branches - 1 - record_branch
+        skips = list(skips)
+        recorded = None
+        k0 = 0  # the up-layer index of the current block's first layer
         for i, block in enumerate(self.up_blocks):
-            n_res = len(block.resnets)
-            res, skips = skips[-n_res:], skips[:-n_res]
-            size = tuple(skips[-1].shape[2:]) if forward_size and i < len(self.up_blocks) - 1 else None
-            x = block(x, res, emb, ctx, mask, upsample_size=size)
-
+            n = len(block.resnets)
+            if k0 + n <= start_k:
+                k0 += n
+                continue
+            first = max(0, start_k - k0)
+            res, skips = skips[len(skips) - (n - first):], skips[:len(skips) - (n - first)]
+            size = tuple(skips[-1].shape[2:]) if call.forward_size and i < len(self.up_blocks) - 1 else None
+            if first == 0 and not (record_k is not None and k0 < record_k < k0 + n):
+                if record_k == k0:
+                    recorded = x
+                x = block(x, res, call.emb, call.context, call.mask, upsample_size=size)
+            else:  # the block is entered or recorded part-way: run it layer by layer
+                for j in range(first, n):
+                    if k0 + j == record_k:
+                        recorded = x
+                    x = block.layer(j, x, res.pop(), call.emb, call.context, call.mask)
+                if block.upsamplers is not None:
+                    x = block.upsample(x, size)
+            k0 += n
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return x.to(dtype=in_dtype, memory_format=torch.contiguous_format)
+        return x.to(dtype=call.in_dtype, memory_format=torch.contiguous_format), recorded
+
+    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
+                encoder_hidden_states: torch.Tensor, added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+                timestep_cond: Optional[torch.Tensor] = None, encoder_attention_mask: Optional[torch.Tensor] = None,
+                down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+                mid_block_additional_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sample [B, C, H, W]; timestep number / 0-d / [B]; encoder_hidden_states [B, L, D];
+        added_cond_kwargs (SDXL) {"text_embeds": [B, Dp], "time_ids": [B, 6]}; timestep_cond [B, time_cond_proj_dim]
+        (LCM guidance embedding); encoder_attention_mask [B, L] (1 keep, 0 drop); ControlNet residuals
+        ``down_block_additional_residuals`` (one per skip) and ``mid_block_additional_residual``.
+        Returns [B, out_channels, H, W] in sample's dtype."""
+        call = self.prepare(sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond,
+                            encoder_attention_mask)
+        x, skips = self.encode(call, down_block_additional_residuals)
+        x = self.mid(call, x, mid_block_additional_residual)
+        return self.decode(call, x, skips)[0]

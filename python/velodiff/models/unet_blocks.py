@@ -3,6 +3,11 @@
 Every block takes feature maps [B, C, H, W] and the time embedding ``temb`` [B, temb_channels]; cross-attention
 blocks also take ``encoder_hidden_states`` [B, Lk, cross_attention_dim]. Down blocks return the new map and the
 tuple of skip connections they produced; up blocks consume skips from the end of such a tuple.
+
+Partial forwards (the UNet caches of :mod:`velodiff.accel.cache`) run blocks one layer at a time: down and up blocks
+have ``layer(i, ...)`` (resnet ``i`` and its attention; up blocks concatenate their skip first) and
+``downsample`` / ``upsample``, and their ``forward`` is exactly those calls in order, so a layer-by-layer run computes
+what ``forward`` does, bit for bit. ``num_skips``: the skip connections a down block produces.
 """
 from __future__ import annotations
 
@@ -56,14 +61,26 @@ class DownBlock2D(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, out_channels, padding=downsample_padding)])
                              if add_downsample else None)
 
+    @property
+    def num_skips(self) -> int:
+        return len(self.resnets) + (self.downsamplers is not None)
+
+    def layer(self, i: int, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states=None,
+              encoder_attention_mask=None) -> torch.Tensor:
+        """Layer ``i`` alone: ``resnets.i``; its output is the block's skip ``i``."""
+        return self.resnets[i](hidden_states, temb)
+
+    def downsample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.downsamplers[0](hidden_states)
+
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states=None,
                 encoder_attention_mask=None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         skips = []
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states, temb)
+        for i in range(len(self.resnets)):
+            hidden_states = self.layer(i, hidden_states, temb)
             skips.append(hidden_states)
         if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
+            hidden_states = self.downsample(hidden_states)
             skips.append(hidden_states)
         return hidden_states, tuple(skips)
 
@@ -92,15 +109,28 @@ class CrossAttnDownBlock2D(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, out_channels, padding=downsample_padding)])
                              if add_downsample else None)
 
+    @property
+    def num_skips(self) -> int:
+        return len(self.resnets) + (self.downsamplers is not None)
+
+    def layer(self, i: int, hidden_states: torch.Tensor, temb: torch.Tensor,
+              encoder_hidden_states: Optional[torch.Tensor] = None,
+              encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Layer ``i`` alone: ``resnets.i`` then ``attentions.i``; its output is the block's skip ``i``."""
+        return self.attentions[i](self.resnets[i](hidden_states, temb), encoder_hidden_states, encoder_attention_mask)
+
+    def downsample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.downsamplers[0](hidden_states)
+
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         skips = []
-        for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = attn(resnet(hidden_states, temb), encoder_hidden_states, encoder_attention_mask)
+        for i in range(len(self.resnets)):
+            hidden_states = self.layer(i, hidden_states, temb, encoder_hidden_states, encoder_attention_mask)
             skips.append(hidden_states)
         if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
+            hidden_states = self.downsample(hidden_states)
             skips.append(hidden_states)
         return hidden_states, tuple(skips)
 
@@ -153,14 +183,22 @@ class UpBlock2D(nn.Module):
             for i in range(num_layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
 
+    def layer(self, i: int, hidden_states: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor,
+              encoder_hidden_states=None, encoder_attention_mask=None) -> torch.Tensor:
+        """Layer ``i`` alone: concatenate ``skip`` to ``hidden_states`` (channels), then ``resnets.i``."""
+        return self.resnets[i](torch.cat([hidden_states, skip], dim=1), temb)
+
+    def upsample(self, hidden_states: torch.Tensor, upsample_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.upsamplers[0](hidden_states, upsample_size)
+
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: Tuple[torch.Tensor, ...],
                 temb: torch.Tensor, encoder_hidden_states=None, encoder_attention_mask=None,
                 upsample_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         skips = list(res_hidden_states_tuple)
-        for resnet in self.resnets:
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
+        for i in range(len(self.resnets)):
+            hidden_states = self.layer(i, hidden_states, skips.pop(), temb)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+            hidden_states = self.upsample(hidden_states, upsample_size)
         return hidden_states
 
 
@@ -189,14 +227,24 @@ class CrossAttnUpBlock2D(nn.Module):
             for i in range(num_layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
 
+    def layer(self, i: int, hidden_states: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor,
+              encoder_hidden_states: Optional[torch.Tensor] = None,
+              encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Layer ``i`` alone: concatenate ``skip`` to ``hidden_states`` (channels), ``resnets.i``, ``attentions.i``."""
+        hidden_states = self.resnets[i](torch.cat([hidden_states, skip], dim=1), temb)
+        return self.attentions[i](hidden_states, encoder_hidden_states, encoder_attention_mask)
+
+    def upsample(self, hidden_states: torch.Tensor, upsample_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.upsamplers[0](hidden_states, upsample_size)
+
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: Tuple[torch.Tensor, ...],
                 temb: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None,
                 upsample_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         skips = list(res_hidden_states_tuple)
-        for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = resnet(torch.cat([hidden_states, skips.pop()], dim=1), temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states, encoder_attention_mask)
+        for i in range(len(self.resnets)):
+            hidden_states = self.layer(i, hidden_states, skips.pop(), temb, encoder_hidden_states,
+                                       encoder_attention_mask)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+            hidden_states = self.upsample(hidden_states, upsample_size)
         return hidden_states
