@@ -21,6 +21,11 @@ TORCH_LIBRARY(velodiff, m) {
   m.def(
       "qgemm(Tensor qx, Tensor ascales, Tensor qw, Tensor wscales, Tensor? bias, Tensor? lora_act, "
       "Tensor? lora_up, Tensor? lora_scales, int bits, int activation) -> Tensor");
+  // Cache gate: relative-L1 distance of a probe to the stored one, rescale, accumulation, decision; stored and
+  // state are updated in place, the decision is returned as int32 [1]; format in csrc/include/velodiff/cache_gate.h.
+  m.def(
+      "cache_gate(Tensor probe, Tensor(a!) stored, Tensor(b!) state, float threshold, float[] coefficients, "
+      "int flags) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -1,6 +1,7 @@
 // Entry points of the torch-free kernels. The torch glue in csrc/ops/ calls these.
 #pragma once
 
+#include "velodiff/cache_gate.h"
 #include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
 
@@ -15,6 +16,11 @@ bool sampler_update_cpu(const SamplerUpdateArgs& args, char* error);
 bool quantize_act_cpu(const QuantizeActArgs& args, char* error);
 bool qgemm_cpu(const QGemmArgs& args, char* error);
 
+// Cache gate (csrc/kernels/cpu/cache_gate.cpp; format in velodiff/cache_gate.h), OpenMP over fixed chunks of
+// each sample. Reads and writes args.state and writes *args.decision. Returns false and writes a message to
+// `error` (at least 256 bytes) on invalid arguments.
+bool cache_gate_cpu(const CacheGateArgs& args, char* error);
+
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
 // 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).
@@ -28,6 +34,12 @@ int qgemm_cuda(const QGemmArgs& args, void* stream);
 // Whether the loaded build has sm_90a device code for the current device (the wgmma paths need it). Returns the
 // cudaError_t as int; `built` is set on success.
 int qgemm_cuda_wgmma_built(bool& built);
+
+// Cache gate (csrc/kernels/cuda/cache_gate.cu): a partial-sum kernel (which also copies the probe into the spare
+// buffer) and a one-block finalize kernel; state, the valid index included, is read on the device. `workspace`
+// must hold cache_gate_cuda_workspace_doubles(batch, per_sample) doubles (velodiff/cache_gate.h); it needs no
+// initialisation. Returns the cudaError_t of the launches as int (0 = success).
+int cache_gate_cuda(const CacheGateArgs& args, double* workspace, void* stream);
 #endif
 
 }  // namespace velodiff

@@ -60,3 +60,7 @@ if _C is not None:
     @torch.library.register_fake("velodiff::qgemm")
     def _qgemm_fake(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation):
         return wscales.new_empty((qx.shape[0], qw.shape[0]))
+
+    @torch.library.register_fake("velodiff::cache_gate")
+    def _cache_gate_fake(probe, stored, state, threshold, coefficients, flags):
+        return probe.new_empty((1,), dtype=torch.int32)

@@ -56,8 +56,8 @@ def check_cache_gate_args(probe, stored, state, threshold, coefficients, flags) 
         raise ValueError(f"stored must be a contiguous [2, {', '.join(map(str, probe.shape))}] {probe.dtype} tensor on "
                          f"{probe.device} (CacheGate allocates it)")
     if not isinstance(state, torch.Tensor) or state.dtype != torch.float32 or tuple(state.shape) != (4,) or \
-            state.device != probe.device:
-        raise ValueError(f"state must be a float32 [4] tensor on {probe.device} (CacheGate allocates it)")
+            state.device != probe.device or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 [4] tensor on {probe.device} (CacheGate allocates it)")
     check_threshold("threshold", threshold)
     check_coefficients(coefficients)
     if isinstance(flags, bool) or not isinstance(flags, int) or flags & ~_ALL_FLAGS:
@@ -80,9 +80,8 @@ def cache_gate(probe: torch.Tensor, stored: torch.Tensor, state: torch.Tensor, t
         int32 [1] on probe's device: 1 compute, 0 reuse. See csrc/include/velodiff/cache_gate.h.
     """
     check_cache_gate_args(probe, stored, state, threshold, coefficients, flags)
-    # TEMPORARY (removed when the native kernels land): the reference until velodiff::cache_gate is registered
-    op = reference.cache_gate if not hasattr(torch.ops.velodiff, "cache_gate") else native_op("cache_gate")
-    return op(probe, stored, state, float(threshold), list(check_coefficients(coefficients)), int(flags))
+    return native_op("cache_gate")(probe, stored, state, float(threshold), list(check_coefficients(coefficients)),
+                                   int(flags))
 
 
 class CacheGate:

@@ -200,7 +200,8 @@ def cache_gate(probe: torch.Tensor, stored: torch.Tensor, state: torch.Tensor, t
     probe [B, ...] fp32/fp16/bf16; stored [2, B, ...] of probe's dtype and state [4] fp32 are updated in place;
     coefficients: a polynomial, highest degree first. Returns the decision as int32 [1] (1 compute, 0 reuse)."""
     b = probe.shape[0]
-    v = int(state[GATE_VALID].item())
+    v = float(state[GATE_VALID].item())
+    v = int(v) if v in (0.0, 1.0) else -1  # exactly 0 or 1 is a buffer index; anything else (NaN too) is none
     if v in (0, 1):
         p = probe.reshape(b, -1).double()
         ref = stored[v].reshape(b, -1).double()
