@@ -16,7 +16,8 @@ from velodiff.ops import reference as ref
 from velodiff.ops.cache_gate import ACCUMULATE, FORCE_COMPUTE, STORE_ALWAYS, CacheGate, cache_gate
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16")]
 FLAG_SETS = [a | s | f for a, s, f in itertools.product((0, ACCUMULATE), (0, STORE_ALWAYS), (0, FORCE_COMPUTE))]
 # Polynomials, highest degree first: none, degrees 0..4 (the last is TeaCache's published FLUX fit).
 COEFFICIENTS = [(), (0.3,), (2.0, 0.05), (-1.5, 3.0, 0.01), (0.5, -0.2, 1.1, 0.02),
@@ -264,7 +265,9 @@ def test_valid_index_encoding(device, valid):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-40), (torch.bfloat16, 1e-39), (torch.float16, 1e-6),
-                                         (torch.float32, 1e37), (torch.bfloat16, 1e37), (torch.float16, 1e4)])
+                                         (torch.float32, 1e37), (torch.bfloat16, 1e37), (torch.float16, 1e4)],
+                         ids=["fp32-subnormal", "bf16-subnormal", "fp16-subnormal", "fp32-huge", "bf16-huge",
+                              "fp16-huge"])
 def test_extreme_magnitudes(device, dtype, scale):
     """Subnormal probes are summed, not flushed to zero; values near the dtype's maximum do not overflow."""
     g = torch.Generator().manual_seed(4)
@@ -302,6 +305,26 @@ def test_thread_count_does_not_change_the_result():
         torch.set_num_threads(threads)
     for s, st in results[1:]:
         assert torch.equal(s, results[0][0]) and torch.equal(st, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_path_gives_the_same_bits(dtype, monkeypatch):
+    """The CPU kernel's AVX2 path and its portable path (VELODIFF_CACHE_GATE_SCALAR=1) sum the same lanes in the
+    same order: identical state and buffers, also for sizes that are no multiple of 8 or of a chunk."""
+    g = torch.Generator().manual_seed(10)
+    for shape in [(3, 5), (2, 16387), (1, 40003)]:
+        probe = rand(shape, dtype, "cpu", g)
+        stored0 = rand((2,) + shape, dtype, "cpu", g)
+        results = []
+        for scalar in ("0", "1"):
+            monkeypatch.setenv("VELODIFF_CACHE_GATE_SCALAR", scalar)
+            stored, state = stored0.clone(), torch.tensor([0.0, 0.0, 0.0, 0.0])
+            cache_gate(probe, stored, state, 0.5, (1.0, 0.1), ACCUMULATE)
+            results.append((_bits(state), _bits(stored)))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    monkeypatch.setenv("VELODIFF_CACHE_GATE_SCALAR", "1")
+    stored, state = new_buffers((2, 1001), dtype, "cpu", g, valid=1.0)
+    run_both(rand((2, 1001), dtype, "cpu", g), stored, state, 0.3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
