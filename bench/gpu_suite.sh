@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one call, sized for a short lease: build for the local GPU only, count the tensor-core
 # instructions per kernel in the SASS (bench/sass_summary.sh), run the `cuda` tests, the
-# CUDA GEMM benchmark, the `cuda` tests again under compute-sanitizer (memcheck), then the sampler benchmarks.
+# CUDA GEMM benchmark, the `cuda` tests again under compute-sanitizer (memcheck), then the sampler benchmarks and
+# the cache-gate benchmark (the cache_gate `cuda` tests run with tests/ops).
 # Steps run in that order (most valuable first), each under its own time cap, and the whole suite stops
 # starting steps once BUDGET seconds (default 500) have passed, so that it returns inside a 10-minute command
 # limit with whatever it finished. Everything it finds goes to OUTDIR; with ARCHIVE given, OUTDIR is packed
@@ -61,9 +62,10 @@ step cuda_tests 150 $py -m pytest -q -p no:cacheprovider -m cuda tests/ops tests
 step bench_qgemm_cuda 150 $py bench/bench_qgemm_cuda.py --out "$out"
 step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops \
-  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16)"
+  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16) or (every_element_counts and bf16) or large_grids or cuda_graph_capture"
 step bench_sampler_update 60 $py bench/bench_sampler_update.py --device cuda --out "$out"
 step bench_sampling_loop 60 $py bench/bench_sampling_loop.py --device cuda --out "$out"
+step bench_cache_gate 40 $py bench/bench_cache_gate.py --device cuda --rounds 5 --out "$out"
 echo "gpu_suite: $([ $status -eq 0 ] && echo all steps passed || echo some steps FAILED or were skipped) in $SECONDS s" \
   | tee -a "$summary"
 pack
