@@ -264,6 +264,8 @@ class BasePipeline:
         #: the techniques applied with velodiff.optimize, oldest first (parallel to _restore_hooks)
         self._applied: List[Any] = []
         self._context = ContextHolder(f"velodiff-denoise-context-{id(self)}")
+        #: techniques that move the sampler state (see :meth:`run_denoising`); each adds itself and its undo removes it
+        self.state_hooks: List[Callable[[DenoiseContext, torch.Tensor], Optional[torch.Tensor]]] = []
         for name, value in components.items():
             if not name.startswith("_") and name != "scheduler":
                 setattr(self, name, value)
@@ -299,17 +301,54 @@ class BasePipeline:
     def run_denoising(self, plan: Tuple[str, SamplerPlan], model_fn, x: torch.Tensor, guidance_scale: Optional[float],
                       generator: Generator, guidance_rescale: float = 0.0, callback=None) -> torch.Tensor:
         """Run ``plan`` over ``model_fn`` from the sampler state ``x`` (fp32) inside a fresh
-        :class:`DenoiseContext`, which follows the plan's calls and is closed when the loop ends."""
+        :class:`DenoiseContext`, which follows the plan's calls and is closed when the loop ends.
+
+        State hooks (:attr:`state_hooks`, e.g. Faster Diffusion's prior noise injection): before every model
+        evaluation each hook is called as ``hook(context, x_in)`` with the model input ``x_in`` (fp32, the state times
+        the call's ``input_scale``) and returns None or an fp32 offset of x_in's shape, in the model-input space. The
+        model then sees ``x_in + offset`` and the sampler state moves by ``offset / input_scale`` before the call's
+        update, in place, so whatever the sampler keeps of this call's state (its anchor) sees the move too."""
         name, plan = plan
         gen = generator[0] if isinstance(generator, list) else generator
         context = DenoiseContext(sampler=name, call_steps=tuple(plan.call_steps),
+                                 call_timesteps=tuple(float(t) for t in plan.timesteps),
                                  begin=int(plan.info.get("begin", 0) or 0), guided=guidance_scale is not None,
                                  cfg=getattr(model_fn, "cfg", "batched" if guidance_scale is not None else "none"),
                                  cond_first=getattr(model_fn, "cond_first", True), batch_size=int(x.shape[0]))
+        update_fn = None
+        if self.state_hooks:
+            model_fn, update_fn = self._with_state_hooks(context, plan, model_fn)
         with self._context.open(context):
             return run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                            generator=gen, progress=self.progress, callback=callback,
+                            generator=gen, progress=self.progress, callback=callback, update_fn=update_fn,
                             before_call=lambda i, call: context.advance(i, call.timestep))
+
+    def _with_state_hooks(self, context: DenoiseContext, plan: SamplerPlan, model_fn):
+        """(model_fn, update_fn) applying :attr:`state_hooks` (see :meth:`run_denoising`)."""
+        from velodiff import ops
+        hooks = list(self.state_hooks)
+        pending: Dict[int, torch.Tensor] = {}
+
+        def fn(x_in: torch.Tensor, t: float):
+            offset = None
+            for hook in hooks:
+                d = hook(context, x_in)
+                if d is not None:
+                    offset = d if offset is None else offset + d
+            if offset is None:
+                return model_fn(x_in, t)
+            pending[context.call_index] = offset
+            return model_fn(x_in + offset, t)
+
+        def update(x: torch.Tensor, *args, **kwargs):
+            offset = pending.pop(context.call_index, None)
+            if offset is not None:
+                x.add_(offset.to(x.dtype), alpha=1.0 / plan.calls[context.call_index].input_scale)
+            return ops.sampler_update(x, *args, **kwargs)
+
+        fn.cfg = getattr(model_fn, "cfg", None)
+        fn.cond_first = getattr(model_fn, "cond_first", True)
+        return fn, update
 
     def finish(self, final: torch.Tensor, name: str, nfe: int, output_type: str) -> PipelineOutput:
         """Decode the final latents with the pipeline's VAE (unless ``output_type='latent'``) into the output."""

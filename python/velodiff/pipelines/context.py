@@ -28,10 +28,13 @@ class DenoiseContext:
     the first step in the full ``num_inference_steps`` discretisation (image-to-image starts part-way; 0 else).
     guided: classifier-free guidance is on. cfg: how the guided evaluation runs: ``"batched"`` (one denoiser call
     on [x; x], the conditional half first when ``cond_first``) or ``"none"``. batch_size: images per half.
+    call_timesteps: [num_calls] the model timestep of each evaluation (the plan's; empty when not given), for
+    techniques that prepare later evaluations ahead (Faster Diffusion's batched decoder).
     call_index / timestep: the current evaluation (-1 / None before the first)."""
 
     sampler: str
     call_steps: Tuple[int, ...]
+    call_timesteps: Tuple[float, ...] = ()
     begin: int = 0
     guided: bool = False
     cfg: str = "none"
