@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from velodiff.commands import bench, convert, evaluate, generate, info, quantize
+from velodiff.commands import bench, calibrate_cache, convert, evaluate, generate, info, quantize
 from velodiff.commands.args import Parser
 from velodiff.commands.errors import EXIT_INTERRUPTED, run_command
 from velodiff.commands.generate import make_grid
 
-SUBCOMMANDS = (info, generate, convert, evaluate, quantize, bench)
+SUBCOMMANDS = (info, generate, convert, evaluate, quantize, bench, calibrate_cache)
 
 
 def build_parser() -> Parser:
