@@ -334,6 +334,7 @@ def test_fit_and_names(pipe):
     assert parse_technique("faster_diffusion:key_steps=0/4/8,decoder_batch=1") == \
         FasterDiffusion(key_steps=(0, 4, 8), decoder_batch=1)
     assert parse_technique("tgate:gate_step=5") == TGate(gate_step=5)
+    assert FasterDiffusion(key_steps=[0, 4]) == FasterDiffusion(key_steps=(0, 4))
     with pytest.raises(ValueError, match="interval"):
         parse_technique("deepcache:interval=0")
     dit = vd.Pipeline.from_pretrained("digits-dit")

@@ -65,6 +65,8 @@ class FasterDiffusion(CacheTechnique):
     noise_tau: float = 500.0
 
     def validate(self) -> None:
+        if isinstance(self.key_steps, (list, range)):  # accept any sequence; keep a tuple (the config is hashable)
+            object.__setattr__(self, "key_steps", tuple(self.key_steps))
         if not isinstance(self.key_steps, tuple) or not self.key_steps:
             raise ValueError(f"faster_diffusion: key_steps must be a non-empty tuple of step indices, "
                              f"got {self.key_steps!r}")
@@ -96,7 +98,7 @@ class FasterDiffusion(CacheTechnique):
             (up to decoder_batch) in one pass on the kept features; keeps the others' outputs, returns ``first``'s."""
             steps, keys = context.call_steps, state["keys"]
             group = [first]
-            limit = self.decoder_batch or len(steps)
+            limit = (self.decoder_batch or len(steps)) if context.call_timesteps else 1
             j = first + 1
             while len(group) < limit and j < len(steps) and steps[j] not in keys:
                 group.append(j)
