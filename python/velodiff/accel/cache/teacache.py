@@ -39,9 +39,11 @@ class TeaCache(DiTCache):
     bit-identical to no cache). ``coefficients``: the rescale polynomial, highest degree first (``(1, 0)`` is no
     rescale); empty means the model's fitted ones: those of ``calibration`` (a JSON file from
     ``velodiff calibrate-cache``, refused for another model) or, without it, those a built-in model ships
-    (``digits-dit``); other models have none and need one of the two."""
+    (``digits-dit``); other models have none and need one of the two. The default threshold 0.1 is the measured
+    one for ``digits-dit`` (FLUX's published settings are 0.25-0.8 with its own polynomial: thresholds mean
+    different things under different polynomials)."""
 
-    threshold: float = 0.3
+    threshold: float = 0.1
     coefficients: Tuple[float, ...] = ()
     calibration: Optional[str] = None
 
