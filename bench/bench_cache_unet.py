@@ -78,6 +78,31 @@ def wait_for_quiet(max_load: float, wait: float) -> str:
     return load_average()
 
 
+def interleaved(candidates: Dict[str, Callable[[], object]], baseline: Optional[str], rounds: int, max_load: float,
+                wait: float, min_time: float = 1.0):
+    """compare() one round at a time, waiting before every round until the 1-minute load is below ``max_load`` (a
+    round runs every candidate once, in an order that changes from round to round); the rounds are merged into one
+    Comparison, with the load before every round in ``meta["round_loads"]``. The first round warms every candidate
+    up twice and fixes its inner count."""
+    from velodiff.timing import Comparison
+    merged, loads, inner = None, [], None
+    for r in range(rounds):
+        loads.append(wait_for_quiet(max_load, wait))
+        cmp = compare(candidates, baseline=baseline, rounds=1, warmup=2 if r == 0 else 1, min_time=min_time,
+                      inner=inner, seed=r, log=log)
+        inner = dict(cmp.inner)
+        if merged is None:
+            merged = Comparison(samples={k: list(v) for k, v in cmp.samples.items()}, inner=inner,
+                                order=list(cmp.order), baseline=baseline, load_before=cmp.load_before)
+        else:
+            for k, v in cmp.samples.items():
+                merged.samples[k].extend(v)
+            merged.order.extend(cmp.order)
+        merged.load_after = cmp.load_after
+    merged.meta["round_loads"] = loads
+    return merged
+
+
 def our_pipe(spec: str):
     pipe = vd.Pipeline.from_pretrained("digits")
     pipe.set_progress_bar_config(disable=True)
@@ -211,16 +236,18 @@ def section_speed(results: dict, steps_list: List[int], configs: List[str], roun
                   wait: float) -> None:
     for steps in steps_list:
         pipes = {spec: our_pipe(spec) for spec in configs}
-        load = wait_for_quiet(max_load, wait)
         with torch.inference_mode():
-            cmp = compare({spec: (lambda p=p: one_call(p, steps)) for spec, p in pipes.items()}, baseline="uncached",
-                          rounds=rounds, warmup=2, min_time=1.0, log=log)
-        results["speed"][str(steps)] = {"load_before": load, "load_after": cmp.load_after, **cmp.to_json()}
+            cmp = interleaved({spec: (lambda p=p: one_call(p, steps)) for spec, p in pipes.items()}, "uncached",
+                              rounds, max_load, wait)
+        load = cmp.meta["round_loads"][0]
+        results["speed"][str(steps)] = {"load_before": load, "load_after": cmp.load_after,
+                                        "threads": torch.get_num_threads(), **cmp.to_json()}
         for spec in configs:
             row = results["quality"].setdefault(f"{spec}@{steps}", {"config": spec, "steps": steps})
             ratio = cmp.ratio(spec)
             row.update(speedup={k: ratio[k] for k in ("median", "min", "max")},
-                       seconds_per_call=cmp.stats(spec)["median"], speed_load=f"{load} -> {cmp.load_after}")
+                       seconds_per_call=cmp.stats(spec)["median"],
+                       speed_load=f"{max(float(x.split()[0]) for x in cmp.meta['round_loads']):.2f} max")
         write(results)
 
 
@@ -312,10 +339,10 @@ def section_peers(results: dict, steps_list: List[int], rounds: int, max_load: f
                 np.abs(images["diffusers"] - images["velodiff uncached"]).max())
         # speed: ten digits per call, every candidate interleaved
         idx = np.arange(0, len(labels), per_class)  # one image of each digit
-        load = wait_for_quiet(max_load, wait)
         with torch.inference_mode():
-            cmp = compare({name: (lambda r=r: r([prompts[i] for i in idx], gens(idx))) for name, r in runners.items()},
-                          rounds=rounds, warmup=2, min_time=1.0, log=log)
+            cmp = interleaved({name: (lambda r=r: r([prompts[i] for i in idx], gens(idx)))
+                               for name, r in runners.items()}, None, rounds, max_load, wait)
+        load = cmp.meta["round_loads"][0]
         for spec, row in rows.items():
             for side, base in (("peer", "diffusers"), ("velodiff", "velodiff uncached")):
                 name = f"{side} {spec}"
@@ -419,10 +446,10 @@ def section_sd15(sd15_results: dict, rounds: int, max_load: float, wait: float, 
     with torch.inference_mode():
         for spec, pipe in pipes.items():
             outs[spec] = loop(pipe)
-    load = wait_for_quiet(max_load, wait)
     with torch.inference_mode():
-        cmp = compare({spec: (lambda p=p: loop(p)) for spec, p in pipes.items()}, baseline="uncached", rounds=rounds,
-                      warmup=1, min_time=0.0, log=log)
+        cmp = interleaved({spec: (lambda p=p: loop(p)) for spec, p in pipes.items()}, "uncached", rounds, max_load,
+                          wait, min_time=0.0)
+    load = cmp.meta["round_loads"][0]
     for spec in SD15_CONFIGS:
         ref = outs["uncached"]
         rel = float((outs[spec] - ref).norm() / ref.norm())

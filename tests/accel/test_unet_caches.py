@@ -220,6 +220,38 @@ def test_faster_diffusion_noise_injection(pipe, monkeypatch):
     assert torch.allclose(moved, 0.003 * plain[0][1], atol=1e-6)
 
 
+def test_state_hooks_move_the_state(pipe):
+    """A state hook's offset reaches the model and the sampler state (DDIM with a zero model: the state only scales,
+    so the offset added before call 2 comes out scaled like the state); callbacks keep unmoved copies."""
+    plan = pipe.make_plan("ddim", 5)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    d = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def model_fn(x_in, t):
+        seen.append(x_in.clone())
+        return torch.zeros_like(x_in)
+
+    def run(hook):
+        states = []
+        if hook is not None:
+            pipe.state_hooks.append(hook)
+        try:
+            out = pipe.run_denoising(plan, model_fn, x.clone(), None, None,
+                                     callback=lambda i, call, state: states.append(state))
+        finally:
+            pipe.state_hooks.clear()
+        return out, states
+    plain, plain_states = run(None)
+    inputs = list(seen)
+    seen.clear()
+    moved, states = run(lambda ctx, x_in: d if ctx.call_index == 2 else None)
+    assert torch.equal(states[1], plain_states[1])  # the state after call 1, as handed to the callback, is unmoved
+    assert torch.allclose(seen[2], inputs[2] + d)
+    # moved - plain cancels states of size ~30 in fp32: an absolute error of a few 1e-6
+    assert torch.allclose(moved - plain, plain / inputs[2] * d, rtol=1e-5, atol=2e-5)
+
+
 def test_tgate_drops_guidance_after_the_gate(pipe, monkeypatch):
     seen = _spy_mid(pipe, monkeypatch)
     out = cached(pipe, TGate(gate_step=2), steps=5)

@@ -307,7 +307,8 @@ class BasePipeline:
         evaluation each hook is called as ``hook(context, x_in)`` with the model input ``x_in`` (fp32, the state times
         the call's ``input_scale``) and returns None or an fp32 offset of x_in's shape, in the model-input space. The
         model then sees ``x_in + offset`` and the sampler state moves by ``offset / input_scale`` before the call's
-        update, in place, so whatever the sampler keeps of this call's state (its anchor) sees the move too."""
+        update, in place, so whatever the sampler keeps of this call's state (its anchor) sees the move too; the
+        ``callback`` then gets a copy of the state, which later moves do not change."""
         name, plan = plan
         gen = generator[0] if isinstance(generator, list) else generator
         context = DenoiseContext(sampler=name, call_steps=tuple(plan.call_steps),
@@ -318,6 +319,11 @@ class BasePipeline:
         update_fn = None
         if self.state_hooks:
             model_fn, update_fn = self._with_state_hooks(context, plan, model_fn)
+            if callback is not None:
+                user_callback = callback
+
+                def callback(i, call, state):
+                    return user_callback(i, call, state.clone())
         with self._context.open(context):
             return run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                             generator=gen, progress=self.progress, callback=callback, update_fn=update_fn,

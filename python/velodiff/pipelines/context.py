@@ -34,12 +34,12 @@ class DenoiseContext:
 
     sampler: str
     call_steps: Tuple[int, ...]
-    call_timesteps: Tuple[float, ...] = ()
     begin: int = 0
     guided: bool = False
     cfg: str = "none"
     cond_first: bool = True
     batch_size: int = 1
+    call_timesteps: Tuple[float, ...] = ()
     call_index: int = -1
     timestep: Optional[float] = None
     _state: Dict[int, Tuple[Any, Dict[str, Any]]] = field(default_factory=dict, repr=False)
