@@ -167,7 +167,8 @@ def test_decisions_follow_the_plan_steps(pipe):
     _, log = cached(pipe, TaylorSeer(interval=3, warmup_steps=2), lambda: generate(pipe, "heun", steps=8))
     computed_steps = sorted({e.step for e in log if e.computed})
     assert computed_steps == [0, 1, 4, 7] and all(e.computed == (e.step in computed_steps) for e in log)
-    _, log = cached(pipe, DBCache(10.0, warmup_steps=3, max_continuous_cached_steps=None), lambda: generate(pipe, "heun", steps=6))
+    _, log = cached(pipe, DBCache(10.0, warmup_steps=3, max_continuous_cached_steps=None),
+                    lambda: generate(pipe, "heun", steps=6))
     assert all(e.computed == (e.step < 3) for e in log)
 
 
@@ -177,7 +178,7 @@ def test_dbcache_front1_back0_is_fbcache_bit_for_bit(pipe):
         for sampler in ("dpmpp_2m", "heun", "euler_a"):
             fb, fb_log = cached(pipe, FBCache(threshold), lambda: generate(pipe, sampler, steps=12))
             db, db_log = cached(pipe, DBCache(threshold, fn_compute_blocks=1, bn_compute_blocks=0,
-                                              max_continuous_cached_steps=None),
+                                              max_continuous_cached_steps=None, taylorseer_order=0),
                                 lambda: generate(pipe, sampler, steps=12))
             assert torch.equal(fb, db) and fb_log == db_log, (threshold, sampler)
             skipped += sum(not e.computed for e in fb_log)
@@ -194,6 +195,19 @@ def test_dbcache_blocks_and_caps(pipe):
     assert [e.computed for e in log] == [True, False, False] * 3 + [True]
     _, log = cached(pipe, DBCache(10.0, max_continuous_cached_steps=0), lambda: generate(pipe, steps=5))
     assert all(e.computed for e in log)
+
+
+def test_dbcache_taylorseer_forecast(pipe):
+    """With taylorseer_order the reused middle residual is forecast from the computed steps: same decisions, and
+    closer to the uncached result than plain reuse (the measured gain of the default on digits-dit)."""
+    base = generate(pipe, steps=20, labels=range(10))
+    errors = {}
+    for order in (0, 1):
+        got, log = cached(pipe, DBCache(0.12, taylorseer_order=order),
+                          lambda: generate(pipe, steps=20, labels=range(10)))
+        errors[order] = (float((got - base).norm() / base.norm()), [e.computed for e in log])
+    assert errors[0][1] == errors[1][1] and not all(errors[0][1])
+    assert errors[1][0] < 0.7 * errors[0][0], errors
 
 
 def test_fbcache_probe_survives_a_block_that_writes_its_input(pipe, monkeypatch):

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                     "model's class and config hash; TeaCache refuses it for another model. Use it with "
                     "--optimize teacache:calibration=FILE.")
     p.add_argument("--model", required=True, metavar="NAME|PATH",
-                   help=f"a built-in DiT model (digits-dit) or a DiT / PixArt diffusers pipeline folder")
+                   help="a built-in DiT model (digits-dit) or a DiT / PixArt diffusers pipeline folder")
     p.add_argument("--method", choices=["teacache"], required=True, help="the cache to calibrate")
     p.add_argument("--out", metavar="FILE.json", required=True, help="the calibration file to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

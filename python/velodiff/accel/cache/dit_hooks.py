@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional
 import torch
 
 from velodiff.accel.cache.base import TRANSFORMER, CacheTechnique
-from velodiff.ops.cache_gate import CacheGate, check_threshold
+from velodiff.ops.cache_gate import CacheGate
 
 
 def check_int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -140,13 +140,47 @@ class DiTCache(CacheTechnique):
         raise NotImplementedError
 
 
+class TaylorSeries:
+    """A tensor forecast by a Taylor series over the sampler's steps (TaylorSeer; cache-dit's TaylorSeer
+    calibrator). ``update(step, value)`` on a computed step makes ``value`` the 0th factor and the finite
+    differences against the previous computed step's factors, divided by the step distance, the higher ones
+    (``F_{i+1} = (F_i - F_i') / (step - step')``, up to ``order``, as many as computed steps allow);
+    ``forecast(step)`` is ``sum_i F_i (step - last)^i / i!``. Factors are kept in float32."""
+
+    def __init__(self, order: int):
+        self.order = order
+        self.step: Optional[int] = None
+        self.factors: List[torch.Tensor] = []
+
+    def usable_for(self, like: torch.Tensor) -> bool:
+        return bool(self.factors) and self.factors[0].shape == like.shape
+
+    def update(self, step: int, value: torch.Tensor) -> None:
+        new = [value.float()]
+        old = self.factors
+        if old and self.step is not None and step > self.step and old[0].shape == new[0].shape:
+            gap = float(step - self.step)
+            for i in range(min(self.order, len(old))):
+                new.append((new[i] - old[i]) / gap)
+        self.step, self.factors = step, new
+
+    def forecast(self, step: int, dtype: torch.dtype) -> torch.Tensor:
+        k = float(step - self.step)
+        out = self.factors[0].clone()
+        for i in range(1, len(self.factors)):
+            out.add_(self.factors[i], alpha=k ** i / math.factorial(i))
+        return out.to(dtype)
+
+
 def run_residual_cache(model, x: torch.Tensor, inputs, state: Dict[str, Any], threshold: float, front: int,
-                       back: int, force: bool):
+                       back: int, force: bool, ctx=None, taylor_order: int = 0):
     """The residual cache of FBCache (``front`` 1, ``back`` 0) and DBCache: blocks [0, front) always run and their
     residual ``r = h_front - x`` is the gate's probe, compared with the probe of the last computed evaluation
     (the gate's default mode). Compute: blocks [front, L - back) run and their residual is stored; reuse: the
     stored residual is added to ``h_front`` instead. Blocks [L - back, L) always run. ``force``: compute whatever
-    the distance (the probe becomes the reference).
+    the distance (the probe becomes the reference). ``taylor_order`` > 0 (with ``ctx``): a reusing evaluation
+    adds the middle residual forecast by a :class:`TaylorSeries` of that order over the computed steps (one series
+    per evaluation position within a step) instead of the stored one.
 
     Returns (tokens, computed, distance, blocks run). The probe is a fresh tensor: should a block write its input
     in place (so that ``h_front`` is ``x``'s storage and the residual would be identically zero, the FBCache bug
@@ -165,13 +199,21 @@ def run_residual_cache(model, x: torch.Tensor, inputs, state: Dict[str, Any], th
     gate = state.setdefault("gate", CacheGate())
     compute = gate.step(probe, threshold, force=force or threshold == 0)
     distance = gate.last_distance
+    series = None
+    if taylor_order > 0 and ctx is not None:
+        series = state.setdefault(("series", call_position(ctx)), TaylorSeries(taylor_order))
     if compute:
         mid = model.run_blocks(h, inputs, front, n - back)
         state["residual"] = mid - h
+        if series is not None:
+            series.update(ctx.step, state["residual"])
         h = mid
         blocks = n
     else:
-        h = h + stored
+        if series is not None and series.usable_for(h):
+            h = h + series.forecast(ctx.step, h.dtype)
+        else:
+            h = h + stored
         blocks = front + back
     if back:
         h = model.run_blocks(h, inputs, n - back, n)

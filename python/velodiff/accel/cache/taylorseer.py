@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List
 
-import torch
-
-from velodiff.accel.cache.dit_hooks import DiTCache, call_position, check_int
+from velodiff.accel.cache.dit_hooks import DiTCache, TaylorSeries, call_position, check_int
 from velodiff.accel.registry import register
 
 __all__ = ["TaylorSeer"]
@@ -47,22 +44,10 @@ class TaylorSeer(DiTCache):
         return step < self.warmup_steps or (step - self.warmup_steps + 1) % self.interval == 0
 
     def run_stack(self, model, x, inputs, ctx, state):
-        series = state.setdefault(("series", call_position(ctx)), {"step": None, "factors": []})
-        factors: List[torch.Tensor] = series["factors"]
+        series = state.setdefault(("series", call_position(ctx)), TaylorSeries(self.order))
         step, n = ctx.step, model.num_blocks
-        usable = bool(factors) and factors[0].shape == x.shape
-        if self.computes(step) or not usable:
+        if self.computes(step) or not series.usable_for(x):
             out = model.run_blocks(x, inputs)
-            residual = (out - x).float()
-            new = [residual]
-            if usable and series["step"] is not None and step > series["step"]:
-                gap = float(step - series["step"])
-                for i in range(min(self.order, len(factors))):
-                    new.append((new[i] - factors[i]) / gap)
-            series["step"], series["factors"] = step, new
+            series.update(step, out - x)
             return out, True, math.nan, n
-        k = float(step - series["step"])
-        forecast = factors[0].clone()
-        for i in range(1, len(factors)):
-            forecast.add_(factors[i], alpha=k ** i / math.factorial(i))
-        return x + forecast.to(x.dtype), False, math.nan, 0
+        return x + series.forecast(step, x.dtype), False, math.nan, 0
