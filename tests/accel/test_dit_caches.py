@@ -323,6 +323,22 @@ def test_two_caches_are_refused(pipe):
         vd.restore(pipe)
 
 
+def test_a_shared_transformer_takes_one_cache(pipe):
+    from velodiff.pipelines.dit import DiTPipeline
+    twin = DiTPipeline({"transformer": pipe.transformer, "vae": pipe.vae, "scheduler": pipe.scheduler_config},
+                       torch.float32, "cpu")
+    twin.set_progress_bar_config(disable=True)
+    base = generate(twin)
+    vd.optimize(pipe, FBCache(10.0))
+    try:
+        with pytest.raises(ValueError, match="already has a block-stack hook"):
+            vd.optimize(twin, TaylorSeer())
+        assert not twin._applied
+        assert torch.equal(generate(twin), base)  # the other pipeline's calls are not cached by pipe's cache
+    finally:
+        vd.restore(pipe)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: FBCache(-0.1), "threshold must be a finite number >= 0"),
     (lambda: FBCache(float("nan")), "threshold must be a finite number >= 0"),

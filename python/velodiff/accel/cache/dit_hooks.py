@@ -105,6 +105,12 @@ def trace(pipe) -> Iterator[List[TraceEntry]]:
         hook.trace = previous
 
 
+def _check_free(model) -> None:
+    if "block_stack_hook" in vars(model):
+        raise ValueError(f"this {type(model).__name__} already has a block-stack hook (a cache applied through another "
+                         f"pipeline that shares the transformer?); velodiff.restore that pipeline first")
+
+
 class DiTCache(CacheTechnique):
     """Base of the DiT caches: fits pipelines whose denoiser is velodiff's DiT / PixArt transformer, installs the
     block-stack hook on ``apply`` and removes it on undo. Subclasses implement :meth:`run_stack`."""
@@ -113,7 +119,9 @@ class DiTCache(CacheTechnique):
 
     def check(self, pipe) -> None:
         super().check(pipe)
-        self.check_model(block_stack(pipe))
+        model = block_stack(pipe)
+        _check_free(model)
+        self.check_model(model)
 
     def check_model(self, model) -> None:
         """Raise a ValueError naming the field when the config does not fit ``model`` (e.g. too many blocks)."""
@@ -125,9 +133,7 @@ class DiTCache(CacheTechnique):
 
     def apply(self, pipe) -> Callable[[], None]:
         model = block_stack(pipe)
-        if "block_stack_hook" in vars(model):
-            raise ValueError(f"{type(model).__name__} already has a block-stack hook (a cache applied through "
-                             f"another pipeline that shares this transformer?); velodiff.restore that pipeline first")
+        _check_free(model)
         model.block_stack_hook = _Hook(pipe, self, self.setup(model))
 
         def undo() -> None:
