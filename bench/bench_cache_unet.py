@@ -240,8 +240,9 @@ def section_speed(results: dict, steps_list: List[int], configs: List[str], roun
             cmp = interleaved({spec: (lambda p=p: one_call(p, steps)) for spec, p in pipes.items()}, "uncached",
                               rounds, max_load, wait)
         load = cmp.meta["round_loads"][0]
-        results["speed"][str(steps)] = {"load_before": load, "load_after": cmp.load_after,
-                                        "threads": torch.get_num_threads(), **cmp.to_json()}
+        key = str(steps) if configs == CONFIGS else f"{steps}: {' + '.join(configs)}"
+        results["speed"][key] = {"load_before": load, "load_after": cmp.load_after,
+                                 "threads": torch.get_num_threads(), **cmp.to_json()}
         for spec in configs:
             row = results["quality"].setdefault(f"{spec}@{steps}", {"config": spec, "steps": steps})
             ratio = cmp.ratio(spec)
@@ -376,14 +377,22 @@ def section_pictures(results: dict, configs: List[str], steps: int = 20, scale: 
                                                                                             Image.NEAREST)
             grid.paste(tile, (label_w + c * (side + gap), r * (side + gap)))
     grid.save(path("cache_unet_grid_digits.png"))
+    def short(spec: str) -> str:
+        return (spec.replace("deepcache:interval=", "dc").replace("tgate:gate_step=", "tg")
+                .replace("faster_diffusion:interval=", "fd").replace("faster_diffusion", "fd"))
+    # settings with a peer: both sides from the peers section (same images, same interleaved timing); the others
+    # from the main table
     points = []  # (speed-up, psnr, label, colour)
-    for row in results["quality"].values():
-        if row.get("speedup") and row.get("psnr_mean") is not None:
-            points.append((row["speedup"]["median"], row["psnr_mean"], f"{row['config']} @{row['steps']}", "blue"))
     for steps, peer in results.get("peers", {}).items():
         for spec, row in peer["rows"].items():
-            if row.get("peer_speedup") and row.get("peer_psnr_mean") is not None:
-                points.append((row["peer_speedup"]["median"], row["peer_psnr_mean"], f"peer {spec} @{steps}", "red"))
+            for side, colour in (("velodiff", "blue"), ("peer", "red")):
+                if row.get(f"{side}_speedup") and row.get(f"{side}_psnr_mean") is not None:
+                    points.append((row[f"{side}_speedup"]["median"], row[f"{side}_psnr_mean"],
+                                   f"{short(spec)}@{steps}", colour))
+    for row in results["quality"].values():
+        if row["config"] not in PEERS and row.get("speedup") and row.get("psnr_mean") is not None:
+            points.append((row["speedup"]["median"], row["psnr_mean"], f"{short(row['config'])}@{row['steps']}",
+                           "blue"))
     if not points:
         return
     w, h, m = 900, 600, 70
@@ -401,7 +410,8 @@ def section_pictures(results: dict, configs: List[str], steps: int = 20, scale: 
         d.text((xy(x, y0)[0] - 10, h - m + 6), f"{x:.2f}x", fill="black")
         d.text((6, xy(x0, y)[1] - 6), f"{y:.1f} dB", fill="black")
     d.text((w // 2 - 160, h - 24), "wall-clock speed-up over own uncached (digits, whole call)", fill="black")
-    d.text((m, 10), "PSNR to own uncached image, mean (blue: velodiff, red: DeepCache / tgate packages)", fill="black")
+    d.text((m, 10), "PSNR to own uncached image, mean (blue: velodiff, red: DeepCache / tgate packages on diffusers; "
+                    "dc = deepcache interval, tg = tgate gate step, fd = faster_diffusion; @steps)", fill="black")
     for x, y, label, colour in points:
         px, py = xy(x, y)
         d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
