@@ -161,3 +161,15 @@ def digits_unet_inputs(timesteps=(500.0, 500.0), seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(list(timesteps)),
             torch.randn(2, 16, 64, generator=g))
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of ``velodiff argv`` run in this process (argparse's SystemExit included)."""
+    from velodiff.cli import main
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -22,17 +22,9 @@ from velodiff.cli import main
 from velodiff.commands import args as cli_args
 from velodiff.commands.errors import rename_arguments
 
+from fixtures import run_cli
+
 HAS_CUDA = torch.cuda.is_available()
-
-
-def run_cli(argv, capsys):
-    """(exit code, stderr) of ``velodiff argv`` run in this process (argparse's SystemExit included)."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_line(code, err, command, flag, *more):
@@ -146,7 +138,7 @@ if not HAS_CUDA:
                          ids=[" ".join(c[0]) for c in BEFORE_LOADING])
 def test_bad_input_is_one_line_naming_the_flag_before_loading(argv, command, flag, more, files, no_loading, capsys):
     argv = [a.format(**files) for a in argv]
-    code, err = run_cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert_one_line(code, err, command, flag, *more)
     if command == "generate" and "--outdir" in argv:
         assert os.path.isfile(files["file"])
@@ -171,7 +163,7 @@ AFTER_LOADING = [
 @pytest.mark.parametrize("argv, command, flag, more", [(c[0], c[1], c[2], c[3:]) for c in AFTER_LOADING],
                          ids=[" ".join(c[0]) for c in AFTER_LOADING])
 def test_library_errors_name_the_flag(argv, command, flag, more, tmp_path, capsys):
-    code, err = run_cli(argv + ["--outdir", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(argv + ["--outdir", str(tmp_path / "o")], capsys)
     assert_one_line(code, err, command, flag, *more)
     assert not (tmp_path / "o").exists()
 
@@ -209,7 +201,7 @@ LIBRARY_MESSAGES = [
 def test_library_messages_map_to_flags(error, flag, gone, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(velodiff.pipelines.Pipeline, "from_pretrained",
                         staticmethod(lambda *a, **k: FakePipeline(error)))
-    code, err = run_cli(["generate", "--prompt", "a 7", "--outdir", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["generate", "--prompt", "a 7", "--outdir", str(tmp_path / "o")], capsys)
     assert_one_line(code, err, "generate", flag)
     if gone:  # the Python name is gone (only the flag, ``--height=...``, remains)
         assert not re.search(r"(?<![-\w])" + re.escape(gone), err), err
@@ -225,12 +217,12 @@ def test_loading_errors_are_attributed_to_model_and_pickle_flag_renamed(monkeypa
     monkeypatch.setattr(velodiff.pipelines.Pipeline, "from_pretrained", fail(CheckpointError(
         "'x/unet/diffusion_pytorch_model.bin' is a pickled checkpoint ... pass allow_pickle=True to the loading "
         "call; it is then read with torch.load(weights_only=True)")))
-    code, err = run_cli(["generate", "--prompt", "a", "--outdir", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["generate", "--prompt", "a", "--outdir", str(tmp_path / "o")], capsys)
     assert_one_line(code, err, "generate", "--model digits", "pass --allow-pickle;")
     assert "allow_pickle=True" not in err
     monkeypatch.setattr(velodiff.pipelines.Pipeline, "from_pretrained",
                         fail(MissingFileError("'x/vae/config.json' does not exist")))
-    code, err = run_cli(["generate", "--prompt", "a", "--outdir", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["generate", "--prompt", "a", "--outdir", str(tmp_path / "o")], capsys)
     assert_one_line(code, err, "generate", "--model digits: 'x/vae/config.json' does not exist")
 
 
@@ -255,7 +247,7 @@ def test_eval_checks_its_dependencies_first(monkeypatch, no_loading, capsys):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
-    code, err = run_cli(["eval"], capsys)
+    code, _, err = run_cli(["eval"], capsys)
     assert_one_line(code, err, "eval", "scikit-learn", "pip install 'velodiff[eval]'")
     assert "scipy" not in err
 
@@ -349,7 +341,7 @@ def test_configs_file_errors(tmp_path, no_loading, capsys, files):
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps([1, 2]))
     for value in (str(bad), str(tmp_path / "missing.json")):
-        code, err = run_cli(["generate", "--prompt", "a", "--model", files["single"], "--configs", value], capsys)
+        code, _, err = run_cli(["generate", "--prompt", "a", "--model", files["single"], "--configs", value], capsys)
         assert_one_line(code, err, "generate", "--configs")
 
 
