@@ -135,6 +135,24 @@ def test_context_properties():
         ctx.advance(5, 0.0)
 
 
+def test_state_is_per_cfg_branch_unless_shared():
+    ctx = DenoiseContext(sampler="x", call_steps=(0,), cfg="split")
+    owner = object()
+    outside = ctx.state_for(owner)
+    with ctx.branch("cond"):
+        assert ctx.cfg_branch == "cond"
+        cond = ctx.state_for(owner)
+        shared = ctx.state_for(owner, per_branch=False)
+    with ctx.branch("uncond"):
+        uncond = ctx.state_for(owner)
+        assert ctx.state_for(owner, per_branch=False) is shared
+    assert ctx.cfg_branch is None and shared is outside
+    assert len({id(outside), id(cond), id(uncond)}) == 3
+    with pytest.raises(ValueError, match="branch"):
+        with ctx.branch("both"):
+            pass
+
+
 def test_plan_steps_are_validated():
     plan = build_plan("heun", NoiseSchedule.sd(), 4)
     assert plan.num_steps == 4 and plan.call_steps == [0, 0, 1, 1, 2, 2, 3]

@@ -8,8 +8,8 @@ Configs are registered by name in :data:`TECHNIQUES`, so that the command line c
 """
 from velodiff.accel.registry import (TECHNIQUES, Technique, optimize, parse_technique, register, restore,
                                      technique_help)
-from velodiff.accel.basic import AttentionBackend, CPUConvPrepack
+from velodiff.accel.basic import AttentionBackend, CPUConvPrepack, SplitCFG
 from velodiff.accel import cache  # noqa: E402,F401  (registers the cache techniques)
 
 __all__ = ["TECHNIQUES", "Technique", "register", "parse_technique", "technique_help", "optimize", "restore",
-           "AttentionBackend", "CPUConvPrepack"]
+           "AttentionBackend", "CPUConvPrepack", "SplitCFG"]

@@ -1,4 +1,5 @@
-"""Techniques that change how layers compute, not what: the attention backend and CPU conv prepacking."""
+"""Techniques that change how the pipeline computes, not what: the attention backend, CPU conv prepacking and split
+classifier-free guidance."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,4 +65,25 @@ class CPUConvPrepack(Technique):
             for module in changed:
                 unprepack_convs(module)
                 module.to(memory_format=torch.contiguous_format)
+        return undo
+
+
+@register("split_cfg")
+@dataclass(frozen=True)
+class SplitCFG(Technique):
+    """Classifier-free guidance as two denoiser calls per evaluation (the conditional on x, then the unconditional
+    on x) instead of one call on the batch [x; x]: the peak activation memory of the denoiser halves, the results
+    are the batched ones up to float rounding (the GEMMs see another batch size). The caches follow it: under
+    split CFG each branch keeps its own cached features and gate (``DenoiseContext.state_for`` is per branch),
+    and T-GATE, which drops guidance after its gate step, skips the unconditional call there."""
+
+    def check(self, pipe) -> None:
+        if not hasattr(pipe, "cfg_mode"):
+            raise ValueError(f"split_cfg needs a velodiff pipeline; {type(pipe).__name__} has no cfg_mode")
+
+    def apply(self, pipe) -> Callable[[], None]:
+        previous, pipe.cfg_mode = pipe.cfg_mode, "split"
+
+        def undo() -> None:
+            pipe.cfg_mode = previous
         return undo

@@ -3,6 +3,7 @@
 through the sampling layer, decoding and output conversion."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -260,6 +261,9 @@ class BasePipeline:
         #: the folder's call defaults (model_index.json ``_velodiff_defaults``, see :func:`read_defaults`)
         self.defaults: Dict[str, Any] = read_defaults(components.get("_model_index"))
         self.progress = True
+        #: how a guided evaluation runs the denoiser: "batched" (one call on [x; x]) or "split" (two calls; set by
+        #: velodiff.accel.SplitCFG)
+        self.cfg_mode = "batched"
         self._restore_hooks: List[Callable[[], None]] = []
         #: the techniques applied with velodiff.optimize, oldest first (parallel to _restore_hooks)
         self._applied: List[Any] = []
@@ -274,23 +278,46 @@ class BasePipeline:
         self.progress = not disable
 
     def guided_fn(self, call, guided: bool, cond_first: bool, channels: Optional[int] = None):
-        """The model callable of the sampling loop for a denoiser ``call(batch, timesteps [N]) -> out``: under
-        guidance the batch is [x; x] and the output halves are returned as (cond, uncond); ``cond_first`` says
-        which half the caller's conditioning puts first; ``channels`` keeps the first output channels (learned
-        sigma models)."""
+        """The model callable of the sampling loop for a denoiser ``call(batch, timesteps [N], rows) -> out``, where
+        ``rows`` is the slice of the guided conditioning batch (first half; second half) that goes with ``batch``.
+        Under guidance the batch is [x; x] with rows ``slice(None)`` (or, with :attr:`cfg_mode` ``"split"``, two
+        calls on x with each half's rows, the conditional first) and the outputs are returned as (cond, uncond);
+        ``cond_first`` says which half the caller's conditioning puts first; ``channels`` keeps the first output
+        channels (learned sigma models)."""
+        split = guided and self.cfg_mode == "split"
+
         def fn(x: torch.Tensor, t: float):
             x = x.to(self.dtype)
+            if split:
+                n = x.shape[0]
+                halves = (slice(0, n), slice(n, 2 * n))
+                cond_rows, uncond_rows = halves if cond_first else halves[::-1]
+                ts = torch.full((n,), t, device=self.device)
+                cond, uncond = self.split_cfg_calls(lambda rows: call(x, ts, rows), cond_rows, uncond_rows)
+                if channels is not None:
+                    cond, uncond = cond[:, :channels], uncond[:, :channels]
+                return cond, uncond
             batch = torch.cat([x, x]) if guided else x
-            out = call(batch, torch.full((batch.shape[0],), t, device=self.device))
+            out = call(batch, torch.full((batch.shape[0],), t, device=self.device), slice(None))
             if channels is not None:
                 out = out[:, :channels]
             if not guided:
                 return out
             first, second = out.chunk(2)
             return (first, second) if cond_first else (second, first)
-        fn.cfg = "batched" if guided else "none"  # read by run_denoising for the call's context
+        fn.cfg = ("split" if split else "batched") if guided else "none"  # read by run_denoising for the context
         fn.cond_first = cond_first
         return fn
+
+    def split_cfg_calls(self, call, cond_args, uncond_args):
+        """(call(cond_args), call(uncond_args)) under split CFG: the conditional call first, each marked with its
+        branch in the open denoising context (see :attr:`DenoiseContext.cfg_branch`)."""
+        context = self.denoise_context
+        outs = []
+        for name, args in (("cond", cond_args), ("uncond", uncond_args)):
+            with (context.branch(name) if context is not None else contextlib.nullcontext()):
+                outs.append(call(args))
+        return outs[0], outs[1]
 
     @property
     def denoise_context(self) -> Optional[DenoiseContext]:

@@ -27,10 +27,16 @@ class DenoiseContext:
     sampler: the sampler's name. call_steps: [num_calls] the step of each model evaluation. begin: the index of
     the first step in the full ``num_inference_steps`` discretisation (image-to-image starts part-way; 0 else).
     guided: classifier-free guidance is on. cfg: how the guided evaluation runs: ``"batched"`` (one denoiser call
-    on [x; x], the conditional half first when ``cond_first``) or ``"none"``. batch_size: images per half.
+    on [x; x], the conditional half first when ``cond_first``), ``"split"`` (two denoiser calls on x, the
+    conditional one first; see :class:`velodiff.accel.SplitCFG`) or ``"none"``. batch_size: images per half.
     call_timesteps: [num_calls] the model timestep of each evaluation (the plan's; empty when not given), for
     techniques that prepare later evaluations ahead (Faster Diffusion's batched decoder).
-    call_index / timestep: the current evaluation (-1 / None before the first)."""
+    call_index / timestep: the current evaluation (-1 / None before the first). cfg_branch: under split CFG, the
+    denoiser call running now: ``"cond"`` or ``"uncond"`` (None otherwise).
+
+    Per-call state (:meth:`state_for`) is kept per CFG branch by default: under split CFG the conditional and the
+    unconditional calls of a step are two different evaluations, and a cache that mixed them would reuse one
+    branch's features in the other (the call-parity bug of peers)."""
 
     sampler: str
     call_steps: Tuple[int, ...]
@@ -42,7 +48,8 @@ class DenoiseContext:
     call_timesteps: Tuple[float, ...] = ()
     call_index: int = -1
     timestep: Optional[float] = None
-    _state: Dict[int, Tuple[Any, Dict[str, Any]]] = field(default_factory=dict, repr=False)
+    cfg_branch: Optional[str] = None
+    _state: Dict[Tuple[int, Optional[str]], Tuple[Any, Dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def num_calls(self) -> int:
@@ -79,9 +86,21 @@ class DenoiseContext:
             raise IndexError(f"call_index {call_index} outside the plan's {self.num_calls} calls")
         self.call_index, self.timestep = int(call_index), float(timestep)
 
-    def state_for(self, owner: Any) -> Dict[str, Any]:
-        """The per-call state dict of ``owner`` (a technique), created empty on first use in this call."""
-        key = id(owner)
+    @contextlib.contextmanager
+    def branch(self, name: str) -> Iterator["DenoiseContext"]:
+        """Mark the denoiser call made inside the block as CFG branch ``name`` (``"cond"`` or ``"uncond"``)."""
+        if name not in ("cond", "uncond"):
+            raise ValueError(f"branch must be 'cond' or 'uncond', got {name!r}")
+        previous, self.cfg_branch = self.cfg_branch, name
+        try:
+            yield self
+        finally:
+            self.cfg_branch = previous
+
+    def state_for(self, owner: Any, per_branch: bool = True) -> Dict[str, Any]:
+        """The per-call state dict of ``owner`` (a technique), created empty on first use in this call; one per CFG
+        branch under split CFG unless ``per_branch`` is False (then one shared by both branches)."""
+        key = (id(owner), self.cfg_branch if per_branch else None)
         if key not in self._state:
             self._state[key] = (owner, {})  # keeps owner alive so that its id is not reused within the call
         return self._state[key][1]

@@ -30,7 +30,8 @@ class DiTPipeline(BasePipeline):
 
         conditioning = torch.cat([labels, null]) if guided else labels
         # learned sigma: the sampler uses the noise prediction (the first `channels` channels) only
-        return self.guided_fn(lambda batch, ts: self.transformer(batch, ts, conditioning), guided, cond_first=True,
+        return self.guided_fn(lambda batch, ts, rows: self.transformer(batch, ts, conditioning[rows]), guided,
+                              cond_first=True,
                               channels=channels)
 
     @torch.no_grad()

@@ -38,9 +38,10 @@ class PixArtPipeline(BasePipeline):
                 added = {k: torch.cat([v, v]) for k, v in added.items()}
 
         # learned sigma: the sampler uses the noise prediction (the first `channels` channels) only
-        return self.guided_fn(lambda batch, ts: self.transformer(batch, emb, ts, added_cond_kwargs=added,
-                                                                 encoder_attention_mask=mask),
-                              guided, cond_first=False, channels=channels)
+        def call(batch, ts, rows):
+            return self.transformer(batch, emb[rows], ts, encoder_attention_mask=mask[rows],
+                                    added_cond_kwargs=None if added is None else {k: v[rows] for k, v in added.items()})
+        return self.guided_fn(call, guided, cond_first=False, channels=channels)
 
     @property
     def native_size(self):

@@ -49,12 +49,19 @@ class StableDiffusionPipeline(BasePipeline):
         return emb, neg
 
     def unet_fn(self, cond: Dict[str, torch.Tensor], uncond: Optional[Dict[str, torch.Tensor]]):
-        """The model callable of the sampling loop: one UNet call on the CFG batch [uncond, cond]."""
+        """The model callable of the sampling loop: one UNet call on the CFG batch [uncond, cond] (with
+        :attr:`cfg_mode` "split": a call on the conditional, then one on the unconditional inputs)."""
+        split = uncond is not None and self.cfg_mode == "split"
+
         def fn(x: torch.Tensor, t: float):
             x = x.to(self.dtype)
             ts = torch.tensor(t, device=self.device)
             if uncond is None:
                 return self.unet(x, ts, cond["encoder_hidden_states"], added_cond_kwargs=cond.get("added"))
+            if split:
+                return self.split_cfg_calls(
+                    lambda c: self.unet(x, ts, c["encoder_hidden_states"], added_cond_kwargs=c.get("added")),
+                    cond, uncond)
             both = {k: torch.cat([uncond[k], cond[k]]) for k in ("encoder_hidden_states",)}
             added = None
             if cond.get("added") is not None:
@@ -62,7 +69,7 @@ class StableDiffusionPipeline(BasePipeline):
             out = self.unet(torch.cat([x, x]), ts, both["encoder_hidden_states"], added_cond_kwargs=added)
             out_uncond, out_cond = out.chunk(2)
             return out_cond, out_uncond
-        fn.cfg = "none" if uncond is None else "batched"  # the call's context reads the CFG layout from here
+        fn.cfg = "none" if uncond is None else ("split" if split else "batched")  # read by the call's context
         fn.cond_first = False
         return fn
 

@@ -5,8 +5,8 @@ A DiT cache installs one hook (:attr:`velodiff.models.dit_common.BlockStack.bloc
 ``pipe.transformer``. The hook runs the cache only inside a pipeline call: outside one (``pipe.denoise_context``
 is None: a direct transformer call, another pipeline sharing the transformer, another thread) the stack runs
 whole and no state is read or written. Inside a call, decisions are keyed on the plan's step
-(``ctx.step``; Heun's two evaluations share one), state lives in ``ctx.state_for(config)`` and dies with the
-call, and every threshold decision is made by the device gate (:class:`velodiff.ops.cache_gate.CacheGate`).
+(``ctx.step``; Heun's two evaluations share one), state lives in ``ctx.state_for(config)`` (one per CFG branch
+under split CFG) and dies with the call, and every threshold decision is made by the device gate (:class:`velodiff.ops.cache_gate.CacheGate`).
 A second transformer call within one model evaluation of the loop (e.g. from a callback) also runs uncached.
 """
 from __future__ import annotations
@@ -55,13 +55,15 @@ def call_position(ctx) -> int:
 @dataclass
 class TraceEntry:
     """One model evaluation of a traced pipeline call: its call index and step, whether the cached part was
-    computed, the gate's distance (nan when no gate ran) and how many transformer blocks ran."""
+    computed, the gate's distance (nan when no gate ran), how many transformer blocks ran, and the CFG branch
+    under split CFG (None otherwise)."""
 
     call_index: int
     step: int
     computed: bool
     distance: float
     blocks_run: int
+    branch: Optional[str] = None
 
 
 class _Hook:
@@ -86,7 +88,7 @@ class _Hook:
         state.setdefault("params", self.params)
         out, computed, distance, blocks = self.cache.run_stack(model, x, inputs, ctx, state)
         if self.trace is not None:
-            self.trace.append(TraceEntry(ctx.call_index, ctx.step, computed, distance, blocks))
+            self.trace.append(TraceEntry(ctx.call_index, ctx.step, computed, distance, blocks, ctx.cfg_branch))
         return out
 
 

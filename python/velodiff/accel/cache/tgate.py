@@ -21,7 +21,7 @@ from the reference: the step is the plan's step (the reference counts scheduler 
 Heun); after the gate the UNet runs the *conditional* half (the reference runs the unconditional prompt's half; for
 SD 1.x / 2.x the text reaches the UNet only through the cross-attention, which is then the kept mean, so the two
 agree, but SDXL's pooled text embedding enters the time embedding, and the conditional half is the one closer to the
-guided prediction); without guidance the kept outputs are the outputs themselves (the reference would average the
+guided prediction; under split CFG the unconditional call after the gate returns the conditional call's output); without guidance the kept outputs are the outputs themselves (the reference would average the
 two halves of an unguided batch of two images). The output never changes only with ``gate_step`` beyond the run's
 last step *and* ``sp_interval=1``: the default sp_interval reuses self-attention before the gate too, as the paper
 does.
@@ -85,6 +85,15 @@ class TGate(CacheTechnique):
                     and args.batch == 2 * context.batch_size)
 
         def handler(context, state, args, plain):
+            if context.cfg == "split" and context.step >= self.gate_step:
+                # split CFG after the gate: the conditional call runs, the unconditional one returns its output
+                shared = context.state_for(self, per_branch=False)
+                if context.cfg_branch == "uncond" and shared.get("cond_call") == context.call_index:
+                    return shared["cond_out"].clone()
+                out = args.run(plain)
+                if context.cfg_branch == "cond":
+                    shared["cond_call"], shared["cond_out"] = context.call_index, out
+                return out
             if not dropped(context, args):
                 return args.run(plain)
             b = context.batch_size
@@ -98,24 +107,29 @@ class TGate(CacheTechnique):
                     context = pipe.denoise_context
                     if context is None or context.call_index < 0:
                         return plain(hidden_states, encoder_hidden_states, attention_mask)
-                    state = context.state_for(self)
+                    # one state for both split-CFG branches: the gate step keeps their mean for the conditional
+                    # branch; otherwise the kept outputs are per branch (key (branch, module))
+                    state = context.state_for(self, per_branch=False)
                     if state.get("step") != context.step:
                         state["step"], state["actions"] = context.step, self.actions(context.step)
                     cross = encoder_hidden_states is not None
                     action = state["actions"][0 if cross else 1]
                     kept = state.setdefault("cross" if cross else "self", {})
-                    old = kept.get(module)
+                    key = (context.cfg_branch, module)
+                    old = kept.get(key)
                     if action == REUSE and old is not None and old.shape[0] == hidden_states.shape[0]:
                         return old.clone()  # a fresh tensor: the transformer block adds its residual in place
                     out = plain(hidden_states, encoder_hidden_states, attention_mask)
                     if action == KEEP:
-                        kept[module] = out.clone()
+                        kept[key] = out.clone()
                     elif action == KEEP_MEAN:
                         if context.cfg == "batched" and out.shape[0] == 2 * context.batch_size:
                             first, second = out.chunk(2)
-                            kept[module] = (first + second) / 2
+                            kept[key] = (first + second) / 2
+                        elif context.cfg_branch == "uncond" and ("cond", module) in kept:
+                            kept[("cond", module)] = (kept[("cond", module)] + out) / 2  # cond ran first
                         else:
-                            kept[module] = out.clone()
+                            kept[key] = out.clone()
                     return out
                 return forward
             return make
