@@ -20,8 +20,7 @@ times, e.g. quality under load and timing on an idle machine):
            folder's): their ratio over diffusers uncached and PSNR to diffusers uncached, ours over ours uncached,
            all candidates interleaved in one comparison, 100 images (10 per digit) for PSNR, same seeds.
   pictures cache_unet_grid_digits.png (the ten digits of seeds 0-9 at 20 steps, one row per configuration, the
-           uncached row first) and cache_unet_pareto_digits.png (speed-up vs mean PSNR to uncached, one point per
-           configuration and step count; the peers' points from the peers section in another colour).
+           uncached row first); bench_cache.py draws the speed-up / PSNR picture from this file's JSON.
   sd15     a full-size SD 1.5 UNet (its real config, random weights with diffusers' own init) at 256 px, 20 steps of
            dpmpp_2m with CFG: wall clock of the denoising loop alone (no text encoder, no VAE), uncached vs DeepCache
            and T-GATE, interleaved; writes cache_unet_sd15_cpu.{json,md}.
@@ -377,46 +376,6 @@ def section_pictures(results: dict, configs: List[str], steps: int = 20, scale: 
                                                                                             Image.NEAREST)
             grid.paste(tile, (label_w + c * (side + gap), r * (side + gap)))
     grid.save(path("cache_unet_grid_digits.png"))
-    def short(spec: str) -> str:
-        return (spec.replace("deepcache:interval=", "dc").replace("tgate:gate_step=", "tg")
-                .replace("faster_diffusion:interval=", "fd").replace("faster_diffusion", "fd"))
-    # settings with a peer: both sides from the peers section (same images, same interleaved timing); the others
-    # from the main table
-    points = []  # (speed-up, psnr, label, colour)
-    for steps, peer in results.get("peers", {}).items():
-        for spec, row in peer["rows"].items():
-            for side, colour in (("velodiff", "blue"), ("peer", "red")):
-                if row.get(f"{side}_speedup") and row.get(f"{side}_psnr_mean") is not None:
-                    points.append((row[f"{side}_speedup"]["median"], row[f"{side}_psnr_mean"],
-                                   f"{short(spec)}@{steps}", colour))
-    for row in results["quality"].values():
-        if row["config"] not in PEERS and row.get("speedup") and row.get("psnr_mean") is not None:
-            points.append((row["speedup"]["median"], row["psnr_mean"], f"{short(row['config'])}@{row['steps']}",
-                           "blue"))
-    if not points:
-        return
-    w, h, m = 900, 600, 70
-    x0, x1 = 1.0, max(p[0] for p in points) * 1.1
-    y0, y1 = min(p[1] for p in points) - 2, max(p[1] for p in points) + 2
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-
-    def xy(x, y):
-        return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)
-    d.line([xy(x0, y0), xy(x1, y0)], fill="black")
-    d.line([xy(x0, y0), xy(x0, y1)], fill="black")
-    for k in range(6):
-        x, y = x0 + k * (x1 - x0) / 5, y0 + k * (y1 - y0) / 5
-        d.text((xy(x, y0)[0] - 10, h - m + 6), f"{x:.2f}x", fill="black")
-        d.text((6, xy(x0, y)[1] - 6), f"{y:.1f} dB", fill="black")
-    d.text((w // 2 - 160, h - 24), "wall-clock speed-up over own uncached (digits, whole call)", fill="black")
-    d.text((m, 10), "PSNR to own uncached image, mean (blue: velodiff, red: DeepCache / tgate packages on diffusers; "
-                    "dc = deepcache interval, tg = tgate gate step, fd = faster_diffusion; @steps)", fill="black")
-    for x, y, label, colour in points:
-        px, py = xy(x, y)
-        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        d.text((px + 6, py - 6), label, fill=colour)
-    img.save(path("cache_unet_pareto_digits.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
