@@ -12,8 +12,9 @@ memory is that decode's alone:
   overlap, per-tile GroupNorm statistics, linear blending).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the decode; on the CPU the rise of the process's
-peak resident set (``ru_maxrss``) over its resident set just before the decode (the model's build
-high-water mark can hide a decode peak below it: a tiny ``--size`` reads 0 or too little). The max |difference| to the plain decode
+peak resident set over its resident set just before the decode (Linux: the peak is reset through
+/proc/self/clear_refs and read as VmHWM; elsewhere ru_maxrss, whose model-build high-water mark can hide a small
+decode's peak). The max |difference| to the plain decode
 is measured on the [-1, 1]-scale output. Writes bench/results/tiled_vae.{json,md}.
 
   python bench/bench_tiled_vae.py [--size 2048] [--tile 512] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
@@ -56,13 +57,31 @@ def sd_vae(dtype, device, diffusers: bool = False):
     return vae.to(device=device, dtype=dtype)
 
 
-def current_rss() -> int:
-    """Resident bytes of this process now (Linux /proc), else its peak so far (ru_maxrss)."""
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident set (Linux: ``5`` into /proc/self/clear_refs resets VmHWM) and return
+    the resident bytes now; where that is not possible, the peak so far (ru_maxrss)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except (OSError, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes since :func:`reset_peak_rss` (VmHWM), else ru_maxrss."""
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"{key} not in /proc/self/status")
 
 
 def worker(args) -> None:
@@ -75,7 +94,7 @@ def worker(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.max_memory_allocated()
-    before = current_rss()
+    before = reset_peak_rss()
     start = time.perf_counter()
     with torch.no_grad():
         if args.worker == "plain":
@@ -89,7 +108,7 @@ def worker(args) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    rss_rise = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    rss_rise = peak_rss() - before
     figures = {"seconds": seconds, "peak_rss_rise_bytes": rss_rise}
     if device.type == "cuda":
         figures["peak_cuda_bytes"] = torch.cuda.max_memory_allocated() - base
