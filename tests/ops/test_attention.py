@@ -92,7 +92,7 @@ TOKENS = [(1, 1), (7, 77), (77, 7), (256, 256), (1000, 77)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"q{t[0]}k{t[1]}")
 @pytest.mark.parametrize("head_dim", MODEL_HEAD_DIMS)
-def test_matches_reference(device, dtype, tokens, head_dim):
+def test_model_head_dims(device, dtype, tokens, head_dim):
     """Every model head dim x self / cross attention token counts x dtypes, models' transposed layout."""
     g = torch.Generator().manual_seed(head_dim * 1000 + tokens[0] + 7 * tokens[1])
     q, k, v = make_qkv((2, 3, tokens[0], tokens[1], head_dim), dtype, device, g, layout="blhd")
