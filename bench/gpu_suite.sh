@@ -62,10 +62,11 @@ step cuda_tests 150 $py -m pytest -q -p no:cacheprovider -m cuda tests/ops tests
 step bench_qgemm_cuda 150 $py bench/bench_qgemm_cuda.py --out "$out"
 step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops \
-  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16) or (every_element_counts and bf16) or large_grids or cuda_graph_capture"
+  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16) or (every_element_counts and bf16) or large_grids or cuda_graph_capture or (awkward_head_dims and fp16)"
 step bench_sampler_update 60 $py bench/bench_sampler_update.py --device cuda --out "$out"
 step bench_sampling_loop 60 $py bench/bench_sampling_loop.py --device cuda --out "$out"
 step bench_cache_gate 40 $py bench/bench_cache_gate.py --device cuda --rounds 5 --out "$out"
+step bench_attention 60 $py bench/bench_attention.py --device cuda --rounds 5 --out "$out"
 echo "gpu_suite: $([ $status -eq 0 ] && echo all steps passed || echo some steps FAILED or were skipped) in $SECONDS s" \
   | tee -a "$summary"
 pack

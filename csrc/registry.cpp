@@ -26,6 +26,10 @@ TORCH_LIBRARY(velodiff, m) {
   m.def(
       "cache_gate(Tensor probe, Tensor(a!) stored, Tensor(b!) state, float threshold, float[] coefficients, "
       "int flags) -> Tensor");
+  // Exact softmax attention, flash-style (online softmax, fp32 accumulation): q [B, H, Lq, D], k [B, H, Lk, D],
+  // v [B, H, Lk, Dv], any strides; key_padding_mask bool [B, Lk] (True = attend); scale default 1/sqrt(D);
+  // returns [B, H, Lq, Dv] in q's dtype; format in csrc/include/velodiff/attention.h.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor");
 }
 
 namespace py = pybind11;

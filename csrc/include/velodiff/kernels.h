@@ -1,6 +1,7 @@
 // Entry points of the torch-free kernels. The torch glue in csrc/ops/ calls these.
 #pragma once
 
+#include "velodiff/attention.h"
 #include "velodiff/cache_gate.h"
 #include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
@@ -21,6 +22,11 @@ bool qgemm_cpu(const QGemmArgs& args, char* error);
 // `error` (at least 256 bytes) on invalid arguments.
 bool cache_gate_cpu(const CacheGateArgs& args, char* error);
 
+// Exact attention (csrc/kernels/cpu/attention.cpp; format in velodiff/attention.h), OpenMP over batch x heads x
+// query blocks; the same bits for any thread count. Returns false and writes a message to `error` (at least 256
+// bytes) on invalid arguments.
+bool attention_cpu(const AttentionArgs& args, char* error);
+
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
 // 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).
@@ -40,6 +46,10 @@ int qgemm_cuda_wgmma_built(bool& built);
 // must hold cache_gate_cuda_workspace_doubles(batch, per_sample) doubles (velodiff/cache_gate.h); it needs no
 // initialisation. Returns the cudaError_t of the launches as int (0 = success).
 int cache_gate_cuda(const CacheGateArgs& args, double* workspace, void* stream);
+
+// Exact attention (csrc/kernels/cuda/attention.cu): one launch, one warp per query, K / V tiles in shared memory.
+// Returns the cudaError_t of the launch as int (0 = success).
+int attention_cuda(const AttentionArgs& args, void* stream);
 #endif
 
 }  // namespace velodiff

@@ -10,6 +10,8 @@ from velodiff.accel.registry import (TECHNIQUES, Technique, optimize, parse_tech
                                      technique_help)
 from velodiff.accel.basic import AttentionBackend, CPUConvPrepack, SplitCFG
 from velodiff.accel import cache  # noqa: E402,F401  (registers the cache techniques)
+from velodiff.accel.highres.hidiffusion import HiDiffusion  # noqa: E402  (registers hidiffusion)
+from velodiff.accel.tiled_vae import TiledVAE  # noqa: E402
 
 __all__ = ["TECHNIQUES", "Technique", "register", "parse_technique", "technique_help", "optimize", "restore",
-           "AttentionBackend", "CPUConvPrepack", "SplitCFG"]
+           "AttentionBackend", "CPUConvPrepack", "SplitCFG", "HiDiffusion", "TiledVAE"]

@@ -50,8 +50,53 @@ def _math(q, k, v, mask, scale):
     return torch.matmul(logits.softmax(dim=-1), v.float()).to(dtype)
 
 
+# An additive bias at or below this is a dropped key: exp(-1e4) is 0 in every float format (diffusers and our
+# PixArt give padded text tokens -10000).
+_DROP_BIAS = -1e4
+
+
+def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, kv_len: int):
+    """``(key_padding_mask [B, Lk] bool or None, None)`` for a mask the ``velodiff`` op takes, else ``(None,
+    reason)``. Taken: a mask that varies only over batch and keys ([B, Lk], [B, 1, 1, Lk], batch or keys of size 1
+    broadcast), either bool (True = keep) or an additive bias whose every value is 0 (keep) or <= -1e4 (drop;
+    reading it as a drop changes nothing, exp(-1e4) being 0, except for a query whose every key is dropped: the op
+    gives zeros, an additive -1e4 the mean of all values). Checking a bias's values reads it on the host."""
+    if mask is None:
+        return None, None
+    shape = tuple(mask.shape)
+    if mask.dim() == 4 and shape[1:3] == (1, 1) and shape[0] in (1, batch) and shape[3] in (1, kv_len):
+        mask = mask[:, 0, 0, :]
+    elif not (mask.dim() == 2 and shape[0] in (1, batch) and shape[1] in (1, kv_len)):
+        return None, f"a mask of shape {list(shape)} is not a key-padding mask ([B, Lk] or [B, 1, 1, Lk] = " \
+                     f"[{batch}, 1, 1, {kv_len}]); it varies over heads or queries"
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point() or not bool(((mask == 0) | (mask <= _DROP_BIAS)).all()):
+            return None, f"a {mask.dtype} mask with values other than 0 (keep) and <= -1e4 (drop) is an additive " \
+                         f"bias, not a key-padding mask"
+        mask = mask == 0
+    return mask.expand(batch, kv_len), None
+
+
+def _velodiff(q, k, v, mask, scale):
+    from velodiff.ops.attention import attention as velodiff_attention
+    key_padding_mask, _ = _key_padding_mask(mask, q.shape[0], k.shape[2])
+    return velodiff_attention(q, k, v, key_padding_mask, scale)
+
+
+def _velodiff_why_not(q, k, v, mask) -> Optional[str]:
+    from velodiff.ops.attention import attention_unsupported
+    problem = attention_unsupported(q, k, v)
+    if problem is not None:
+        return problem[1]
+    return _key_padding_mask(mask, q.shape[0], k.shape[2])[1]
+
+
 register_backend(AttentionBackend("sdpa", _sdpa, description="torch.nn.functional.scaled_dot_product_attention"))
 register_backend(AttentionBackend("math", _math, description="reference softmax attention in fp32"))
+register_backend(AttentionBackend(
+    "velodiff", _velodiff, _velodiff_why_not,
+    description="velodiff::attention: exact flash-style attention, head dims 1..512 natively, bool key-padding "
+                "masks (a fully masked query gives zeros)"))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,

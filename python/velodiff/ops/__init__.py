@@ -4,8 +4,9 @@ Each wrapper checks its arguments (a TypeError/ValueError naming the argument) a
 kernel. :mod:`velodiff.ops.reference` holds the pure-PyTorch specification of every op.
 """
 from velodiff.ops._native import native_available
+from velodiff.ops.attention import attention
 from velodiff.ops.cache_gate import CacheGate, cache_gate
 from velodiff.ops.qgemm import qgemm, quantize_act
 from velodiff.ops.sampler_update import sampler_update
 
-__all__ = ["native_available", "cache_gate", "CacheGate", "qgemm", "quantize_act", "sampler_update"]
+__all__ = ["native_available", "attention", "cache_gate", "CacheGate", "qgemm", "quantize_act", "sampler_update"]

@@ -64,3 +64,9 @@ if _C is not None:
     @torch.library.register_fake("velodiff::cache_gate")
     def _cache_gate_fake(probe, stored, state, threshold, coefficients, flags):
         return probe.new_empty((1,), dtype=torch.int32)
+
+    @torch.library.register_fake("velodiff::attention")
+    def _attention_fake(q, k, v, key_padding_mask=None, scale=None):
+        b, h, lq, _ = q.shape
+        # [B, H, Lq, Dv] stored as [B, Lq, H, Dv], as the kernels allocate it
+        return q.new_empty((b, lq, h, v.shape[3])).permute(0, 2, 1, 3)

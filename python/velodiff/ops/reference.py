@@ -227,3 +227,22 @@ def cache_gate(probe: torch.Tensor, stored: torch.Tensor, state: torch.Tensor, t
     state[GATE_VALID] = w if (compute or flags & CACHE_GATE_STORE_ALWAYS) else v
     state[GATE_DECISION] = 1.0 if compute else 0.0
     return torch.tensor([1 if compute else 0], dtype=torch.int32, device=probe.device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """Reference of ``velodiff::attention`` (semantics in csrc/include/velodiff/attention.h), in float64.
+
+    q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] (one float dtype), key_padding_mask bool [B, Lk] or None
+    (True = attend), scale > 0 or None (1 / sqrt(D)). Returns softmax(scale * q k^T) v as [B, H, Lq, Dv] in q's
+    dtype; a query whose keys are all masked gives zeros. Pass float64 tensors for the float64 result."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    logits = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # fully masked rows
+    weights = torch.exp(logits - row_max)  # masked keys: exp(-inf) = 0
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, v.double()) / torch.where(total > 0, total, torch.ones_like(total))
+    return out.to(q.dtype)
