@@ -42,9 +42,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from velodiff.eval.metrics import (DIGIT_MAX, DIGIT_SIDE, _area_matrix, _as_array, bootstrap, bootstrap_mean,
+from velodiff.eval.metrics import (DIGIT_MAX, DIGIT_SIDE, _as_array, area_resample, bootstrap, bootstrap_mean,
                                    frechet_distance_from_stats, gaussian_stats)
-from velodiff.eval.reference import CV_FOLDS, FLOOR_DRAWS, _check_labels, load_real_digits
+from velodiff.eval.reference import CV_FOLDS, ClassMatchedFloor, _check_labels, load_real_digits
 
 #: the built-in digits models' native side (pixels)
 NATIVE_SIDE = 16
@@ -85,26 +85,7 @@ def to_native(images) -> np.ndarray:
     (divided by 255), or a list of PIL images; H, W >= 16. Gray is the mean of the channels; resampling is
     exact area averaging (antialiased; a block mean when H and W are multiples of 16). Values are clipped to
     [0, 1]. Raises ValueError naming ``images`` for a wrong shape, too small a size or NaN / inf."""
-    x = _as_array(images)
-    if x.dtype == np.uint8:
-        x = x.astype(np.float64) / 255.0
-    elif not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise TypeError(f"images must be float (0..1) or uint8 (0..255) images, got dtype {x.dtype}")
-    x = x.astype(np.float64, copy=False)
-    if x.ndim == 4:
-        if x.shape[-1] not in (1, 3):
-            raise ValueError(f"images must be [N, H, W] or channels-last [N, H, W, C] with C = 1 or 3, got shape "
-                             f"{x.shape} (pass output_type='np' to a pipeline for channels-last images)")
-        x = x.mean(axis=-1)
-    elif x.ndim != 3:
-        raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {x.shape}")
-    n, h, w = x.shape
-    if n == 0 or h < NATIVE_SIDE or w < NATIVE_SIDE:
-        raise ValueError(f"images must hold at least one image of at least {NATIVE_SIDE}x{NATIVE_SIDE} pixels, got "
-                         f"shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("images contain NaN or infinite values")
-    small = np.einsum("ih,nhw,jw->nij", _area_matrix(h, NATIVE_SIDE), x, _area_matrix(w, NATIVE_SIDE))
+    small = area_resample(images, NATIVE_SIDE)
     return np.clip(small, 0.0, 1.0)
 
 
@@ -123,7 +104,7 @@ def components_for(explained_variance_ratio: np.ndarray, share: float) -> int:
     return int(min(np.searchsorted(cum, share - 1e-12) + 1, len(cum)))
 
 
-class HighresReference:
+class HighresReference(ClassMatchedFloor):
     """The 16x16 judge (see the module docstring for every fixed choice).
 
     ``heldout``: indices (into the 1797 digits) the judge is fitted on; default: the 450 held-out digits of
@@ -194,25 +175,6 @@ class HighresReference:
 
     def _fd(self, features: np.ndarray) -> float:
         return frechet_distance_from_stats(*gaussian_stats(features), self.mu_ref, self.sigma_ref)
-
-    def floor(self, class_counts: Sequence[int]) -> Dict[str, float]:
-        """The Frechet floor for ``class_counts`` [10] images per digit, as
-        :meth:`velodiff.eval.reference.DigitsReference.floor`: the mean (and std) over FLOOR_DRAWS seeded draws of
-        the distance of that many real training digits (per class, without replacement, capped at the class's
-        size) to the reference. Returns {"value", "std", "n"}."""
-        counts = tuple(int(c) for c in class_counts)
-        if len(counts) != 10 or min(counts) < 0 or sum(counts) < 2:
-            raise ValueError(f"class_counts must be 10 counts >= 0 summing to >= 2, got {class_counts!r}")
-        if counts not in self._floors:
-            rng = np.random.default_rng(0)
-            pools = [np.flatnonzero(self.labels_train == d) for d in range(10)]
-            taken = [min(c, len(p)) for c, p in zip(counts, pools)]
-            feats = self.features(self.real_train)
-            values = [self._fd(feats[np.concatenate([rng.choice(p, t, replace=False) for p, t in zip(pools, taken)])])
-                      for _ in range(FLOOR_DRAWS)]
-            self._floors[counts] = {"value": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
-                                    "n": int(sum(taken))}
-        return dict(self._floors[counts])
 
 
 @functools.lru_cache(maxsize=1)

@@ -57,6 +57,17 @@ def to_digits(images) -> np.ndarray:
 
     Returns [N, 64] float64 in [0, 16], rows in row-major pixel order like ``load_digits().data``.
     """
+    small = area_resample(images, DIGIT_SIDE)
+    return np.clip(small * DIGIT_MAX, 0.0, DIGIT_MAX).reshape(len(small), DIGIT_SIDE * DIGIT_SIDE)
+
+
+def area_resample(images, side: int) -> np.ndarray:
+    """Images -> gray [N, side, side] float64 by exact area averaging (not clipped).
+
+    ``images``: [N, H, W] or channels-last [N, H, W, C] (C = 1 or 3), float in [0, 1] or uint8 (divided by 255),
+    or a list of PIL images; H, W >= ``side``. Gray is the mean of the channels; each output pixel is the
+    overlap-weighted mean of the input pixels its cell covers (a block mean when H and W are multiples of
+    ``side``). TypeError / ValueError naming ``images`` for a wrong dtype, shape, too small a size or NaN / inf."""
     x = _as_array(images)
     if x.dtype == np.uint8:
         x = x.astype(np.float64) / 255.0
@@ -71,12 +82,11 @@ def to_digits(images) -> np.ndarray:
     elif x.ndim != 3:
         raise ValueError(f"images must be [N, H, W] or [N, H, W, C], got shape {x.shape}")
     n, h, w = x.shape
-    if n == 0 or h < DIGIT_SIDE or w < DIGIT_SIDE:
-        raise ValueError(f"images must hold at least one image of at least 8x8 pixels, got shape {x.shape}")
+    if n == 0 or h < side or w < side:
+        raise ValueError(f"images must hold at least one image of at least {side}x{side} pixels, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError("images contain NaN or infinite values")
-    small = np.einsum("ih,nhw,jw->nij", _area_matrix(h, DIGIT_SIDE), x, _area_matrix(w, DIGIT_SIDE))
-    return np.clip(small * DIGIT_MAX, 0.0, DIGIT_MAX).reshape(n, DIGIT_SIDE * DIGIT_SIDE)
+    return np.einsum("ih,nhw,jw->nij", _area_matrix(h, side), x, _area_matrix(w, side))
 
 
 def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -117,7 +117,32 @@ def _check_labels(labels, n: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-class DigitsReference:
+class ClassMatchedFloor:
+    """The Frechet floor of a judge: what a sample of real digits of the same class counts scores. Needs
+    ``labels_train`` [N], ``real_train`` (the real training digits in the judge's input form), ``features(x)``,
+    ``_fd(features)`` and a ``_floors`` dict cache."""
+
+    def floor(self, class_counts: Sequence[int]) -> Dict[str, float]:
+        """The Frechet floor for a sample with ``class_counts`` [10] images per digit: the mean (and standard
+        deviation) over :data:`FLOOR_DRAWS` seeded draws of the distance between that many real training digits
+        (per class, without replacement, capped at the class's size) and the reference. Returns {"value",
+        "std", "n"} (n: the real sample's size, smaller than sum(class_counts) only where a class ran out)."""
+        counts = tuple(int(c) for c in class_counts)
+        if len(counts) != 10 or min(counts) < 0 or sum(counts) < 2:
+            raise ValueError(f"class_counts must be 10 counts >= 0 summing to >= 2, got {class_counts!r}")
+        if counts not in self._floors:
+            rng = np.random.default_rng(0)
+            pools = [np.flatnonzero(self.labels_train == d) for d in range(10)]
+            taken = [min(c, len(p)) for c, p in zip(counts, pools)]
+            feats = self.features(self.real_train)
+            values = [self._fd(feats[np.concatenate([rng.choice(p, t, replace=False) for p, t in zip(pools, taken)])])
+                      for _ in range(FLOOR_DRAWS)]
+            self._floors[counts] = {"value": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
+                                    "n": int(sum(taken))}
+        return dict(self._floors[counts])
+
+
+class DigitsReference(ClassMatchedFloor):
     """The judge for one image size and reference path (see the module docstring for every fixed choice).
 
     ``size``: the generated images' (H, W), or None for images already 8x8; ``upsample``: how real digits are
@@ -172,25 +197,6 @@ class DigitsReference:
 
     def _fd(self, features: np.ndarray) -> float:
         return frechet_distance_from_stats(*gaussian_stats(features), self.mu_ref, self.sigma_ref)
-
-    def floor(self, class_counts: Sequence[int]) -> Dict[str, float]:
-        """The Frechet floor for a sample with ``class_counts`` [10] images per digit: the mean (and standard
-        deviation) over :data:`FLOOR_DRAWS` seeded draws of the distance between that many real training digits
-        (per class, without replacement, capped at the class's size) and the reference. Returns {"value",
-        "std", "n"} (n: the real sample's size, smaller than sum(class_counts) only where a class ran out)."""
-        counts = tuple(int(c) for c in class_counts)
-        if len(counts) != 10 or min(counts) < 0 or sum(counts) < 2:
-            raise ValueError(f"class_counts must be 10 counts >= 0 summing to >= 2, got {class_counts!r}")
-        if counts not in self._floors:
-            rng = np.random.default_rng(0)
-            pools = [np.flatnonzero(self.labels_train == d) for d in range(10)]
-            taken = [min(c, len(p)) for c, p in zip(counts, pools)]
-            feats = self.features(self.real_train)
-            values = [self._fd(feats[np.concatenate([rng.choice(p, t, replace=False) for p, t in zip(pools, taken)])])
-                      for _ in range(FLOOR_DRAWS)]
-            self._floors[counts] = {"value": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
-                                    "n": int(sum(taken))}
-        return dict(self._floors[counts])
 
     def frechet(self, digits64: np.ndarray, labels: Optional[Sequence[int]] = None, n_boot: int = 200,
                 confidence: float = 0.95, seed: int = 0) -> Dict[str, float]:
