@@ -173,3 +173,11 @@ def run_cli(argv, capsys):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def quiet_pipeline(name_or_folder):
+    """``vd.Pipeline.from_pretrained(name_or_folder)`` with its progress bar off (the tests' module fixtures)."""
+    import velodiff as vd
+    pipe = vd.Pipeline.from_pretrained(name_or_folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

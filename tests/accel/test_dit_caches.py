@@ -18,7 +18,7 @@ from velodiff.loading import BUILTIN_MODELS
 from velodiff.pipelines.context import DenoiseContext
 from velodiff.sampling import SAMPLERS
 
-from fixtures import saved_and_loaded, tiny_dit_pipeline, tiny_pixart_pipeline
+from fixtures import quiet_pipeline, saved_and_loaded, tiny_dit_pipeline, tiny_pixart_pipeline
 
 #: samplers that run on digits-dit's schedule (epsilon prediction; flow_euler needs a flow model)
 DIT_SAMPLERS = sorted(s for s in SAMPLERS if s != "flow_euler")
@@ -29,9 +29,7 @@ SKIPPING = [FBCache(0.3), TeaCache(0.3), DBCache(0.3, fn_compute_blocks=2, bn_co
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = vd.Pipeline.from_pretrained("digits-dit")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline("digits-dit")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from velodiff.accel.highres.msw_msa import shift_for, window_attention
 
+from fixtures import quiet_pipeline
+
 
 def plain_window_attention(q, k, v, size, grid, shift):
     """An independent MSW-MSA: roll the [B, H, h, w, D] map by -shift (torch.roll), cut it into windows of
@@ -131,9 +133,7 @@ SD_SAMPLERS = sorted(s for s in SAMPLERS if s != "flow_euler")
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = vd.Pipeline.from_pretrained("digits")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline("digits")
 
 
 def generate(pipe, steps=4, sampler="dpmpp_2m", prompts=("a 3", "a 7"), seed=0, size=(32, 32), **kw):

@@ -10,7 +10,7 @@ from velodiff.accel import SplitCFG, parse_technique
 from velodiff.accel.cache import (DBCache, DeepCache, FasterDiffusion, FBCache, TaylorSeer, TeaCache, TGate,
                                   dit_hooks)
 
-from fixtures import saved_and_loaded, tiny_pixart_pipeline
+from fixtures import quiet_pipeline, saved_and_loaded, tiny_pixart_pipeline
 
 # split vs batched differ by fp32 rounding only (GEMMs of another batch size, carried through a few steps): the
 # largest max-abs differences seen are 3.1e-6 on digits' [0, 1] images, and 5e-6 (plain) to 3e-5 (TaylorSeer's
@@ -22,16 +22,12 @@ LATENT_REL_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def digits():
-    p = vd.Pipeline.from_pretrained("digits")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline("digits")
 
 
 @pytest.fixture(scope="module")
 def dit():
-    p = vd.Pipeline.from_pretrained("digits-dit")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline("digits-dit")
 
 
 def sd_images(pipe, steps=6, sampler="dpmpp_2m", **kw):

@@ -27,6 +27,8 @@ from velodiff.accel import TiledVAE, parse_technique
 from velodiff.models.vae import AutoencoderKL
 from velodiff.models.vae_tiling import GroupStats, groupnorm_with_stats, tiled_decode, tiled_encode
 
+from fixtures import quiet_pipeline
+
 FP64_TOL = 2e-14
 FP32_TOL = 5e-6
 PIPE_TOL = 1e-5
@@ -257,9 +259,7 @@ def test_bad_specs_and_fit():
 
 @pytest.fixture(scope="module")
 def digits():
-    p = vd.Pipeline.from_pretrained("digits")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline("digits")
 
 
 def test_digits_pipeline_48px_text2img_and_img2img(digits):

@@ -15,6 +15,8 @@ from velodiff.accel.cache.tgate import tgate_actions
 from velodiff.models.unet import UNet2DConditionModel
 from velodiff.sampling import SAMPLERS
 
+from fixtures import quiet_pipeline
+
 # every sampler that runs on an epsilon-prediction SD schedule (flow_euler needs a flow schedule)
 SD_SAMPLERS = sorted(s for s in SAMPLERS if s != "flow_euler")
 
@@ -28,9 +30,7 @@ SKIPPING = [DeepCache(interval=2), DeepCache(interval=3, branch=2), FasterDiffus
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = vd.Pipeline.from_pretrained("digits")
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline("digits")
 
 
 def generate(pipe, steps=4, sampler="dpmpp_2m", prompts=("a 3", "a 7"), seed=0, **kw):

@@ -21,7 +21,8 @@ import torch
 import velodiff as vd
 from velodiff.pipelines import base
 from velodiff.pipelines.base import PromptWarning
-from fixtures import save_pipeline, saved_and_loaded, tiny_dit_pipeline, tiny_pixart_pipeline, tiny_sd_pipeline
+from fixtures import (quiet_pipeline, save_pipeline, saved_and_loaded, tiny_dit_pipeline, tiny_pixart_pipeline,
+                      tiny_sd_pipeline)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,16 +65,12 @@ def pixart(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits():
-    pipe = vd.Pipeline.from_pretrained("digits")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("digits")
 
 
 @pytest.fixture(scope="module")
 def digits_dit():
-    pipe = vd.Pipeline.from_pretrained("digits-dit")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("digits-dit")
 
 
 def heavy_modules(pipe):
