@@ -315,3 +315,92 @@ def test_specs_from_the_command_line():
         HiDiffusion(fraction=0.6, window_grid=(3, 2), msw_msa=False)
     with pytest.raises(ValueError, match="window_grid must be two integers"):
         parse_technique("hidiffusion:window_grid=0/2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the folder's settings, the pooled downsampler and re-dilation (what digits needs: README "High resolution")
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_fields_left_unset_take_the_folder_then_the_reference(pipe):
+    """digits' model_index.json sets fraction 1.0, pooled, redilate; a field given wins; a folder without the key
+    gets the reference's 0.4 / dilated / no re-dilation."""
+    assert HiDiffusion().resolved(pipe) == {"fraction": 1.0, "downsample": "pooled", "redilate": True}
+    assert HiDiffusion(fraction=0.4, redilate=False).resolved(pipe) == \
+        {"fraction": 0.4, "downsample": "pooled", "redilate": False}
+    saved = pipe.defaults
+    try:
+        pipe.defaults = {}
+        assert HiDiffusion().resolved(pipe) == {"fraction": 0.4, "downsample": "dilated", "redilate": False}
+        pipe.defaults = {"hidiffusion": {"fraction": 2.0}}
+        with pytest.raises(ValueError, match="_velodiff_defaults: hidiffusion: fraction must"):
+            vd.optimize(pipe, HiDiffusion())
+        pipe.defaults = {"hidiffusion": {"fractoin": 0.5}}
+        with pytest.raises(ValueError, match=r"unknown keys \['fractoin'\]"):
+            vd.optimize(pipe, HiDiffusion())
+    finally:
+        pipe.defaults = saved
+
+
+def test_pooled_downsampler_is_the_native_conv_on_the_pooled_map(pipe):
+    """downsample=pooled: the level-0 downsampler's output during the switch equals the native stride-2 conv on the
+    2x2-averaged map (odd sizes: ceil mode); dilated: the reference's stride-4, dilation-2 conv."""
+    conv = pipe.unet.down_blocks[0].downsamplers[0].conv
+    seen = []
+    handle = pipe.unet.down_blocks[0].downsamplers[0].register_forward_hook(
+        lambda m, args, out: seen.append((args[0], out)) if pipe.denoise_context.step == 0 else None)
+    try:
+        for downsample in ("pooled", "dilated"):
+            seen.clear()
+            with_technique(pipe, HiDiffusion(downsample=downsample, redilate=False), steps=2, size=(24, 40))
+            x, out = seen[0]
+            if downsample == "pooled":
+                expected = F.conv2d(F.avg_pool2d(x, 2, ceil_mode=True), conv.weight, conv.bias, stride=2, padding=1)
+            else:
+                expected = F.conv2d(x, conv.weight, conv.bias, stride=4, padding=2, dilation=2)
+            assert out.shape[-2:] == (3, 5)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    finally:
+        handle.remove()
+
+
+def test_redilation_factor_and_the_convs_it_touches(pipe):
+    from velodiff.accel.highres.raunet import full_resolution_convs, redilation_factor
+    assert [redilation_factor(s, (8, 8)) for s in [(8, 8), (16, 16), (12, 40), (24, 24), (32, 32), (9, 8)]] == \
+        [1, 2, 2, 3, 4, 1]
+    names = {id(m): n for n, m in pipe.unet.named_modules()}
+    got = sorted(names[id(c)] for c in full_resolution_convs(pipe.unet, 0))
+    expected = sorted(["conv_in", "conv_out", "up_blocks.0.upsamplers.0.conv"]
+                      + [f"down_blocks.0.resnets.0.conv{i}" for i in (1, 2)]
+                      + [f"up_blocks.1.resnets.{j}.conv{i}" for j in (0, 1) for i in (1, 2)])
+    assert got == expected
+
+
+def test_redilated_conv_runs_the_native_conv_on_each_sublattice(pipe):
+    """At twice the size a conv with dilation 2 is the plain conv applied to each of the four interleaved
+    sub-lattices (x[..., a::2, b::2]): checked on conv_in's output during the switch, and plain after it."""
+    seen = []
+    handle = pipe.unet.conv_in.register_forward_hook(
+        lambda m, args, out: seen.append((pipe.denoise_context.step, args[0], out)))
+    try:
+        with_technique(pipe, HiDiffusion(fraction=0.5), steps=4, size=(32, 32))
+    finally:
+        handle.remove()
+    conv = pipe.unet.conv_in
+    for step, x, out in seen:
+        if step < 2:
+            for a in (0, 1):
+                for b in (0, 1):
+                    torch.testing.assert_close(out[..., a::2, b::2], conv._conv_forward(x[..., a::2, b::2],
+                                               conv.weight, conv.bias), rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=0, atol=0)
+    assert {s for s, _, _ in seen} == {0, 1, 2, 3}
+
+
+def test_bad_new_fields_name_the_field():
+    with pytest.raises(ValueError, match="hidiffusion: downsample must be one of dilated, pooled"):
+        HiDiffusion(downsample="strided")
+    with pytest.raises(ValueError, match="hidiffusion: redilate must be True or False"):
+        HiDiffusion(redilate="yes")
+    assert parse_technique("hidiffusion:downsample=pooled,redilate=on,fraction=1") == \
+        HiDiffusion(downsample="pooled", redilate=True, fraction=1.0)

@@ -31,7 +31,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIZE_FACTOR = 4
 MAX_SIZE_FACTOR_ENV = "VELODIFF_MAX_SIZE_FACTOR"
 #: What a folder's ``model_index.json`` may set under ``_velodiff_defaults`` (see :func:`read_defaults`).
-DEFAULT_KEYS = ("guidance_scale",)
+DEFAULT_KEYS = ("guidance_scale", "hidiffusion")
 
 
 class PromptWarning(UserWarning):
@@ -169,6 +169,9 @@ def read_defaults(model_index: Optional[Dict[str, Any]]) -> Dict[str, Any]:
             check_guidance(defaults["guidance_scale"])
         except ValueError as e:
             raise ValueError(f"model_index.json: _velodiff_defaults: {e}") from None
+    if not isinstance(defaults.get("hidiffusion", {}), dict):  # its fields are checked by the technique
+        raise ValueError(f"model_index.json: _velodiff_defaults.hidiffusion must be an object, "
+                         f"got {defaults['hidiffusion']!r}")
     return dict(defaults)
 
 

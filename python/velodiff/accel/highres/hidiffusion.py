@@ -16,21 +16,27 @@ divide are padded with masked keys instead of resampled bicubically.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from velodiff.accel.highres.msw_msa import NUM_SHIFTS, shift_for, windowed_self_attention
-from velodiff.accel.highres.raunet import CONV, POOL, first_attention_level, install_raunet, raunet_phase, \
+from velodiff.accel.highres.raunet import CONV, DILATED, POOL, POOLED, first_attention_level, \
+    full_resolution_convs, install_raunet, install_redilation, raunet_phase, redilation_factor, replace_attr, \
     resolve_mode
 from velodiff.accel.registry import Technique, register
 
 __all__ = ["HiDiffusion"]
 
+
 MODES = ("auto", CONV, POOL)
+DOWNSAMPLES = (DILATED, POOLED)
+#: the reference's settings, used for every field a call and the model folder leave unset (None)
+REFERENCE = {"fraction": 0.4, "downsample": DILATED, "redilate": False}
 
 
 def _fraction(field: str, value) -> None:
@@ -44,21 +50,57 @@ def _fraction(field: str, value) -> None:
 class HiDiffusion(Technique):
     """HiDiffusion on a UNet pipeline (SD 1.x / 2.x / SDXL, ``digits``).
 
+    Fields left None take the model folder's measured setting (``model_index.json`` ``_velodiff_defaults``
+    ``"hidiffusion"``: the built-in ``digits`` sets fraction 1.0, downsample pooled, redilate on), else the
+    reference's (:data:`REFERENCE`).
+
     fraction: RAU-Net is on for steps < floor(fraction * steps) (the reference's T1_ratio, 0.4 below 2048 px;
     0: off). raunet: ``auto`` (SD 1.x / 2.x / digits: ``conv``; SDXL: ``pool``), ``conv`` or ``pool``.
     aggressive_fraction: with ``pool``, the conv variant first, for steps < floor(aggressive_fraction * steps) (the
     reference's SDXL default 8/50 = 0.16; 0: off). msw_msa: windowed self-attention on the first attention level.
-    window_grid: (rows, columns) of windows. seed: seeds the window shifts of every call."""
+    window_grid: (rows, columns) of windows. seed: seeds the window shifts of every call.
+    downsample: the conv variant's downsampler, ``dilated`` (the reference's stride-4 dilated conv) or ``pooled``
+    (2x2 average pool, then the native conv). redilate: while RAU-Net is on, the 3x3 convs that stay at full
+    resolution (conv_in, the switched level's resnets down and up, the upsampler back to it, conv_out) run dilated
+    by the size ratio (ScaleCrafter's re-dilation, arXiv 2310.07702), so they cover the share of the image they
+    were trained on. Not in the reference: needed where the full-resolution level carries the object's shape, as
+    in ``digits`` (README, "High resolution")."""
 
-    fraction: float = 0.4
+    def resolved(self, pipe) -> Dict[str, Any]:
+        """fraction, downsample and redilate for ``pipe``: this config's value, else the folder's, else the
+        reference's. ValueError when the folder's value is invalid."""
+        folder = dict(getattr(pipe, "defaults", {}).get("hidiffusion", {}) or {})
+        unknown = sorted(set(folder) - set(REFERENCE))
+        if unknown:
+            raise ValueError(f"model_index.json: _velodiff_defaults.hidiffusion has unknown keys {unknown}; "
+                             f"it may set {sorted(REFERENCE)}")
+        out = {}
+        for key, reference in REFERENCE.items():
+            mine = getattr(self, key)
+            out[key] = mine if mine is not None else folder.get(key, reference)
+        try:
+            dataclasses.replace(self, **out)  # validates the folder's values
+        except ValueError as e:
+            raise ValueError(f"model_index.json: _velodiff_defaults: {e}") from None
+        return out
+
+    fraction: Optional[float] = None
     raunet: str = "auto"
     aggressive_fraction: float = 0.16
     msw_msa: bool = True
     window_grid: Tuple[int, ...] = (2, 2)
     seed: int = 0
+    downsample: Optional[str] = None
+    redilate: Optional[bool] = None
 
     def validate(self) -> None:
-        _fraction("fraction", self.fraction)
+        if self.fraction is not None:
+            _fraction("fraction", self.fraction)
+        if self.downsample is not None and self.downsample not in DOWNSAMPLES:
+            raise ValueError(f"hidiffusion: downsample must be one of {', '.join(DOWNSAMPLES)}, "
+                             f"got {self.downsample!r}")
+        if self.redilate is not None and not isinstance(self.redilate, bool):
+            raise ValueError(f"hidiffusion: redilate must be True or False, got {self.redilate!r}")
         _fraction("aggressive_fraction", self.aggressive_fraction)
         if self.raunet not in MODES:
             raise ValueError(f"hidiffusion: raunet must be one of {', '.join(MODES)}, got {self.raunet!r}")
@@ -81,6 +123,7 @@ class HiDiffusion(Technique):
         level = first_attention_level(unet)
         if level is None:
             raise ValueError(f"hidiffusion fits {fits}; this UNet has no down block with attention")
+        self.resolved(pipe)
         mode = resolve_mode(unet, self.raunet)
         if mode == CONV and unet.down_blocks[level].downsamplers is None:
             raise ValueError(f"hidiffusion: raunet='conv' needs a downsampler on down block {level} (the first with "
@@ -97,6 +140,8 @@ class HiDiffusion(Technique):
         unet = pipe.unet
         level = first_attention_level(unet)
         mode = resolve_mode(unet, self.raunet)
+        settings = self.resolved(pipe)
+        fraction = settings["fraction"]
         has_conv = unet.down_blocks[level].downsamplers is not None
         n = len(unet.down_blocks)
 
@@ -111,9 +156,27 @@ class HiDiffusion(Technique):
             c = context()
             if c is None:
                 return None
-            return raunet_phase(c.step, c.num_steps, self.fraction, mode, self.aggressive_fraction, has_conv)
+            return raunet_phase(c.step, c.num_steps, fraction, mode, self.aggressive_fraction, has_conv)
 
-        undos: List[Callable[[], None]] = [install_raunet(unet, level, mode, phase, state)]
+        undos: List[Callable[[], None]] = [install_raunet(unet, level, mode, phase, state, settings["downsample"])]
+        if settings["redilate"]:
+            native = unet.config.sample_size
+            native = (native, native) if isinstance(native, int) else tuple(native)
+
+            def record_latent(plain):  # the latent's size for the dilation, per call
+                def wrapped(sample, *args, **kwargs):
+                    call = plain(sample, *args, **kwargs)
+                    if context() is not None:
+                        state()["latent"] = tuple(sample.shape[-2:])
+                    return call
+                return wrapped
+
+            def dilation() -> int:
+                if phase() is None:
+                    return 1
+                return redilation_factor(state()["latent"], native)
+            undos.append(replace_attr(unet, "prepare", record_latent))
+            undos.append(install_redilation(full_resolution_convs(unet, level), dilation))
         if self.msw_msa:
             undos.extend(self._install_msw_msa(unet.down_blocks[level].attentions + unet.up_blocks[n - 1 - level]
                                                .attentions, context, state, Transformer2DModel, Attention))

@@ -29,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CONV", "POOL", "raunet_phase", "first_attention_level", "resolve_mode", "install_raunet"]
+__all__ = ["CONV", "POOL", "DILATED", "POOLED", "raunet_phase", "first_attention_level", "resolve_mode",
+           "install_raunet", "replace_attr", "full_resolution_convs", "redilation_factor", "install_redilation"]
 
 CONV, POOL = "conv", "pool"
+#: the conv variant's downsampler: the reference's dilated stride-4 conv, or a 2x2 average pool and the native conv
+DILATED, POOLED = "dilated", "pooled"
 
 
 def raunet_phase(step: int, num_steps: int, fraction: float, mode: str, aggressive_fraction: float = 0.0,
@@ -64,7 +67,7 @@ def resolve_mode(unet, mode: str) -> str:
     return CONV if level == 0 and unet.down_blocks[0].downsamplers is not None else POOL
 
 
-def _replace_attr(obj, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
+def replace_attr(obj, name: str, make: Callable[[Callable], Callable]) -> Callable[[], None]:
     """Set ``obj.<name>`` (an instance attribute) to ``make(current)``; the undo puts back exactly what was there."""
     had = name in vars(obj)
     previous = vars(obj).get(name)
@@ -79,10 +82,12 @@ def _replace_attr(obj, name: str, make: Callable[[Callable], Callable]) -> Calla
 
 
 def install_raunet(unet, level: int, mode: str, phase: Callable[[], Optional[str]],
-                   state: Callable[[], dict]) -> Callable[[], None]:
+                   state: Callable[[], dict], downsample: str = DILATED) -> Callable[[], None]:
     """Install the RAU-Net switch on ``unet`` at down level ``level`` (``mode`` conv or pool). ``phase()`` says which
     variant is active for the UNet call running now (None: the plain UNet), ``state()`` gives the call's scratch
-    dict. Returns the undo."""
+    dict. ``downsample``: the conv variant's downsampler, :data:`DILATED` (the reference's RD) or :data:`POOLED` (a
+    2x2 average pool, ceil mode, then the native stride-2 conv: every position of the map reaches the levels
+    below, where the dilated conv reads only the even rows and columns). Returns the undo."""
     n = len(unet.down_blocks)
     down, up = unet.down_blocks[level], unet.up_blocks[n - 1 - level]
     undos: List[Callable[[], None]] = []
@@ -93,19 +98,22 @@ def install_raunet(unet, level: int, mode: str, phase: Callable[[], Optional[str
             # a switched level changes the sizes below it: every upsampler resizes to its skip's size
             return dataclasses.replace(call, forward_size=True) if phase() is not None else call
         return wrapped
-    undos.append(_replace_attr(unet, "prepare", prepare))
+    undos.append(replace_attr(unet, "prepare", prepare))
 
     if down.downsamplers is not None:
         downsampler = down.downsamplers[0]
 
-        def downsample(plain):
+        def switched_downsampler(plain):
             def forward(x):
                 if phase() != CONV:
                     return plain(x)
-                conv = downsampler.conv  # RD: same weights, stride 4, dilation 2, padding 2 -> ceil(H / 4)
+                conv = downsampler.conv
+                if downsample == POOLED:  # ceil(H / 2) -> the native conv's ceil(H / 4)
+                    return plain(F.avg_pool2d(x, kernel_size=2, ceil_mode=True))
+                # RD: same weights, stride 4, dilation 2, padding 2 -> ceil(H / 4)
                 return F.conv2d(x, conv.weight, conv.bias, stride=4, padding=2, dilation=2)
             return forward
-        undos.append(_replace_attr(downsampler, "forward", downsample))
+        undos.append(replace_attr(downsampler, "forward", switched_downsampler))
 
     if mode == POOL:
         pooled_layer = 0
@@ -127,8 +135,56 @@ def install_raunet(unet, level: int, mode: str, phase: Callable[[], Optional[str
                     out = F.interpolate(out, size=state()["pool_size"], mode="bicubic")
                 return out
             return layer
-        undos.append(_replace_attr(down, "layer", down_layer))
-        undos.append(_replace_attr(up, "layer", up_layer))
+        undos.append(replace_attr(down, "layer", down_layer))
+        undos.append(replace_attr(up, "layer", up_layer))
+
+    def undo() -> None:
+        for u in reversed(undos):
+            u()
+    return undo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# re-dilation of the full-resolution convs (ScaleCrafter, He et al., ICLR 2024, arXiv 2310.07702, section 3.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+def full_resolution_convs(unet, level: int) -> List[nn.Conv2d]:
+    """The 3x3 stride-1 convs that run at the sample's full resolution while RAU-Net switches level ``level``:
+    ``conv_in``, the resnets of down blocks 0..level, the resnets of their mirrored up blocks, the upsampler that
+    brings the switched levels back to full resolution, and ``conv_out``."""
+    n = len(unet.down_blocks)
+    blocks = list(unet.down_blocks[:level + 1]) + list(unet.up_blocks[n - 1 - level:])
+    convs = [unet.conv_in]
+    for block in blocks:
+        for resnet in block.resnets:
+            convs += [resnet.conv1, resnet.conv2]
+    mirror = unet.up_blocks[n - 2 - level] if n - 2 - level >= 0 else None
+    if mirror is not None and getattr(mirror, "upsamplers", None) is not None:
+        convs.append(mirror.upsamplers[0].conv)
+    convs.append(unet.conv_out)
+    return [c for c in convs if isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3) and c.stride == (1, 1)
+            and c.dilation == (1, 1) and c.padding == (1, 1)]
+
+
+def redilation_factor(size, native) -> int:
+    """The dilation for a latent of ``size`` (h, w) over a model trained at ``native`` (h, w): the smaller side
+    ratio, rounded, at least 1 (2 at twice the trained size)."""
+    return max(1, int(round(min(size[0] / native[0], size[1] / native[1]))))
+
+
+def install_redilation(convs: List[nn.Conv2d], dilation: Callable[[], int]) -> Callable[[], None]:
+    """Run each conv of ``convs`` with dilation (and padding) ``dilation()`` when it is above 1, the same weights:
+    the kernel covers the share of the image it covered at the trained size. Returns the undo."""
+    undos = []
+    for conv in convs:
+        def make(plain, conv=conv):
+            def forward(x):
+                d = dilation()
+                if d <= 1:
+                    return plain(x)
+                return F.conv2d(x, conv.weight, conv.bias, stride=1, padding=d, dilation=d)
+            return forward
+        undos.append(replace_attr(conv, "forward", make))
 
     def undo() -> None:
         for u in reversed(undos):
