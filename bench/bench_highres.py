@@ -9,7 +9,8 @@ digits have). Also reported: the 8x8 judge's accuracy (velodiff.eval.judge), whi
 image (generation wall clock, one untimed warm-up call per method and size first; the machine may be shared).
 
 Methods: ``plain`` (no technique) and every technique spec given with --methods, as ``--optimize`` takes them
-(``hidiffusion``, ``hidiffusion:fraction=0.7``, ...; parsed by velodiff.accel.parse_technique; a spec that does not
+(``hidiffusion``, ``hidiffusion:fraction=0.7``, ``linfusion+hidiffusion`` for two at once, ...; each part parsed
+by velodiff.accel.parse_technique; a spec that does not
 parse or whose technique does not fit the model is skipped with a message). A ``plain`` row at the native 16x16 is
 the reference. The peer: the ``hidiffusion`` PyPI package (apply_hidiffusion) on diffusers' StableDiffusionPipeline
 loaded from the same built-in folder, same seeds; when it does not import or run, its error is recorded.
@@ -74,13 +75,14 @@ def parse_args(argv=None):
     return args
 
 
-def parse_methods(specs: List[str]) -> Dict[str, object]:
-    """{spec: technique config} for the specs that parse; the others are skipped with a message on stderr."""
+def parse_methods(specs: List[str]) -> Dict[str, list]:
+    """{spec: [technique configs]} for the specs that parse (``a+b`` applies both, in order); the others are
+    skipped with a message on stderr."""
     from velodiff.accel import parse_technique
     configs: Dict[str, object] = {}
     for spec in specs:
         try:
-            configs[spec] = parse_technique(spec)
+            configs[spec] = [parse_technique(part) for part in spec.split("+")]
         except ValueError as e:
             print(f"skipping method {spec!r}: {e}", file=sys.stderr, flush=True)
     return configs
@@ -186,7 +188,7 @@ def main(argv=None):
     for method, cfg, sizes in plan:
         if cfg is not None:
             try:
-                vd.optimize(pipe, cfg)
+                vd.optimize(pipe, *cfg)
             except ValueError as e:
                 print(f"skipping method {method!r}: {e}", file=sys.stderr, flush=True)
                 skipped[method] = str(e)

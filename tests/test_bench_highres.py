@@ -27,6 +27,12 @@ def test_defaults_are_the_issue_table():
 
 def test_unknown_specs_are_skipped_with_a_message(capsys):
     configs = bench_highres.parse_methods(["deepcache:interval=3", "no_such_technique", "deepcache:bogus=1"])
-    assert list(configs) == ["deepcache:interval=3"] and configs["deepcache:interval=3"].interval == 3
+    assert list(configs) == ["deepcache:interval=3"] and configs["deepcache:interval=3"][0].interval == 3
     err = capsys.readouterr().err
     assert "skipping method 'no_such_technique'" in err and "skipping method 'deepcache:bogus=1'" in err
+
+
+def test_two_techniques_joined_by_plus():
+    configs = bench_highres.parse_methods(["hidiffusion:fraction=0.5+split_cfg"])
+    first, second = configs["hidiffusion:fraction=0.5+split_cfg"]
+    assert first.fraction == 0.5 and type(second).__name__ == "SplitCFG"
