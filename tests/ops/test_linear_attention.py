@@ -154,7 +154,7 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}q{}k{}d{}dv{}".format(*s))
-def test_matches_reference(device, dtype, kind, shape):
+def test_shapes_within_bound(device, dtype, kind, shape):
     b, h, nq, nk, d, dv = shape
     g = torch.Generator().manual_seed(nq * 1000 + nk + 7 * d + dv)
     q, k, v = make_qkv((b, h, nq, nk, d), dtype, device, g, dv=dv, layout="bnhd")
@@ -165,7 +165,7 @@ def test_matches_reference(device, dtype, kind, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("head_dim,v_head_dim", [(1, 1), (3, 5), (8, 8), (13, 29), (33, 17), (200, 72), (512, 512)])
-def test_awkward_head_dims(device, dtype, kind, head_dim, v_head_dim):
+def test_any_head_dim_1_to_512(device, dtype, kind, head_dim, v_head_dim):
     """Any D and Dv from 1 to 512 (rows of the state that fill no register block, widths that are no multiple of 8)."""
     g = torch.Generator().manual_seed(head_dim * 31 + v_head_dim)
     q, k, v = make_qkv((2, 2, 19, 70, head_dim), dtype, device, g, dv=v_head_dim)
