@@ -1,8 +1,8 @@
 // CPU kernel of non-causal linear attention. Semantics: csrc/include/velodiff/linear_attention.h.
 //
-// Two passes over one OpenMP team (LinFusion, arXiv 2409.02097, eq. 4 - 5 of its generalized linear attention;
-// SANA, arXiv 2410.10629, eq. 2 of ReLU linear attention: o_i = phi(q_i) (sum_j phi(k_j) v_j^T) /
-// (phi(q_i) sum_j phi(k_j))):
+// Two passes over one OpenMP team, following the factorisation both papers use (LinFusion, arXiv 2409.02097, its
+// generalized linear attention; SANA, arXiv 2410.10629, its ReLU linear attention): o_i = phi(q_i) (sum_j phi(k_j)
+// v_j^T) / (phi(q_i) sum_j phi(k_j) + eps'), the sums over keys computed once per (b, h):
 //   1. state: tasks (b, h, key chunk), chunks from linear_attention_cpu_chunks (the keys are split only when B * H
 //      is small, so that the one or two (b, h) of a batch-1 call still fill the threads). A task walks its keys in
 //      tiles of kTokenTile: it packs phi(K) ([keys, D], fp32, phi applied on the packed tile) and V' = [V, 1, 0..]
