@@ -3,6 +3,7 @@
 
 #include "velodiff/attention.h"
 #include "velodiff/cache_gate.h"
+#include "velodiff/linear_attention.h"
 #include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
 
@@ -27,6 +28,12 @@ bool cache_gate_cpu(const CacheGateArgs& args, char* error);
 // bytes) on invalid arguments.
 bool attention_cpu(const AttentionArgs& args, char* error);
 
+// Non-causal linear attention (csrc/kernels/cpu/linear_attention.cpp; format in velodiff/linear_attention.h): a state
+// pass over (batch x heads x key chunks), then an output pass over (batch x heads x query blocks), OpenMP; the same
+// bits for any thread count. Returns false and writes a message to `error` (at least 256 bytes) on invalid
+// arguments.
+bool linear_attention_cpu(const LinearAttentionArgs& args, char* error);
+
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
 // 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).
@@ -50,6 +57,12 @@ int cache_gate_cuda(const CacheGateArgs& args, double* workspace, void* stream);
 // Exact attention (csrc/kernels/cuda/attention.cu): one launch, one warp per query, K / V tiles in shared memory.
 // Returns the cudaError_t of the launch as int (0 = success).
 int attention_cuda(const AttentionArgs& args, void* stream);
+
+// Non-causal linear attention (csrc/kernels/cuda/linear_attention.cu): a state kernel (blocks of (b, h), key chunk,
+// 32 x 32 state tile), a chunk-order sum when there are several chunks, and an output kernel (one warp per query).
+// `workspace` must hold linear_attention_cuda_workspace_floats(B * H, Nk, D, Dv) floats (velodiff/linear_attention.h);
+// it needs no initialisation. Returns the cudaError_t of the launches as int (0 = success).
+int linear_attention_cuda(const LinearAttentionArgs& args, float* workspace, void* stream);
 #endif
 
 }  // namespace velodiff

@@ -6,7 +6,9 @@ kernel. :mod:`velodiff.ops.reference` holds the pure-PyTorch specification of ev
 from velodiff.ops._native import native_available
 from velodiff.ops.attention import attention
 from velodiff.ops.cache_gate import CacheGate, cache_gate
+from velodiff.ops.linear_attention import linear_attention
 from velodiff.ops.qgemm import qgemm, quantize_act
 from velodiff.ops.sampler_update import sampler_update
 
-__all__ = ["native_available", "attention", "cache_gate", "CacheGate", "qgemm", "quantize_act", "sampler_update"]
+__all__ = ["native_available", "attention", "cache_gate", "CacheGate", "qgemm", "quantize_act", "sampler_update",
+           "linear_attention"]

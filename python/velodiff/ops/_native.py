@@ -70,3 +70,9 @@ if _C is not None:
         b, h, lq, _ = q.shape
         # [B, H, Lq, Dv] stored as [B, Lq, H, Dv], as the kernels allocate it
         return q.new_empty((b, lq, h, v.shape[3])).permute(0, 2, 1, 3)
+
+    @torch.library.register_fake("velodiff::linear_attention")
+    def _linear_attention_fake(q, k, v, kind="linfusion", eps=None):
+        b, h, nq, _ = q.shape
+        # [B, H, Nq, Dv] stored as [B, Nq, H, Dv], as the kernels allocate it
+        return q.new_empty((b, nq, h, v.shape[3])).permute(0, 2, 1, 3)

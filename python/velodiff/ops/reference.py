@@ -246,3 +246,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     total = weights.sum(dim=-1, keepdim=True)
     out = torch.matmul(weights, v.double()) / torch.where(total > 0, total, torch.ones_like(total))
     return out.to(q.dtype)
+
+
+LINEAR_ATTENTION_DEFAULT_EPS = {"linfusion": 1e-4, "relu": 1e-8}
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "linfusion",
+                     eps: Optional[float] = None) -> torch.Tensor:
+    """Reference of ``velodiff::linear_attention`` (semantics in csrc/include/velodiff/linear_attention.h), in
+    float64.
+
+    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv] (one float dtype). kind "linfusion": phi = elu + 1,
+    out_i = phi(q_i) S / (phi(q_i) . mean_j phi(k_j) + eps), S = sum_j phi(k_j) v_j^T / Nk (LinFusion's
+    GeneralizedLinearAttention; eps default 1e-4); kind "relu": phi = relu, out_i = phi(q_i) S / (phi(q_i) .
+    sum_j phi(k_j) + eps), S = sum_j phi(k_j) v_j^T (SANA's LiteLA; eps default 1e-8). Returns [B, H, Nq, Dv] in
+    q's dtype. Pass float64 tensors for the float64 result."""
+    if eps is None:
+        eps = LINEAR_ATTENTION_DEFAULT_EPS[kind]
+    qd, kd, vd = q.double(), k.double(), v.double()
+    if kind == "linfusion":
+        fq, fk = torch.nn.functional.elu(qd) + 1.0, torch.nn.functional.elu(kd) + 1.0
+        state = torch.matmul(fk.transpose(-1, -2), vd) / k.shape[2]  # [B, H, D, Dv]
+        z = fk.mean(dim=2)  # [B, H, D]
+    elif kind == "relu":
+        fq, fk = torch.relu(qd), torch.relu(kd)
+        state = torch.matmul(fk.transpose(-1, -2), vd)
+        z = fk.sum(dim=2)
+    else:
+        raise ValueError(f"kind must be 'linfusion' or 'relu', got {kind!r}")
+    den = torch.matmul(fq, z.unsqueeze(-1)) + eps  # [B, H, Nq, 1]
+    return (torch.matmul(fq, state) / den).to(q.dtype)
