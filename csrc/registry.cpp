@@ -30,6 +30,12 @@ TORCH_LIBRARY(velodiff, m) {
   // v [B, H, Lk, Dv], any strides; key_padding_mask bool [B, Lk] (True = attend); scale default 1/sqrt(D);
   // returns [B, H, Lq, Dv] in q's dtype; format in csrc/include/velodiff/attention.h.
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor");
+  // Windowed self-attention (HiDiffusion's MSW-MSA): q, k [B, H, L, D], v [B, H, L, Dv] over an h x w token map
+  // (size, L = h * w), windows of (Wh, Ww) tokens after a cyclic shift (sy, sx) >= 0, padding past the map's edge
+  // dropped; returns [B, H, L, Dv] in q's dtype; format in csrc/include/velodiff/window_attention.h.
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, int[] size, int[] window, int[] shift=[0, 0], "
+      "float? scale=None) -> Tensor");
 }
 
 namespace py = pybind11;

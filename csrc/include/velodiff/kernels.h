@@ -5,6 +5,7 @@
 #include "velodiff/cache_gate.h"
 #include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
+#include "velodiff/window_attention.h"
 
 namespace velodiff {
 
@@ -26,6 +27,11 @@ bool cache_gate_cpu(const CacheGateArgs& args, char* error);
 // query blocks; the same bits for any thread count. Returns false and writes a message to `error` (at least 256
 // bytes) on invalid arguments.
 bool attention_cpu(const AttentionArgs& args, char* error);
+
+// Windowed attention, MSW-MSA (csrc/kernels/cpu/window_attention.cpp; format in velodiff/window_attention.h),
+// OpenMP over batch x heads x windows x query blocks, exact attention's tile routine; the same bits for any thread
+// count. Returns false and writes a message to `error` (at least 256 bytes) on invalid arguments.
+bool window_attention_cpu(const WindowAttentionArgs& args, char* error);
 
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
@@ -50,6 +56,10 @@ int cache_gate_cuda(const CacheGateArgs& args, double* workspace, void* stream);
 // Exact attention (csrc/kernels/cuda/attention.cu): one launch, one warp per query, K / V tiles in shared memory.
 // Returns the cudaError_t of the launch as int (0 = success).
 int attention_cuda(const AttentionArgs& args, void* stream);
+
+// Windowed attention (csrc/kernels/cuda/window_attention.cu): one launch, a block per (b, h, window, 8 queries),
+// one warp per query, the window's keys in shared-memory tiles. Returns the cudaError_t of the launch as int.
+int window_attention_cuda(const WindowAttentionArgs& args, void* stream);
 #endif
 
 }  // namespace velodiff

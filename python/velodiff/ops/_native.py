@@ -70,3 +70,9 @@ if _C is not None:
         b, h, lq, _ = q.shape
         # [B, H, Lq, Dv] stored as [B, Lq, H, Dv], as the kernels allocate it
         return q.new_empty((b, lq, h, v.shape[3])).permute(0, 2, 1, 3)
+
+    @torch.library.register_fake("velodiff::window_attention")
+    def _window_attention_fake(q, k, v, size, window, shift=(0, 0), scale=None):
+        b, h, n, _ = q.shape
+        # [B, H, L, Dv] stored as [B, L, H, Dv], as the kernels allocate it
+        return q.new_empty((b, n, h, v.shape[3])).permute(0, 2, 1, 3)
