@@ -283,6 +283,43 @@ def test_cuda_matches_cpu():
         assert ((cpu - gpu).abs() <= 2 * bound + U32).all(), size
 
 
+# ---- msw_msa: backend "velodiff" runs the op ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 2)])
+@pytest.mark.parametrize("k_shift", range(4))
+def test_msw_msa_velodiff_backend_agrees_with_the_gather_path(grid, k_shift, monkeypatch):
+    """msw_msa.window_attention on a 13 x 7 map (no grid divides it), HiDiffusion's four shifts: backend
+    "velodiff" gives the op's bits with window = (ceil(h / gh), ceil(w / gw)) without building the gather
+    (window_layout is not called), and agrees with the gather + SDPA path within twice the coarse bound (two
+    arithmetics, each within the bound of exact)."""
+    from velodiff.accel.highres import msw_msa
+    size = (13, 7)
+    shift = msw_msa.shift_for(k_shift, size, grid)
+    q, k, v = qkv_map(2, 3, size, 40, torch.float32, "cpu", seed=10 * k_shift + grid[0])
+    gathered = msw_msa.window_attention(q, k, v, size, grid, shift, backend="sdpa")
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("the velodiff backend built the gather")
+    monkeypatch.setattr(msw_msa, "window_layout", no_gather)
+    fused = msw_msa.window_attention(q, k, v, size, grid, shift, backend="velodiff")
+    window = msw_msa.window_size(size, grid)
+    assert torch.equal(fused, window_attention(q, k, v, size, window, shift))
+    _, bound = window_bound(q, k, v, size, window, shift, coarse=True)
+    assert ((fused.double() - gathered.double()).abs() <= 2 * bound + U32).all()
+    check_against_reference(fused, q, k, v, size, window, shift)
+
+
+def test_msw_msa_velodiff_backend_takes_any_shift_and_refuses_float64():
+    """Negative and oversized shifts are reduced mod (h, w) before the op (msw_msa's contract); an input the op
+    does not take is a ValueError naming the backend, as the attention dispatcher gives."""
+    from velodiff.accel.highres import msw_msa
+    q, k, v = qkv_map(1, 2, (6, 5), 8, torch.float32, "cpu", seed=3)
+    got = msw_msa.window_attention(q, k, v, (6, 5), (2, 2), (-2, 11), backend="velodiff")
+    assert torch.equal(got, window_attention(q, k, v, (6, 5), (3, 3), (4, 1)))
+    with pytest.raises(ValueError, match="backend 'velodiff' does not support this input: q must be"):
+        msw_msa.window_attention(q.double(), k.double(), v.double(), (6, 5), (2, 2), backend="velodiff")
+
+
 def test_windows_match_msw_msa_layout():
     """The header's windows are msw_msa's: the reference op on a grid's window equals msw_msa's gather path on
     float64 inputs (SDPA in float64), padded and shifted."""
