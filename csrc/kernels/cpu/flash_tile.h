@@ -1,7 +1,7 @@
 // The flash-attention tile routine of the CPU kernels, shared by exact attention (attention.cpp) and windowed
 // attention (window_attention.cpp): one task computes `rows` queries of one (b, h) against a list of keys, in
 // tiles, with the online softmax of csrc/include/velodiff/attention.h. Both kernels run these very functions, so
-// windowed attention over one window that is the whole map gives exact attention's bits.
+// windowed attention over one unshifted window that is the whole map gives exact attention's bits.
 //
 // A task packs its queries as fp32 [rows, D] pre-multiplied by scale * log2(e) (base-2 logits), then walks the
 // keys in tiles of kKeyTile: it packs the tile's K transposed ([D, keys], fp32) and V ([keys, Dv8], fp32, Dv
