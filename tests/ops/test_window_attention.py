@@ -147,10 +147,12 @@ def test_each_window_is_attention_on_its_tokens(dtype, size, window, shift):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [(8, 8), (6, 10), (7, 9)])
+@pytest.mark.parametrize("size", [(8, 8), (6, 10), (7, 9), (12, 11)])
 def test_whole_map_window_is_global_attention(device, dtype, size):
     """window = size: global attention. Without a shift the keys are the tokens in their own order, so the CPU
-    kernel gives velodiff::attention's bits; a shift only reorders the keys (within the bound of the reference)."""
+    kernel gives velodiff::attention's bits (12 x 11: 132 tokens, three query blocks against keys the kernel packs
+    once per window and thread; the others one block, packed per tile as attention does); a shift only reorders
+    the keys (within the bound of the reference)."""
     q, k, v = qkv_map(2, 4, size, 40, dtype, device, seed=size[0] * size[1])
     out = window_attention(q, k, v, size, size)
     if device == "cpu":

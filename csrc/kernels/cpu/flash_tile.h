@@ -236,13 +236,52 @@ inline bool use_simd() {
 #endif
 }
 
+// ---- packing ------------------------------------------------------------------------------------------------
+
+// Floats of one packed key tile: K^T [D, kKeyTile] then V [kKeyTile, dv8].
+inline int64_t packed_tile_floats(int64_t d, int64_t dv8) { return d * kKeyTile + kKeyTile * dv8; }
+
+// Packs keys [t0, t0 + n) of a key list (n <= kKeyTile; key jj is token keys[jj], or jj when keys is nullptr) of
+// (b, h) as fp32: K transposed into kt [D, kKeyTile] (keys n .. round_up8(n) zero: the AVX2 path reads them) and V
+// into vt [kKeyTile, dv8] (channels Dv .. dv8 zero).
+inline void pack_tile(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t t0, int64_t n,
+                      int64_t dv8, float* kt, float* vt) {
+  const int64_t D = a.head_dim, Dv = a.v_head_dim, n8 = round_up8(n);
+  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+  for (int64_t jj = 0; jj < n; ++jj) {
+    const int64_t j = keys != nullptr ? keys[t0 + jj] : t0 + jj;
+    const int64_t krow = kbase + j * a.k_stride[2], vrow = vbase + j * a.v_stride[2];
+    for (int64_t c = 0; c < D; ++c) kt[c * kKeyTile + jj] = load_as_float(a.dtype, a.k, krow + c * a.k_stride[3]);
+    float* vdst = vt + jj * dv8;
+    for (int64_t c = 0; c < Dv; ++c) vdst[c] = load_as_float(a.dtype, a.v, vrow + c * a.v_stride[3]);
+    for (int64_t c = Dv; c < dv8; ++c) vdst[c] = 0.f;
+  }
+  for (int64_t c = 0; c < D; ++c)
+    for (int64_t jj = n; jj < n8; ++jj) kt[c * kKeyTile + jj] = 0.f;
+}
+
+// Packs a whole key list of (b, h): ceil(nkeys / kKeyTile) tiles of packed_tile_floats(D, dv8) floats into dst,
+// for flash_rows' `packed` (a caller that runs several query blocks against one key list packs it once).
+inline void pack_keys(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t nkeys,
+                      int64_t dv8, float* dst) {
+  const int64_t tile = packed_tile_floats(a.head_dim, dv8);
+  for (int64_t t0 = 0, i = 0; t0 < nkeys; t0 += kKeyTile, ++i) {
+    float* kt = dst + i * tile;
+    pack_tile(a, b, h, keys, t0, std::min(kKeyTile, nkeys - t0), dv8, kt, kt + a.head_dim * kKeyTile);
+  }
+}
+
 // ---- one task -----------------------------------------------------------------------------------------------
 
 // One task: `rows` queries of (b, h) against `nkeys` keys. Query row r is token `queries[r]` of q (and of out),
 // or token i0 + r when `queries` is nullptr; key jj is token `keys[jj]` of k and v, or token jj when `keys` is
-// nullptr. Writes the rows' outputs (zeros for a row without keys). rows <= kQueryBlock.
+// nullptr. `packed`: the key list already packed by pack_keys (then `keys` is not read), or nullptr to pack each
+// tile here; the values, and so the bits, are the same. Writes the rows' outputs (zeros for a row without keys).
+// rows <= kQueryBlock.
 inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* queries, int64_t i0,
-                       int64_t rows, const int64_t* keys, int64_t nkeys, bool simd, Scratch& w) {
+                       int64_t rows, const int64_t* keys, int64_t nkeys, bool simd, Scratch& w,
+                       const float* packed = nullptr) {
   const int64_t D = a.head_dim, Dv = a.v_head_dim, dv8 = w.dv8;
   const float qscale = a.scale * kAttentionLog2e;
   const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
@@ -253,30 +292,27 @@ inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64
     w.l[r] = 0.f;
   }
   std::fill(w.o.begin(), w.o.begin() + rows * dv8, 0.f);
-  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+  const int64_t tile_floats = packed_tile_floats(D, dv8);
   for (int64_t t0 = 0; t0 < nkeys; t0 += kKeyTile) {
     const int64_t n = std::min(kKeyTile, nkeys - t0), n8 = round_up8(n);
-    for (int64_t jj = 0; jj < n; ++jj) {
-      const int64_t j = keys != nullptr ? keys[t0 + jj] : t0 + jj;
-      const int64_t krow = kbase + j * a.k_stride[2], vrow = vbase + j * a.v_stride[2];
-      for (int64_t c = 0; c < D; ++c) w.kt[c * kKeyTile + jj] = load_as_float(a.dtype, a.k, krow + c * a.k_stride[3]);
-      float* vdst = w.vt.data() + jj * dv8;
-      for (int64_t c = 0; c < Dv; ++c) vdst[c] = load_as_float(a.dtype, a.v, vrow + c * a.v_stride[3]);
-      for (int64_t c = Dv; c < dv8; ++c) vdst[c] = 0.f;
+    const float* kt = w.kt.data();
+    const float* vt = w.vt.data();
+    if (packed != nullptr) {
+      kt = packed + (t0 / kKeyTile) * tile_floats;
+      vt = kt + D * kKeyTile;
+    } else {
+      pack_tile(a, b, h, keys, t0, n, dv8, w.kt.data(), w.vt.data());
     }
-    for (int64_t c = 0; c < D; ++c)
-      for (int64_t jj = n; jj < n8; ++jj) w.kt[c * kKeyTile + jj] = 0.f;
     for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
       const int rr = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
       float* s = w.s.data() + r0 * kKeyTile;
       float* o = w.o.data() + r0 * dv8;
 #if defined(__x86_64__) && defined(__GNUC__)
       if (simd)
-        qk_avx2(w.q.data() + r0 * D, D, w.kt.data(), rr, n8, s);
+        qk_avx2(w.q.data() + r0 * D, D, kt, rr, n8, s);
       else
 #endif
-        qk_portable(w.q.data() + r0 * D, D, w.kt.data(), rr, n, s);
+        qk_portable(w.q.data() + r0 * D, D, kt, rr, n, s);
       // Online softmax (header): new max, rescale of the running sum and the accumulator, probabilities.
       for (int r = 0; r < rr; ++r) {
         float* srow = s + r * kKeyTile;
@@ -300,10 +336,10 @@ inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64
       }
 #if defined(__x86_64__) && defined(__GNUC__)
       if (simd)
-        pv_avx2(s, w.vt.data(), dv8, rr, n, o);
+        pv_avx2(s, vt, dv8, rr, n, o);
       else
 #endif
-        pv_portable(s, w.vt.data(), dv8, rr, n, o);
+        pv_portable(s, vt, dv8, rr, n, o);
     }
   }
   const int64_t obase = b * a.out_stride[0] + h * a.out_stride[1];

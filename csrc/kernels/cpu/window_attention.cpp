@@ -5,10 +5,14 @@
 // tasks read q, k and v at those tokens through their strides and write out at the same tokens. No partition or
 // reverse copy of the data is made, and padding slots never enter a list.
 //
-// Tasks: (b, h, window, block of kQueryBlock of the window's queries), an OpenMP loop over them in that order (the
-// tasks of one window run back to back, so its keys stay in cache). Each task runs the tile routine of exact
-// attention, flash_rows (csrc/kernels/cpu/flash_tile.h: online softmax, the AVX2 path and the bit-identical
-// portable one), with the window's real tokens as the key list. Any thread count gives the same bits.
+// Tasks: (b, h, window, block of kQueryBlock of the window's queries), an OpenMP loop over them in that order. Each
+// task runs the tile routine of exact attention, flash_rows (csrc/kernels/cpu/flash_tile.h: online softmax, the
+// AVX2 path and the bit-identical portable one), with the window's real tokens as the key list. A thread packs a
+// window's keys (fp32 tiles, pack_keys) when it first meets the window and reuses them for the window's next query
+// blocks that it takes (the tasks of one window run back to back): the window's K and V, read through the input's
+// strides (the models' [B, L, H, D] views scatter a window over the whole map), are read about once per thread
+// instead of once per query block. A window whose packed keys would exceed kMaxPackedFloats is packed tile by tile
+// in each task instead. Either way the values and so the bits are the same, for any thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -20,6 +24,8 @@
 
 namespace velodiff {
 namespace {
+
+constexpr int64_t kMaxPackedFloats = int64_t{1} << 22;  // 16 MiB of packed keys per thread at most
 
 bool check(const WindowAttentionArgs& wa, char* error) {
   const AttentionArgs& a = wa.attn;
@@ -87,6 +93,8 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
 #pragma omp parallel if (work >= kParallelMin && tasks > 1)
   {
     Scratch w(a.head_dim, a.v_head_dim);
+    std::vector<float> packed;  // the keys of window `packed_id` = bh * windows + n, packed by this thread
+    int64_t packed_id = -1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / blocks, block = t % blocks;
@@ -96,7 +104,18 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
       const int64_t* win = tokens.data() + start[n];
       const int64_t count = start[n + 1] - start[n];
       const int64_t i0 = (block - first_block[n]) * kQueryBlock;
-      flash_rows(a, b, h, win + i0, 0, std::min(kQueryBlock, count - i0), win, count, simd, w);
+      const int64_t rows = std::min(kQueryBlock, count - i0);
+      const int64_t floats = (count + kKeyTile - 1) / kKeyTile * packed_tile_floats(a.head_dim, w.dv8);
+      if (count <= kQueryBlock || floats > kMaxPackedFloats) {  // one query block, or too large: pack per task
+        flash_rows(a, b, h, win + i0, 0, rows, win, count, simd, w);
+        continue;
+      }
+      if (packed_id != bh * windows + n) {
+        packed.resize(static_cast<size_t>(std::max<int64_t>(floats, static_cast<int64_t>(packed.size()))));
+        pack_keys(a, b, h, win, count, w.dv8, packed.data());
+        packed_id = bh * windows + n;
+      }
+      flash_rows(a, b, h, win + i0, 0, rows, win, count, simd, w, packed.data());
     }
   }
   return true;
