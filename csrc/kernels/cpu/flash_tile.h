@@ -5,10 +5,10 @@
 //
 // A task packs its queries as fp32 [rows, D] pre-multiplied by scale * log2(e) (base-2 logits), then walks the
 // keys in tiles of kKeyTile: it packs the tile's K transposed ([D, keys], fp32) and V ([keys, Dv8], fp32, Dv
-// rounded up to 8 with zeros), reading q, k and v through their strides (no copy of the inputs), computes the
-// tile's logits S = Q K^T, updates the running max / sum and rescales the accumulator (online softmax), then adds
-// P V. Queries and keys are token indices (a list, or a contiguous range), so the callers choose which tokens form
-// a task without moving any data.
+// rounded up to 8 with zeros) - or takes the tile from a key list packed once by pack_keys -, reading q, k and v
+// through their strides (no copy of the inputs), computes the tile's logits S = Q K^T, updates the running max /
+// sum and rescales the accumulator (online softmax), then adds P V. Queries and keys are token indices (a list,
+// or a contiguous range), so the callers choose which tokens form a task without moving any data.
 //
 // Two paths, the same bits: AVX2 + FMA (chosen at run time; register blocks of 4 queries x 16 keys for Q K^T
 // and 4 queries x 16 channels for P V, broadcasting one operand), and a portable path that performs the same
