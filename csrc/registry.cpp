@@ -35,6 +35,12 @@ TORCH_LIBRARY(velodiff, m) {
   // phi = relu, sum-normalised, eps default 1e-8); returns [B, H, Nq, Dv] in q's dtype; format in
   // csrc/include/velodiff/linear_attention.h.
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, str kind=\"linfusion\", float? eps=None) -> Tensor");
+  // Windowed self-attention (HiDiffusion's MSW-MSA): q, k [B, H, L, D], v [B, H, L, Dv] over an h x w token map
+  // (size, L = h * w), windows of (Wh, Ww) tokens after a cyclic shift (sy, sx) >= 0, padding past the map's edge
+  // dropped; returns [B, H, L, Dv] in q's dtype; format in csrc/include/velodiff/window_attention.h.
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, int[] size, int[] window, int[] shift=[0, 0], "
+      "float? scale=None) -> Tensor");
 }
 
 namespace py = pybind11;

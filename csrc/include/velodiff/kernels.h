@@ -6,6 +6,7 @@
 #include "velodiff/linear_attention.h"
 #include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
+#include "velodiff/window_attention.h"
 
 namespace velodiff {
 
@@ -33,6 +34,10 @@ bool attention_cpu(const AttentionArgs& args, char* error);
 // bits for any thread count. Returns false and writes a message to `error` (at least 256 bytes) on invalid
 // arguments.
 bool linear_attention_cpu(const LinearAttentionArgs& args, char* error);
+// Windowed attention, MSW-MSA (csrc/kernels/cpu/window_attention.cpp; format in velodiff/window_attention.h),
+// OpenMP over batch x heads x windows x query blocks, exact attention's tile routine; the same bits for any thread
+// count. Returns false and writes a message to `error` (at least 256 bytes) on invalid arguments.
+bool window_attention_cpu(const WindowAttentionArgs& args, char* error);
 
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
@@ -63,6 +68,9 @@ int attention_cuda(const AttentionArgs& args, void* stream);
 // `workspace` must hold linear_attention_cuda_workspace_floats(B * H, Nk, D, Dv) floats (velodiff/linear_attention.h);
 // it needs no initialisation. Returns the cudaError_t of the launches as int (0 = success).
 int linear_attention_cuda(const LinearAttentionArgs& args, float* workspace, void* stream);
+// Windowed attention (csrc/kernels/cuda/window_attention.cu): one launch, a block per (b, h, window, 8 queries),
+// one warp per query, the window's keys in shared-memory tiles. Returns the cudaError_t of the launch as int.
+int window_attention_cuda(const WindowAttentionArgs& args, void* stream);
 #endif
 
 }  // namespace velodiff

@@ -76,3 +76,9 @@ if _C is not None:
         b, h, nq, _ = q.shape
         # [B, H, Nq, Dv] stored as [B, Nq, H, Dv], as the kernels allocate it
         return q.new_empty((b, nq, h, v.shape[3])).permute(0, 2, 1, 3)
+
+    @torch.library.register_fake("velodiff::window_attention")
+    def _window_attention_fake(q, k, v, size, window, shift=(0, 0), scale=None):
+        b, h, n, _ = q.shape
+        # [B, H, L, Dv] stored as [B, L, H, Dv], as the kernels allocate it
+        return q.new_empty((b, n, h, v.shape[3])).permute(0, 2, 1, 3)

@@ -276,3 +276,30 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
         raise ValueError(f"kind must be 'linfusion' or 'relu', got {kind!r}")
     den = torch.matmul(fq, z.unsqueeze(-1)) + eps  # [B, H, Nq, 1]
     return (torch.matmul(fq, state) / den).to(q.dtype)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size, window, shift=(0, 0),
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Reference of ``velodiff::window_attention`` (semantics in csrc/include/velodiff/window_attention.h), in
+    float64: an explicit loop over the windows.
+
+    q, k [B, H, L, D], v [B, H, L, Dv] (one float dtype) over an h x w map (``size``, L = h * w, row-major);
+    ``window`` = (Wh, Ww), ``shift`` = (sy, sx) (taken mod h, w), scale > 0 or None (1 / sqrt(D)). Window (wy, wx)
+    is rows wy*Wh .. min((wy+1)*Wh, h) - 1 and columns wx*Ww .. min((wx+1)*Ww, w) - 1 of the map rolled by -shift
+    (map row (r + sy) mod h, column (c + sx) mod w), so the windows at the bottom and right edges are cut short;
+    each window's tokens attend to each other only. Returns [B, H, L, Dv] in q's dtype."""
+    h, w = int(size[0]), int(size[1])
+    wh, ww = int(window[0]), int(window[1])
+    sy, sx = int(shift[0]) % h, int(shift[1]) % w
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    qd, kd, vd = q.double(), k.double(), v.double()
+    out = torch.zeros(*q.shape[:3], v.shape[3], dtype=torch.float64, device=q.device)
+    for top in range(0, h, wh):
+        rows = torch.arange(top, min(top + wh, h), device=q.device)
+        for left in range(0, w, ww):
+            cols = torch.arange(left, min(left + ww, w), device=q.device)
+            tokens = (((rows + sy) % h)[:, None] * w + ((cols + sx) % w)[None, :]).reshape(-1)
+            logits = torch.matmul(qd[:, :, tokens], kd[:, :, tokens].transpose(-1, -2)) * scale
+            weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # float64 softmax of the window
+            out[:, :, tokens] = torch.matmul(weights, vd[:, :, tokens]) / weights.sum(dim=-1, keepdim=True)
+    return out.to(q.dtype)

@@ -11,8 +11,9 @@ wrapped border tokens attend to each other (no Swin mask). Unlike the reference,
 to 2 x window and back, sizes that the grid does not divide are padded: the last window of a row or column holds
 fewer real tokens and the padding is masked out of the keys (padded queries are computed and dropped), so every
 token attends exactly to the real tokens of its own window. Windows and shifts are index arithmetic: one gather
-before the attention and one after it (no Python loop over windows), so :func:`window_attention` is the one function
-a fused kernel replaces later.
+before the attention and one after it (no Python loop over windows); with ``backend="velodiff"``,
+:func:`window_attention` runs the fused op :func:`velodiff.ops.window_attention` instead, whose kernel forms the
+windows itself (no gather).
 """
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Se
 
     ``grid`` = (gh, gw) windows (each at least 1), ``shift`` = (s_y, s_x) the cyclic shift (taken mod h, w),
     ``scale`` the softmax scale (default D**-0.5), ``backend`` the :func:`velodiff.models.attention.attention`
-    backend run on the windows. A 1 x 1 grid is global attention (any shift: attention does not depend on the
-    order of the tokens)."""
+    backend run on the windows; ``"velodiff"`` runs :func:`velodiff.ops.window_attention` instead, which forms
+    the windows inside its kernel (no gather; fp32 / fp16 / bf16, head dims 1..512). A 1 x 1 grid is global
+    attention (any shift: attention does not depend on the order of the tokens)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not torch.is_tensor(t) or t.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, L, D] tensor, got "
@@ -99,9 +101,11 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Se
         raise ValueError(f"size {(h, w)} must be positive with h * w = L = {q.shape[2]} tokens")
     if gh < 1 or gw < 1:
         raise ValueError(f"grid must have at least one window per axis, got {(gh, gw)}")
+    wh, ww = window_size((h, w), (gh, gw))
+    if backend == "velodiff":  # the fused op: windows and shift by index arithmetic in the kernel, no gather
+        return _fused_window_attention(q, k, v, (h, w), (wh, ww), shift, scale)
     index, valid, inverse = window_layout((h, w), (gh, gw), shift, q.device)
     b, heads, _, _ = q.shape
-    wh, ww = window_size((h, w), (gh, gw))
     slots = wh * ww                        # Lw
     n_win = index.numel() // slots         # nW = ceil(h / Wh) * ceil(w / Ww)
 
@@ -115,6 +119,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Se
     out = attention(to_windows(q), to_windows(k), to_windows(v), mask=mask, scale=scale, backend=backend)
     out = out.view(b, n_win, heads, slots, out.shape[-1]).transpose(1, 2).reshape(b, heads, n_win * slots, -1)
     return out.index_select(2, inverse)
+
+
+def _fused_window_attention(q, k, v, size, window, shift, scale):
+    """velodiff::window_attention with msw_msa's arguments (the shift reduced mod (h, w)); an input the op does not
+    take is refused as the attention dispatcher refuses one (a ValueError naming the backend)."""
+    from velodiff.ops.window_attention import window_attention as fused, window_attention_unsupported
+    (h, w), (sy, sx) = size, (int(shift[0]), int(shift[1]))
+    shift = (sy % h, sx % w)
+    problem = window_attention_unsupported(q, k, v, size, window, shift, scale)
+    if problem is not None:
+        raise ValueError(f"attention backend 'velodiff' does not support this input: {problem[1]}")
+    return fused(q, k, v, size, window, shift, scale=scale)
 
 
 def windowed_self_attention(attn: Attention, hidden_states: torch.Tensor, size: Sequence[int],

@@ -1,0 +1,124 @@
+// CPU kernel of windowed attention (MSW-MSA). Semantics: csrc/include/velodiff/window_attention.h.
+//
+// The windows are index arithmetic: the kernel lists, once per call, the token of every real window slot (window-
+// major, each window's real tokens in local row-major order: L int64 indices in all, every token once), and the
+// tasks read q, k and v at those tokens through their strides and write out at the same tokens. No partition or
+// reverse copy of the data is made, and padding slots never enter a list.
+//
+// Tasks: (b, h, window, block of kQueryBlock of the window's queries), an OpenMP loop over them in that order. Each
+// task runs the tile routine of exact attention, flash_rows (csrc/kernels/cpu/flash_tile.h: online softmax, the
+// AVX2 path and the bit-identical portable one), with the window's real tokens as the key list. A thread packs a
+// window's keys (fp32 tiles, pack_keys) when it first meets the window and reuses them for the window's next query
+// blocks that it takes (the tasks of one window run back to back): the window's K and V, read through the input's
+// strides (the models' [B, L, H, D] views scatter a window over the whole map), are read about once per thread
+// instead of once per query block. A window whose packed keys would exceed kMaxPackedFloats is packed tile by tile
+// in each task instead. Either way the values and so the bits are the same, for any thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "flash_tile.h"
+#include "velodiff/kernels.h"
+#include "velodiff/window_attention.h"
+
+namespace velodiff {
+namespace {
+
+constexpr int64_t kMaxPackedFloats = int64_t{1} << 22;  // 16 MiB of packed keys per thread at most
+
+bool check(const WindowAttentionArgs& wa, char* error) {
+  const AttentionArgs& a = wa.attn;
+  if (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.out == nullptr) {
+    std::snprintf(error, 256, "window_attention_cpu: q, k, v and out must be non-null");
+    return false;
+  }
+  if (a.batch < 0 || a.heads < 0 || a.head_dim < 1 || a.head_dim > kAttentionMaxHeadDim || a.v_head_dim < 1 ||
+      a.v_head_dim > kAttentionMaxHeadDim) {
+    std::snprintf(error, 256, "window_attention_cpu: sizes out of range (D and Dv must be in 1..%lld)",
+                  static_cast<long long>(kAttentionMaxHeadDim));
+    return false;
+  }
+  if (wa.height < 1 || wa.width < 1 || a.q_len != wa.height * wa.width || a.kv_len != a.q_len) {
+    std::snprintf(error, 256, "window_attention_cpu: size must be h, w >= 1 with h * w = L = q_len = kv_len");
+    return false;
+  }
+  if (wa.window_h < 1 || wa.window_h > wa.height || wa.window_w < 1 || wa.window_w > wa.width) {
+    std::snprintf(error, 256, "window_attention_cpu: window must be 1 <= Wh <= h and 1 <= Ww <= w");
+    return false;
+  }
+  if (wa.shift_y < 0 || wa.shift_y >= wa.height || wa.shift_x < 0 || wa.shift_x >= wa.width) {
+    std::snprintf(error, 256, "window_attention_cpu: shift must be reduced: 0 <= sy < h and 0 <= sx < w");
+    return false;
+  }
+  if (a.mask != nullptr) {
+    std::snprintf(error, 256, "window_attention_cpu: takes no key-padding mask");
+    return false;
+  }
+  if (!(a.scale > 0.f) || !std::isfinite(a.scale)) {
+    std::snprintf(error, 256, "window_attention_cpu: scale must be finite and > 0");
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
+  if (!check(wa, error)) return false;
+  using namespace flash_cpu;
+  const AttentionArgs& a = wa.attn;
+  const int64_t B = a.batch, H = a.heads;
+  if (B == 0 || H == 0) return true;
+  const int64_t nh = window_grid(wa.height, wa.window_h), nw = window_grid(wa.width, wa.window_w);
+  const int64_t windows = nh * nw;
+  // tokens[start[n] .. start[n + 1]): the real tokens of window n = wy * nw + wx, in local row-major order;
+  // first_block[n]: the index of its first query block among the (b, h)'s blocks.
+  std::vector<int64_t> tokens(static_cast<size_t>(a.q_len)), start(static_cast<size_t>(windows + 1), 0),
+      first_block(static_cast<size_t>(windows + 1), 0);
+  double work = 0.0;
+  for (int64_t n = 0, t = 0; n < windows; ++n) {
+    const int64_t wy = n / nw, wx = n % nw;
+    const int64_t rows = window_real(wy, wa.window_h, wa.height), cols = window_real(wx, wa.window_w, wa.width);
+    for (int64_t ly = 0; ly < rows; ++ly)
+      for (int64_t lx = 0; lx < cols; ++lx) tokens[t++] = window_token(wa, wy, wx, ly, lx);
+    start[n + 1] = t;
+    first_block[n + 1] = first_block[n] + (rows * cols + kQueryBlock - 1) / kQueryBlock;
+    work += static_cast<double>(rows * cols) * (rows * cols + 1);
+  }
+  const int64_t blocks = first_block[windows];  // query blocks per (b, h)
+  const int64_t tasks = B * H * blocks;
+  work *= static_cast<double>(B * H) * (a.head_dim + a.v_head_dim);
+  const bool simd = use_simd();
+#pragma omp parallel if (work >= kParallelMin && tasks > 1)
+  {
+    Scratch w(a.head_dim, a.v_head_dim);
+    std::vector<float> packed;  // the keys of window `packed_id` = bh * windows + n, packed by this thread
+    int64_t packed_id = -1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bh = t / blocks, block = t % blocks;
+      const int64_t b = bh / H, h = bh % H;
+      // the window holding this block: the last n with first_block[n] <= block
+      const int64_t n = std::upper_bound(first_block.begin(), first_block.end(), block) - first_block.begin() - 1;
+      const int64_t* win = tokens.data() + start[n];
+      const int64_t count = start[n + 1] - start[n];
+      const int64_t i0 = (block - first_block[n]) * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, count - i0);
+      const int64_t floats = (count + kKeyTile - 1) / kKeyTile * packed_tile_floats(a.head_dim, w.dv8);
+      if (count <= kQueryBlock || floats > kMaxPackedFloats) {  // one query block, or too large: pack per task
+        flash_rows(a, b, h, win + i0, 0, rows, win, count, simd, w);
+        continue;
+      }
+      if (packed_id != bh * windows + n) {
+        packed.resize(static_cast<size_t>(std::max<int64_t>(floats, static_cast<int64_t>(packed.size()))));
+        pack_keys(a, b, h, win, count, w.dv8, packed.data());
+        packed_id = bh * windows + n;
+      }
+      flash_rows(a, b, h, win + i0, 0, rows, win, count, simd, w, packed.data());
+    }
+  }
+  return true;
+}
+
+}  // namespace velodiff
