@@ -348,6 +348,42 @@ def test_multidiffusion_dit_and_img2img(digits):
     assert got.shape == plain.shape == (1, 4, 16, 16) and not torch.equal(got, plain)
 
 
+@pytest.mark.parametrize("kind", ["sdxl", "pixart"])
+def test_side_by_side_tiles_of_real_denoisers_are_their_plain_halves(kind, tmp_path):
+    """SDXL's UNet (added_cond_kwargs text_embeds / time_ids) and PixArt's transformer (encoder_attention_mask):
+    with stride = tile on a latent two tiles wide, the tiled evaluation is the plain denoiser on each half, every
+    per-row argument repeated to the tiles' rows. Equal up to the GEMMs' round-off at another batch size."""
+    from fixtures import saved_and_loaded, tiny_pixart_pipeline, tiny_sd_pipeline
+    _, pipe, _ = saved_and_loaded(tiny_sd_pipeline("sdxl") if kind == "sdxl" else tiny_pixart_pipeline(), str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    if kind == "sdxl":
+        t = pipe.unet.config.sample_size
+        x = torch.randn(2, 4, t, 2 * t, generator=g)
+        args = (torch.tensor([400.0, 700.0]), torch.randn(2, 7, pipe.unet.config.cross_attention_dim, generator=g))
+        kwargs = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=g),
+                                        "time_ids": torch.tensor([[16.0, 32, 0, 0, 16, 32], [16, 32, 0, 0, 32, 16]])}}
+        denoiser = pipe.unet
+    else:
+        t = pipe.transformer.config.sample_size
+        x = torch.randn(2, 4, t, 2 * t, generator=g)
+        args = (torch.randn(2, 6, pipe.transformer.config.caption_channels, generator=g), torch.tensor([400.0, 700.0]))
+        kwargs = {"encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])}
+        denoiser = pipe.transformer
+    with torch.no_grad():
+        halves = torch.cat([denoiser(x[..., :t], *args, **kwargs), denoiser(x[..., t:], *args, **kwargs)], dim=3)
+        optimize(pipe, MultiDiffusion(stride=t))
+        try:
+            context = DenoiseContext(sampler="ddim", call_steps=(0,))
+            with pipe._context.open(context):
+                context.advance(0, 500.0)
+                got = denoiser(x, *args, **kwargs)
+        finally:
+            restore(pipe)
+    assert got.shape == halves.shape
+    assert torch.allclose(got, halves, rtol=1e-4, atol=1e-5), float((got - halves).abs().max())
+    assert not torch.allclose(got, denoiser(x, *args, **kwargs), rtol=1e-2, atol=1e-2)  # not the untiled call
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # circular panoramas
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,7 +454,8 @@ def test_circular_panorama_seam_is_like_an_inner_column(digits, config):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_cli_generates_a_panorama(tmp_path, capsys):
-    code, out, err = run_cli(["generate", "--model", "digits", "--prompt", "a handwritten 3", "--height", "32", "--width", "64", "--steps", "1",
+    code, out, err = run_cli(["generate", "--model", "digits", "--prompt", "a handwritten 3", "--height", "32",
+                              "--width", "64", "--steps", "1",
                               "--optimize", "multidiffusion:batch=64", "--outdir", str(tmp_path)], capsys)
     assert code == 0, err
     from PIL import Image
@@ -474,7 +511,8 @@ def test_fitting_and_combinations(digits):
                                  (parse_technique("tiled_vae:tile_size=16"), FSTD(circular=True), "would not wrap"),
                                  (MultiDiffusion(circular=True), parse_technique("tiled_vae"), "would not wrap")):
         for together in (True, False):
-            with pytest.raises(ValueError, match=f"{second.name} and {first.name} cannot be applied together: .*{words}"):
+            match = f"{second.name} and {first.name} cannot be applied together: .*{words}"
+            with pytest.raises(ValueError, match=match):
                 optimize(digits, first, second) if together else optimize(optimize(digits, first), second)
             assert digits._applied == ([] if together else [first])
             restore(digits)

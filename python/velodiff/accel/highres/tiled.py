@@ -17,15 +17,17 @@ the latent [N, C, H, W] is cut into tiles of the model's native latent size, the
   with the reference's Gaussian weights. ~ (H / th) (W / tw) tile evaluations per step instead of
   MultiDiffusion's ~ (H / stride) (W / stride).
 
-Averaging the model output (eps, v or x0) instead of MultiDiffusion's per-view sampler outputs x_{t-1}: the same
-thing for every sampler whose update is affine in the model output with coefficients shared by the views, given
-the shared x_t (DDIM, Euler, Heun, DPM-Solver(++) single- and multistep, UniPC, ...): per view
-x'_i = a x_t + b eps_i, and mean_i x'_i = a x_t + b mean_i eps_i (multistep history terms are averaged model outputs
-of earlier steps, affine too). Classifier-free guidance is affine as well, so averaging the conditional and the
-unconditional outputs apart is averaging the guided one. tests/accel/test_tiled_diffusion.py checks the identity
-for DDIM and Euler updates. Where it is not the same: stochastic samplers (the reference adds independent noise per
-view and averages it, shrinking its variance; here the noise is drawn once for the whole latent, as the sampler
-expects) and Lin et al.'s guidance rescale (the std is taken over the whole latent, not per view).
+Averaging the model output (eps, v or x0) instead of MultiDiffusion's per-view sampler outputs x_{t-1} is the same
+thing for every sampler that evaluates the model once per step and whose update is affine in the model output with
+coefficients shared by the views, given the shared x_t (DDIM, Euler, DPM-Solver++ multistep, UniPC, ...): per view
+x'_i = a x_t + b eps_i, so mean_i x'_i = a x_t + b mean_i eps_i (a multistep history term is an earlier step's
+model output, averaged the same way over the same views). Classifier-free guidance is affine too, so averaging
+the conditional and the unconditional outputs apart is averaging the guided one. tests/accel/test_tiled_diffusion.py
+checks the identity for DDIM, Euler and DPM-Solver++ 2M (first-step) updates. Where it is not the same: samplers
+with a second evaluation inside a step (Heun, DPM-Solver single-step) evaluate it at the averaged predictor point,
+where per-view updates would evaluate each view at its own; stochastic samplers (the per-view form adds independent
+noise per view and averages it, shrinking its variance; here the noise is drawn once for the whole latent, as the
+sampler expects); and Lin et al.'s guidance rescale (its std is taken over the whole latent, not per view).
 
 ``circular`` (both techniques; for 360-degree panoramas): tile columns wrap around the latent's right edge into its
 left edge, and the VAE decoder's zero-padded convs pad circularly along x (rows stay zero-padded) for as long as the
@@ -260,8 +262,9 @@ class FSTD(_Tiled):
     uniformly from [0, tile) per axis, one draw per step from ``seed`` and the plan's step
     (:func:`velodiff.accel.highres.tiling.fstd_offset`): the CFG halves, split CFG's two calls and Heun's two
     evaluations of a step share it, and images reproduce. The edge tiles are clamped into the latent and blended
-    with ``weights`` ("gaussian", the reference's, by default). ``circular``: the grid wraps horizontally (and the
-    decode too)."""
+    with ``weights`` ("gaussian", the reference's, by default); where the shift would leave a strip at the far edge
+    uncovered, the grid gets one more (clamped) tile, where the reference reuses the previous step's prediction.
+    ``circular``: the grid wraps horizontally (and the decode too)."""
 
     weights: str = "gaussian"
     seed: int = 0
