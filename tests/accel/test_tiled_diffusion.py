@@ -304,8 +304,9 @@ def test_fstd_one_shift_per_step_under_heun_and_split_cfg(digits, monkeypatch):
 
     def spy(seed, step, tile):
         c = digits.denoise_context
-        seen.append((c.call_index, c.cfg_branch, step, c.step))
-        return real(seed, step, tile)
+        offset = real(seed, step, tile)
+        seen.append((c.call_index, c.cfg_branch, step, c.step, offset))
+        return offset
     monkeypatch.setattr(T, "fstd_offset", spy)
     steps, split = 3, vd.accel.SplitCFG()
     first = run(digits, 16, 24, (split, FSTD(seed=5)), steps=steps, n=1, sampler="heun")
@@ -315,13 +316,16 @@ def test_fstd_one_shift_per_step_under_heun_and_split_cfg(digits, monkeypatch):
     assert torch.equal(first, again) and seen == calls
     _, plan = digits.make_plan("heun", steps)
     # every denoiser call (two per evaluation under split CFG) asked for the shift of the plan's step
-    assert all(step == ctx_step == plan.call_steps[i] for i, _, step, ctx_step in calls)
-    assert sorted({(i, b) for i, b, _, _ in calls}) == [(i, b) for i in range(len(plan.calls))
-                                                         for b in ("cond", "uncond")]
-    per_step = {}
-    for i, _, step, _ in calls:
+    assert all(step == ctx_step == plan.call_steps[i] for i, _, step, ctx_step, _ in calls)
+    assert sorted({(i, b) for i, b, _, _, _ in calls}) == [(i, b) for i in range(len(plan.calls))
+                                                            for b in ("cond", "uncond")]
+    per_step, offsets = {}, {}
+    for i, _, step, _, offset in calls:
         per_step.setdefault(step, set()).add(i)
+        offsets.setdefault(step, set()).add(offset)
     assert len(per_step) == steps and max(len(v) for v in per_step.values()) == 2  # Heun's two evaluations
+    # one shift per step for all of its calls, and the shifts move from step to step
+    assert all(len(v) == 1 for v in offsets.values()) and len(set.union(*offsets.values())) > 1
 
 
 def test_multidiffusion_dit_and_img2img(digits):
