@@ -91,6 +91,24 @@ def test_optimize_checks_fit_and_groups_before_applying(scratch):
     assert pipe._applied == [b()]
 
 
+def test_optimize_asks_both_configs_of_a_pair_whether_they_conflict(scratch):
+    """conflicts_with is asked in both directions, within one optimize call and against what is applied."""
+    picky, plain = _toy(scratch, "picky"), _toy(scratch, "plain_one")
+    picky.conflicts_with = lambda self, other: "they fight" if getattr(other, "name", "") == "plain_one" else None
+    pipe = FakePipe()
+    for first, second in ((picky(), plain()), (plain(), picky())):
+        pipe.log.clear()
+        with pytest.raises(ValueError, match=f"{second.name} and {first.name} cannot be applied together: they fight"):
+            optimize(pipe, first, second)
+        assert pipe.log == [] and pipe._applied == []
+        optimize(pipe, first)
+        with pytest.raises(ValueError, match="cannot be applied together: they fight"):
+            optimize(pipe, second)
+        restore(pipe)
+    optimize(pipe, picky(), _toy(scratch, "third")())  # no conflict: applied
+    assert [c.name for c in pipe._applied] == ["picky", "third"]
+
+
 def test_register_refuses_a_taken_name_and_non_dataclasses(scratch):
     _toy(scratch, "toy")
     with pytest.raises(ValueError, match="taken"):

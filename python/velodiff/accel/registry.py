@@ -2,8 +2,9 @@
 
 A technique is a frozen dataclass deriving from :class:`Technique`, registered under a name with
 :func:`register`. ``optimize(pipe, *configs)`` applies configs in order after checking that each fits: its own
-``check(pipe)`` (a ValueError saying why it does not fit and what would), and its ``group`` (two techniques of one
-group, e.g. two caches, cannot be applied together). ``restore(pipe)`` undoes them, newest first.
+``check(pipe)`` (a ValueError saying why it does not fit and what would), its ``group`` (two techniques of one
+group, e.g. two caches, cannot be applied together) and ``conflicts_with`` (pairs that cannot work together, in
+either order). ``restore(pipe)`` undoes them, newest first.
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class Technique:
     def check(self, pipe) -> None:
         """Raise a ValueError saying why this technique does not fit ``pipe`` and what fits instead."""
 
+    def conflicts_with(self, other) -> Optional[str]:
+        """Why this technique cannot be on one pipeline with ``other`` (another config, applied before or after this
+        one), or None. :func:`optimize` asks both configs of every pair."""
+        return None
+
     def apply(self, pipe) -> Callable[[], None]:  # pragma: no cover - every technique implements it
         raise NotImplementedError
 
@@ -56,12 +62,17 @@ def _name_of(config) -> str:
     return getattr(config, "name", "") or type(config).__name__
 
 
+def _conflict(config, other) -> Optional[str]:
+    method = getattr(config, "conflicts_with", None)
+    return method(other) if method is not None else None
+
+
 def optimize(pipe, *configs):
     """Apply each config to ``pipe`` in order; returns ``pipe``. Undo all of them with :func:`restore`.
 
     Before anything is applied, every config is checked: it must have ``apply``; it must fit the pipeline (its
     ``check``); and no two techniques of one ``group`` may be on the pipeline at once (already applied or in
-    ``configs``). A ValueError says which and why."""
+    ``configs``), nor two configs either of which ``conflicts_with`` the other. A ValueError says which and why."""
     applied = list(getattr(pipe, "_applied", []))
     for config in configs:
         if not hasattr(config, "apply"):
@@ -72,6 +83,11 @@ def optimize(pipe, *configs):
             if clash is not None:
                 raise ValueError(f"{_name_of(config)} and {_name_of(clash)} are both {group} techniques and cannot "
                                  f"be applied together; keep one (velodiff.restore(pipe) removes what is applied)")
+        for other in applied:
+            reason = _conflict(config, other) or _conflict(other, config)
+            if reason:
+                raise ValueError(f"{_name_of(config)} and {_name_of(other)} cannot be applied together: {reason}; "
+                                 f"keep one (velodiff.restore(pipe) removes what is applied)")
         check = getattr(config, "check", None)
         if check is not None:
             check(pipe)
