@@ -8,8 +8,9 @@ each linfusion image to the plain image of the same seed (mean and median over i
 per image. The two pipelines run batch by batch interleaved (alternating which goes first), so load drift on a
 shared machine hits both alike.
 
-Above the native size (``--sizes``, default 32): plain, linfusion and linfusion + hidiffusion on
-``--per-class-highres`` images per digit (same seeds), judged by velodiff.eval.judge_highres at 16x16.
+Above the native size (``--sizes``, default 32): plain and linfusion (and with ``--with-hidiffusion`` linfusion +
+hidiffusion; bench/bench_highres.py has the full high-resolution table) on ``--per-class-highres`` images per digit
+(same seeds), judged by velodiff.eval.judge_highres at 16x16.
 
   nice -n 19 python bench/bench_linfusion.py [--per-class 100] [--per-class-highres 10] [--out bench/results]
 Writes <out>/linfusion_digits.json and .md.
@@ -73,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--per-class-highres", type=int, default=10)
     ap.add_argument("--sizes", type=int, nargs="*", default=[32])
+    ap.add_argument("--with-hidiffusion", action="store_true", help="also linfusion + hidiffusion above 16x16")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -112,8 +114,9 @@ def main(argv=None):
 
     high_labels = np.repeat(np.arange(10), args.per_class_highres)
     high_seeds = image_seeds(args.seed, len(high_labels))
-    high_pipes = {"plain": pipes["plain"], "linfusion": pipes["linfusion"],
-                  "linfusion + hidiffusion": pipeline(LinFusion(), HiDiffusion())}
+    high_pipes = {"plain": pipes["plain"], "linfusion": pipes["linfusion"]}
+    if args.with_hidiffusion:
+        high_pipes["linfusion + hidiffusion"] = pipeline(LinFusion(), HiDiffusion())
     for size in args.sizes:
         out = interleaved(high_pipes, high_labels, high_seeds, size, args.batch_size)
         for method, (images, seconds) in out.items():

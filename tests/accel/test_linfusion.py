@@ -367,3 +367,31 @@ def test_shipped_weights_draw_digits(digits):
     result = judge(images, labels, n_boot=10, fd_boot=10)
     correct = int(round(result["conditional_accuracy"] * len(labels)))
     assert_accuracy_claim(correct, len(labels), CLAIMED_ACCURACY, what="digits + linfusion at 16x16")
+
+
+def test_distill_script_writes_what_the_loader_reads(digits, tmp_path, capsys):
+    """scripts/distill_linfusion.py (2 steps of batch 2 here) writes LinFusion's full layout for digits (a strict
+    load), its record, and the UNet's own projections (only the MLPs train by default)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "distill_linfusion.py")
+    spec = importlib.util.spec_from_file_location("distill_linfusion", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--steps", "2", "--batch", "2", "--out", str(tmp_path / "a")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "step     1  loss" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a" / "distillation.json").read_text())
+    assert record["steps"] == 2 and record["seed"] == 0 and record["trained"] == "MLPs"
+    own = {n: m for n, m in digits.unet.named_modules() if n.endswith("attn1")}
+    vd.optimize(digits, LinFusion(weights=str(tmp_path / "a")))
+    try:
+        for name, layer in digits.unet.named_modules():
+            if name.endswith("attn1"):
+                assert torch.equal(layer.to_q.weight, own[name].to_q.weight)
+                assert torch.equal(layer.to_out[0].bias, own[name].to_out[0].bias)
+                assert layer.to_q_[3].weight.abs().max() > 0  # trained away from its zero start
+    finally:
+        vd.restore(digits)
