@@ -22,7 +22,7 @@ from claims import assert_accuracy_claim
 from fixtures import quiet_pipeline, run_cli
 
 #: the README's claim for the shipped digits weights at 16x16 (bench/results/linfusion_digits.md)
-CLAIMED_ACCURACY = 0.98
+CLAIMED_ACCURACY = 0.99
 
 
 def randn(*shape, seed=0, scale=1.0):
@@ -82,9 +82,11 @@ def test_layer_matches_hand_computation(n, c, heads, mid):
     layer, params = random_layer(c, heads, mid)
     x = randn(3, n, c, seed=1)
     want = hand_layer(x, params, heads)
-    got64 = layer.double()(x)
+    with torch.no_grad():
+        got64 = layer.double()(x)
     assert torch.allclose(got64, want, rtol=0, atol=1e-12 * float(want.abs().max()))
-    got32 = layer.float()(x.float())
+    with torch.no_grad():
+        got32 = layer.float()(x.float())
     assert got32.dtype == torch.float32
     assert float((got32.double() - want).norm() / want.norm()) < 1e-5
 
@@ -299,7 +301,7 @@ def digits():
     return quiet_pipeline("digits")
 
 
-def generate(pipe, steps=4, size=16, prompts=("a 3", "a 7"), seed=0):
+def generate(pipe, steps=2, size=16, prompts=("a 3", "a 7"), seed=0):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     return pipe(list(prompts), num_inference_steps=steps, sampler="dpmpp_2m", generator=gens, output_type="pt",
                 height=size, width=size).images
@@ -354,9 +356,9 @@ def test_cli_generate_writes_a_png(tmp_path, capsys):
 
 def test_shipped_weights_draw_digits(digits):
     """The README's claim for digits + linfusion at 16x16 (20 steps of dpmpp_2m, guidance 3, prompt "a handwritten
-    D"), checked on 6 images per digit by velodiff.eval.judge with a one-sided exact binomial test (tests/claims.py)."""
+    D"), checked on 5 images per digit by velodiff.eval.judge with a one-sided exact binomial test (tests/claims.py)."""
     from velodiff.eval import image_seeds, judge
-    labels = np.repeat(np.arange(10), 6)
+    labels = np.repeat(np.arange(10), 5)
     seeds = image_seeds(1, len(labels))
     vd.optimize(digits, LinFusion())
     try:
