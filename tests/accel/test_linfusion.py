@@ -231,7 +231,8 @@ def test_mlp_only_file_keeps_the_unets_projections_when_not_strict(tiny, tmp_pat
     (dict(drop=("2.to_k_.1.bias",)), r"missing keys \[2\.to_k_\.1\.bias\]"),
     (dict(add={"4.to_q_.0.weight": torch.zeros(2, 2)}), r"unexpected keys \[4\.to_q_\.0\.weight\]"),
     (dict(add={"text_model.foo": torch.zeros(1)}), r"unexpected keys \[text_model\.foo\]"),
-    (dict(reshape={"1.to_v.weight": (64, 32)}), r"mis-shaped keys \[1\.to_v\.weight \[64, 32\] \(expected \[64, 64\]\)"),
+    (dict(reshape={"1.to_v.weight": (64, 32)}),
+     r"mis-shaped keys \[1\.to_v\.weight \[64, 32\] \(expected \[64, 64\]\)"),
     (dict(drop=("0.to_q.weight",)), r"missing keys \[0\.to_q\.weight\]"),  # partial projections: even not strict
 ])
 @pytest.mark.parametrize("strict", [True, False])

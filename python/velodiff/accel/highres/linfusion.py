@@ -2,9 +2,10 @@
 Huage001/LinFusion, ``src/linfusion/attention.py`` and ``linfusion.py``): every self-attention (``attn1``) of a UNet
 replaced by a generalised linear attention, whose cost grows linearly with the token count.
 
-The layer (the paper's section 3, "normalization-aware" linear attention with non-linear projections), on x [B, N, C]:
+The layer (the paper's normalization-aware generalized linear attention with non-linear projections), on x [B, N, C]:
 
-    q = W_q (x + MLP_q(x)),   k = W_k (x + MLP_k(x)),   v = W_v x,        MLP = Linear -> LayerNorm -> LeakyReLU -> Linear
+    q = W_q (x + MLP_q(x)),   k = W_k (x + MLP_k(x)),   v = W_v x
+    MLP = Linear -> LayerNorm -> LeakyReLU(0.01) -> Linear
     phi(u) = elu(u) + 1                                                   (positive features)
     o_i = phi(q_i) [phi(K)^T V / N] / (phi(q_i) . mean_j phi(k_j) + 1e-4)  per head; then ``to_out``
 
@@ -45,7 +46,8 @@ from torch import nn
 from velodiff.accel.registry import Technique, register
 
 __all__ = ["LinFusion", "LinFusionAttention", "residual_mlp", "linfusion_layer_names", "read_linfusion_weights",
-           "linfusion_state_dict", "fresh_plans", "plan_layers", "install_linfusion", "WEIGHTS_NAME", "SHIPPED_FOLDER", "EPS"]
+           "linfusion_state_dict", "fresh_plans", "plan_layers", "install_linfusion", "WEIGHTS_NAME", "SHIPPED_FOLDER",
+           "EPS"]
 
 #: the reference's eps on the mean normaliser
 EPS = 1e-4
