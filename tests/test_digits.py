@@ -29,7 +29,8 @@ def test_folder_ships_with_the_package():
     for name in ("model_index.json", "README.md", "split.json", "unet/config.json",
                  "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                  "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
-                 "text_encoder/model.safetensors", "scheduler/scheduler_config.json"):
+                 "text_encoder/model.safetensors", "scheduler/scheduler_config.json",
+                 "linfusion/config.json", "linfusion/diffusion_pytorch_model.safetensors"):
         assert os.path.isfile(os.path.join(FOLDER, name)), name
     assert os.listdir(os.path.join(FOLDER, "tokenizer"))
 

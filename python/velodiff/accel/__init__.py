@@ -13,6 +13,7 @@ from velodiff.accel import cache  # noqa: E402,F401  (registers the cache techni
 from velodiff.accel.highres.hidiffusion import HiDiffusion  # noqa: E402  (registers hidiffusion)
 from velodiff.accel.tiled_vae import TiledVAE  # noqa: E402
 from velodiff.accel.highres.tiled import FSTD, MultiDiffusion  # noqa: E402,F401  (registers multidiffusion, fstd)
+from velodiff.accel.highres.linfusion import LinFusion  # noqa: E402,F401  (registers linfusion)
 
 __all__ = ["TECHNIQUES", "Technique", "register", "parse_technique", "technique_help", "optimize", "restore",
            "AttentionBackend", "CPUConvPrepack", "SplitCFG", "HiDiffusion", "TiledVAE"]

@@ -23,7 +23,7 @@ SAMPLER_NAMES = ("ddim", "ddpm", "euler", "euler_a", "heun", "dpm_solver_1", "dp
 #: that checks SAMPLER_NAMES checks this against it)
 TECHNIQUE_NAMES: tuple = ("attention_backend", "cpu_conv_prepack", "split_cfg", "deepcache", "faster_diffusion", "tgate",
                           "fbcache", "teacache", "dbcache", "taylorseer", "hidiffusion", "tiled_vae",
-                          "multidiffusion", "fstd")
+                          "multidiffusion", "fstd", "linfusion")
 #: the built-in models and their folders (velodiff.loading.BUILTIN_MODELS, which imports torch; checked by the
 #: same test)
 BUILTIN_NAMES = ("digits", "digits-dit")
