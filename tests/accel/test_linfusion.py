@@ -400,3 +400,15 @@ def test_distill_script_writes_what_the_loader_reads(digits, tmp_path, capsys):
                 assert layer.to_q_[3].weight.abs().max() > 0  # trained away from its zero start
     finally:
         vd.restore(digits)
+
+
+@pytest.mark.parametrize("nq, nk, d, dv", [(64, 64, 8, 8), (7, 333, 40, 24)])
+def test_layer_runs_the_kernel_as_the_formula(nq, nk, d, dv):
+    """In fp32 the layer calls velodiff::linear_attention: the same as the float64 formula to fp32 round-off."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, c, generator=g) for n, c in ((nq, d), (nk, d), (nk, dv)))
+    from velodiff.ops import linear_attention
+    got = linear_attention(q, k, v, kind="linfusion", eps=EPS)
+    want = hand_linear_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, _linear_attention(q, k, v), rtol=1e-5, atol=1e-6)

@@ -73,7 +73,7 @@ def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: s
     out_i = phi(q_i) S / (phi(q_i) . m + eps) with phi = elu + 1, S = phi(K)^T V / Nk [B, H, D, Dv] and
     m = mean_j phi(k_j) [B, H, D]; the state S, m and the products are computed in float32 (float64 inputs stay
     float64), so half-precision inputs cannot overflow the sum over tokens. A stand-in with the signature and
-    semantics of ``velodiff.ops.linear_attention`` until that op lands."""
+    semantics of ``velodiff.ops.linear_attention``, used where the kernel does not run (float64, eps 0)."""
     if kind != "linfusion":
         raise ValueError(f"kind must be 'linfusion', got {kind!r}")
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
@@ -100,13 +100,18 @@ def residual_mlp(dim: int, mid: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, mid), nn.LayerNorm(mid), nn.LeakyReLU(), nn.Linear(mid, dim))
 
 
+#: the dtypes velodiff::linear_attention runs
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class LinFusionAttention(nn.Module):
     """A LinFusion self-attention layer (the reference's ``GeneralizedLinearAttention``), with its parameter names.
 
     ``to_q`` / ``to_k`` / ``to_v``: Linear(C, H*D); ``to_out``: [Linear(H*D, C), Dropout]; ``to_q_`` / ``to_k_``:
     :func:`residual_mlp` (or Identity: the reference's ``projection_mid_dim=-1``). forward(hidden_states [B, N, C],
     encoder_hidden_states [B, Nk, C] or None (self-attention), attention_mask None) -> [B, N, C] in the input's
-    dtype: the module docstring's formula, the linear attention by :func:`_linear_attention`."""
+    dtype: the module docstring's formula; the linear attention by ``velodiff.ops.linear_attention`` (fp32 / fp16 /
+    bf16) or :func:`_linear_attention` (float64, eps 0, and when gradients are needed: the kernel is forward-only)."""
 
     def __init__(self, to_q: nn.Module, to_k: nn.Module, to_v: nn.Module, to_out: nn.ModuleList, heads: int,
                  to_q_: nn.Module, to_k_: nn.Module, eps: float = EPS):
@@ -131,7 +136,12 @@ class LinFusionAttention(nn.Module):
         q = self._split(self.to_q(x + self.to_q_(x)))          # q = W_q (x + MLP_q(x))
         k = self._split(self.to_k(ctx + self.to_k_(ctx)))      # k = W_k (x + MLP_k(x))
         v = self._split(self.to_v(ctx))                        # v = W_v x
-        out = _linear_attention(q, k, v, eps=self.eps)
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if q.dtype in KERNEL_DTYPES and self.eps > 0 and not training:  # the velodiff::linear_attention kernel
+            from velodiff.ops import linear_attention
+            out = linear_attention(q, k, v, kind="linfusion", eps=self.eps)
+        else:  # float64 (tests), eps = 0 (the kernel refuses it), and training (the kernel has no backward)
+            out = _linear_attention(q, k, v, eps=self.eps)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.to_out[1](self.to_out[0](out))
 
