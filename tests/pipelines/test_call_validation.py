@@ -337,7 +337,9 @@ def test_unknown_words_of_a_word_level_tokenizer(pixart):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_builtin_folders_carry_their_guidance(digits, digits_dit):
-    assert digits.defaults == {"guidance_scale": 3.0} and digits.default_guidance_scale == 3.0
+    assert digits.defaults == {"guidance_scale": 3.0, "hidiffusion": {"fraction": 1.0, "downsample": "pooled",
+                                                                      "redilate": True}}
+    assert digits.default_guidance_scale == 3.0
     assert digits_dit.defaults == {"guidance_scale": 1.5} and digits_dit.default_guidance_scale == 1.5
     kw = dict(num_inference_steps=3, output_type="np")
     none = digits("a 7", generator=torch.Generator().manual_seed(0), **kw).images
@@ -375,7 +377,8 @@ def copy_builtin(name, tmp_path):
 @pytest.mark.parametrize("value, match", [
     ("3", "_velodiff_defaults: guidance_scale must be a finite number >= 0, got '3'"),
     ({"guidance_scale": -1.0}, "_velodiff_defaults: guidance_scale must be a finite number >= 0, got -1.0"),
-    ({"guidance": 3.0}, r"_velodiff_defaults has unknown keys \['guidance'\]")])
+    ({"guidance": 3.0}, r"_velodiff_defaults has unknown keys \['guidance'\]"),
+    ({"hidiffusion": 3}, "_velodiff_defaults.hidiffusion must be an object, got 3")])
 def test_bad_folder_defaults_are_refused_at_loading(tmp_path, value, match):
     folder = copy_builtin("digits", tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
