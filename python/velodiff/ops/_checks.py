@@ -10,6 +10,26 @@ def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+def qkv_unsupported(q, k, v, dtypes: Sequence[torch.dtype], dims: Sequence[str]) -> Optional[tuple]:
+    """The checks every attention op starts with: q, k, v tensors of one dtype out of ``dtypes``, each 4-D (its
+    layout, e.g. ``"[B, H, Lq, D]"``, from ``dims`` for the message) and on q's device. None when they pass, else
+    ``(exception class, message naming the argument)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    if q.dtype not in dtypes:
+        return TypeError, f"q must be {dtype_names(dtypes)}, got {q.dtype}"
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            return TypeError, f"{name} must have q's dtype {q.dtype}, got {t.dtype} (q, k and v: one dtype)"
+    for name, t, layout in zip(("q", "k", "v"), (q, k, v), dims):
+        if t.dim() != 4:
+            return ValueError, f"{name} must be {layout}, got shape {list(t.shape)}"
+        if t.device != q.device:
+            return ValueError, f"{name} is on {t.device} but q is on {q.device}"
+    return None
+
+
 def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Optional[Tuple[int, ...]], device,
                  optional: bool = False, like: Optional[str] = None) -> None:
     """``t`` must be a contiguous tensor with a dtype in ``dtypes``, shape ``shape`` (None: not checked) on

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from velodiff.ops._checks import dtype_names
+from velodiff.ops._checks import qkv_unsupported
 from velodiff.ops._native import native_op
 
 ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,19 +25,9 @@ def attention_unsupported(q, k, v, key_padding_mask=None, scale=None) -> Optiona
 
     Shared by :func:`attention` (which raises it) and the ``velodiff`` attention backend (which reports why it
     refuses an input)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    if q.dtype not in ATTENTION_DTYPES:
-        return TypeError, f"q must be {dtype_names(ATTENTION_DTYPES)}, got {q.dtype}"
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            return TypeError, f"{name} must have q's dtype {q.dtype}, got {t.dtype} (q, k and v: one dtype)"
-    for name, t, dims in (("q", q, "[B, H, Lq, D]"), ("k", k, "[B, H, Lk, D]"), ("v", v, "[B, H, Lk, Dv]")):
-        if t.dim() != 4:
-            return ValueError, f"{name} must be {dims}, got shape {list(t.shape)}"
-        if t.device != q.device:
-            return ValueError, f"{name} is on {t.device} but q is on {q.device}"
+    basic = qkv_unsupported(q, k, v, ATTENTION_DTYPES, ("[B, H, Lq, D]", "[B, H, Lk, D]", "[B, H, Lk, Dv]"))
+    if basic is not None:
+        return basic
     b, h, _, d = q.shape
     if not 1 <= d <= MAX_HEAD_DIM:
         return ValueError, f"q's head dim {d} is not supported: the kernel takes {SUPPORTED_HEAD_DIMS}"

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from velodiff.ops._checks import dtype_names
+from velodiff.ops._checks import qkv_unsupported
 from velodiff.ops._native import native_op
 
 LINEAR_ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,19 +25,9 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 def linear_attention_unsupported(q, k, v, kind="linfusion", eps=None) -> Optional[tuple]:
     """``None`` when the op takes these arguments, else ``(exception class, message naming the argument)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
-    if q.dtype not in LINEAR_ATTENTION_DTYPES:
-        return TypeError, f"q must be {dtype_names(LINEAR_ATTENTION_DTYPES)}, got {q.dtype}"
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            return TypeError, f"{name} must have q's dtype {q.dtype}, got {t.dtype} (q, k and v: one dtype)"
-    for name, t, dims in (("q", q, "[B, H, Nq, D]"), ("k", k, "[B, H, Nk, D]"), ("v", v, "[B, H, Nk, Dv]")):
-        if t.dim() != 4:
-            return ValueError, f"{name} must be {dims}, got shape {list(t.shape)}"
-        if t.device != q.device:
-            return ValueError, f"{name} is on {t.device} but q is on {q.device}"
+    basic = qkv_unsupported(q, k, v, LINEAR_ATTENTION_DTYPES, ("[B, H, Nq, D]", "[B, H, Nk, D]", "[B, H, Nk, Dv]"))
+    if basic is not None:
+        return basic
     b, h, nq, d = q.shape
     if not 1 <= d <= MAX_HEAD_DIM:
         return ValueError, f"q's head dim {d} is not supported: the kernel takes any head dim from 1 to {MAX_HEAD_DIM}"
