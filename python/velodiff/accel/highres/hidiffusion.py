@@ -26,7 +26,7 @@ import torch
 
 from velodiff.accel.highres.msw_msa import NUM_SHIFTS, shift_for, windowed_self_attention
 from velodiff.accel.highres.raunet import CONV, DILATED, POOL, POOLED, first_attention_level, \
-    full_resolution_convs, install_raunet, install_redilation, raunet_phase, redilation_factor, replace_attr, \
+    full_resolution_convs, install_raunet, install_redilation, raunet_phase, redilation_factor, \
     resolve_mode
 from velodiff.accel.registry import Technique, register
 
@@ -163,19 +163,8 @@ class HiDiffusion(Technique):
             native = unet.config.sample_size
             native = (native, native) if isinstance(native, int) else tuple(native)
 
-            def record_latent(plain):  # the latent's size for the dilation, per call
-                def wrapped(sample, *args, **kwargs):
-                    call = plain(sample, *args, **kwargs)
-                    if context() is not None:
-                        state()["latent"] = tuple(sample.shape[-2:])
-                    return call
-                return wrapped
-
-            def dilation() -> int:
-                if phase() is None:
-                    return 1
-                return redilation_factor(state()["latent"], native)
-            undos.append(replace_attr(unet, "prepare", record_latent))
+            def dilation(x) -> int:  # every full-resolution conv reads a map of the latent's size
+                return 1 if phase() is None else redilation_factor(tuple(x.shape[-2:]), native)
             undos.append(install_redilation(full_resolution_convs(unet, level), dilation))
         if self.msw_msa:
             undos.extend(self._install_msw_msa(unet.down_blocks[level].attentions + unet.up_blocks[n - 1 - level]

@@ -17,7 +17,6 @@ windows itself (no gather).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch

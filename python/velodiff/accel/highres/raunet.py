@@ -172,14 +172,14 @@ def redilation_factor(size, native) -> int:
     return max(1, int(round(min(size[0] / native[0], size[1] / native[1]))))
 
 
-def install_redilation(convs: List[nn.Conv2d], dilation: Callable[[], int]) -> Callable[[], None]:
-    """Run each conv of ``convs`` with dilation (and padding) ``dilation()`` when it is above 1, the same weights:
+def install_redilation(convs: List[nn.Conv2d], dilation: Callable[[torch.Tensor], int]) -> Callable[[], None]:
+    """Run each conv of ``convs`` with dilation (and padding) ``dilation(input)`` when it is above 1, same weights:
     the kernel covers the share of the image it covered at the trained size. Returns the undo."""
     undos = []
     for conv in convs:
         def make(plain, conv=conv):
             def forward(x):
-                d = dilation()
+                d = dilation(x)
                 if d <= 1:
                     return plain(x)
                 return F.conv2d(x, conv.weight, conv.bias, stride=1, padding=d, dilation=d)
