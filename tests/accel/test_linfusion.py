@@ -286,6 +286,14 @@ def test_folder_without_weights_file(tmp_path):
         LinFusion(weights=str(tmp_path))
 
 
+def test_a_file_that_is_not_safetensors_is_named(tiny, tmp_path):
+    """Text in place of the weights: a ValueError naming the field and the file, not safetensors' own error."""
+    bad = tmp_path / "weights.safetensors"
+    bad.write_text("not a checkpoint at all, just some text long enough to be read as a header size\n")
+    with pytest.raises(ValueError, match=r"linfusion: weights: .*weights.safetensors"):
+        vd.optimize(tiny[0], LinFusion(weights=str(bad)))
+
+
 def test_specs_from_the_command_line(tmp_path):
     assert parse_technique("linfusion") == LinFusion()
     assert parse_technique("linfusion:strict=off") == LinFusion(strict=False)

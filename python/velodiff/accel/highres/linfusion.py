@@ -248,9 +248,12 @@ def fresh_plans(unet: nn.Module, mid: Optional[int] = None) -> List[LayerPlan]:
 def plan_layers(unet: nn.Module, file: str, config: Optional[str], strict: bool) -> List[LayerPlan]:
     """Match the file's keys (read from its header, no tensors) to ``unet``'s attn1 layers. ValueError listing the
     missing, unexpected and mis-shaped keys when they do not match (see :class:`LinFusion` for ``strict``)."""
-    from safetensors import safe_open
-    with safe_open(file, framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    from velodiff.loading.safetensors_io import read_safetensors_header
+    try:  # the project's checked reader: a file that is not safetensors is a ValueError naming it
+        header, _, _ = read_safetensors_header(file)
+    except ValueError as e:
+        raise ValueError(f"linfusion: weights: {e}") from None
+    shapes = {key: info[2] for key, info in header.items()}
     names = linfusion_layer_names(unet)
     mids: List[Optional[int]] = [None] * len(names)
     declared = _config_names(config)
@@ -301,8 +304,8 @@ def plan_layers(unet: nn.Module, file: str, config: Optional[str], strict: bool)
 
 def read_linfusion_weights(file: str) -> Dict[str, torch.Tensor]:
     """All tensors of a LinFusion safetensors file (CPU)."""
-    from safetensors.torch import load_file
-    return load_file(file)
+    from velodiff.loading.safetensors_io import read_safetensors
+    return read_safetensors(file)
 
 
 def build_layer(attn: nn.Module, mid_q: Optional[int], mid_k: Optional[int], file_projections: bool,
