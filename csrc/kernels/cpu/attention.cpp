@@ -1,8 +1,9 @@
 // CPU kernel of exact attention. Semantics: csrc/include/velodiff/attention.h.
 //
 // Tasks: (b, h, block of kQueryBlock queries), an OpenMP loop over B * H * ceil(Lq / kQueryBlock); each task runs
-// the shared tile routine flash_rows (csrc/kernels/cpu/flash_tile.h: packing, Q K^T, online softmax, P V, the AVX2
-// and the bit-identical portable paths) on a contiguous range of queries. Masked keys are left out of the key
+// the shared tile routine flash_rows (csrc/kernels/cpu/flash_tile.h: packing, Q K^T, online softmax, P V, the
+// AVX-512 / AVX2 and the bit-identical portable paths) on a contiguous range of queries. A thread packs the keys
+// of a (b, h) once (KeyCache) for the query blocks of that (b, h) it runs. Masked keys are left out of the key
 // list (the attended key list of each batch is built once), so a fully masked row sees no key and gives zeros.
 // The result of a task depends on nothing but its inputs: any thread count gives the same bits.
 #include <algorithm>
@@ -45,19 +46,21 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
     }
   }
   using namespace flash_cpu;
-  const bool simd = use_simd();
+  const Isa isa = select_isa();
   const int64_t qblocks = (Lq + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = B * H * qblocks;
   const double work = static_cast<double>(B * H) * Lq * (Lk + 1) * (a.head_dim + a.v_head_dim);
 #pragma omp parallel if (work >= kParallelMin && tasks > 1)
   {
     Scratch w(a.head_dim, a.v_head_dim);
+    KeyCache cache;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / qblocks, i0 = (t % qblocks) * kQueryBlock;
       const int64_t b = bh / H, h = bh % H;
       const int64_t* attended = a.mask != nullptr ? keys.data() + b * Lk : nullptr;
-      flash_rows(a, b, h, nullptr, i0, std::min(kQueryBlock, Lq - i0), attended, counts[b], simd, w);
+      const float* packed = qblocks > 1 ? cache.get(a, b, h, attended, counts[b], w.dv8, bh) : nullptr;
+      flash_rows(a, b, h, nullptr, i0, std::min(kQueryBlock, Lq - i0), attended, counts[b], isa, w, packed);
     }
   }
   return true;

@@ -10,14 +10,16 @@
 // sum and rescales the accumulator (online softmax), then adds P V. Queries and keys are token indices (a list,
 // or a contiguous range), so the callers choose which tokens form a task without moving any data.
 //
-// Two paths, the same bits: AVX2 + FMA (chosen at run time; register blocks of 4 queries x 16 keys for Q K^T
-// and 4 queries x 16 channels for P V, broadcasting one operand), and a portable path that performs the same
-// IEEE operations in the same order with std::fma. exp2 is our own polynomial (Cephes exp2f's coefficients) in
-// both, the row sums are added in key order in both, and every file including this header must be compiled with
-// -ffp-contract=off (CMakeLists.txt) so that no multiply-add is fused behind our back. The result of a query
-// depends on nothing but its own row, the key list and the tile boundaries (every kKeyTile keys from the list's
-// start): any thread count and any grouping of queries into tasks give the same bits. VELODIFF_ATTENTION_SCALAR=1
-// forces the portable path (the tests compare the two).
+// Three paths, the same bits: AVX2 + FMA and AVX-512VL (flash_tile_simd.inc, the same 8-lane code compiled for
+// 16 or 32 vector registers: register blocks of up to 12 or 24 accumulators, rows x key vectors for Q K^T and
+// rows x channel vectors for P V, broadcasting one operand), chosen at run time, and a portable path that
+// performs the same IEEE operations in the same order with std::fma. exp2 is our own polynomial (Cephes exp2f's
+// coefficients) in all, the softmax's row max and row sum are taken over the same lanes in the same order
+// (softmax_row_portable), and every file including this header must be compiled with -ffp-contract=off
+// (CMakeLists.txt) so that no multiply-add is fused behind our back. The result of a query depends on nothing but
+// its own row, the key list and the tile boundaries (every kKeyTile keys from the list's start): any thread count
+// and any grouping of queries into tasks give the same bits. VELODIFF_CPU_ISA=portable|avx2 caps the path (the
+// tests compare them); VELODIFF_ATTENTION_SCALAR=1 is the same as portable.
 //
 // Torch-free, CPU only; included by csrc/kernels/cpu/*.cpp alone (not part of the public include directory).
 #pragma once
@@ -42,7 +44,6 @@ namespace flash_cpu {
 
 constexpr int64_t kQueryBlock = 64;  // queries per task
 constexpr int64_t kKeyTile = 64;     // keys per tile (a multiple of 16)
-constexpr int kRows = 4;             // queries per register block
 constexpr int64_t kParallelMin = 1 << 18;  // below this many multiply-adds, threads cost more than they save
 
 // 2^x for x <= 0 (finite or -inf): 2^n * p(f), n = round(x), f = x - n in [-1/2, 1/2], p Cephes exp2f's degree-6
@@ -67,19 +68,49 @@ inline float exp2_portable(float x) {
   return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
-inline float load_as_float(AttnDType dtype, const void* base, int64_t offset) {
+// dst[i * dst_stride] = element offset + i * stride of base, as fp32, for i in [0, n): the dtype switch once per
+// run of elements, so that each case is a plain loop.
+inline void load_floats(AttnDType dtype, const void* base, int64_t offset, int64_t stride, int64_t n, float* dst,
+                        int64_t dst_stride) {
   switch (dtype) {
-    case AttnDType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[offset]);
-    case AttnDType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
-    default: return static_cast<const float*>(base)[offset];
+    case AttnDType::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = fp16_to_float(src[i * stride]);
+      break;
+    }
+    case AttnDType::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = bf16_to_float(src[i * stride]);
+      break;
+    }
+    default: {
+      const float* src = static_cast<const float*>(base) + offset;
+      if (stride == 1 && dst_stride == 1) {
+        std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = src[i * stride];
+      }
+    }
   }
 }
 
-inline void store_from_float(AttnDType dtype, void* base, int64_t offset, float value) {
+// Element offset + i * stride of base = src[i] in the output dtype (round to nearest even), for i in [0, n).
+inline void store_floats(AttnDType dtype, void* base, int64_t offset, int64_t stride, int64_t n, const float* src) {
   switch (dtype) {
-    case AttnDType::kFloat16: static_cast<uint16_t*>(base)[offset] = attention_float_to_fp16(value); break;
-    case AttnDType::kBFloat16: static_cast<uint16_t*>(base)[offset] = attention_float_to_bf16(value); break;
-    default: static_cast<float*>(base)[offset] = value;
+    case AttnDType::kFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i * stride] = attention_float_to_fp16(src[i]);
+      break;
+    }
+    case AttnDType::kBFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i * stride] = attention_float_to_bf16(src[i]);
+      break;
+    }
+    default: {
+      float* dst = static_cast<float*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i * stride] = src[i];
+    }
   }
 }
 
@@ -121,119 +152,92 @@ inline void pv_portable(const float* p, const float* vt, int64_t dv8, int rows, 
     }
 }
 
-inline void exp2_rows_portable(float* s, int64_t n, float m) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp2_portable(s[j] - m);
+
+// The lane reductions of the softmax, shared by every path. max_lanes8: the maximum of 8 lanes by the tree
+// (i, i + 4), (i, i + 2), (0, 1) with the vector max's rule a > b ? a : b. sum_lanes16: the sum of 16 lanes by the
+// tree (i, i + 8), (i, i + 4), (i, i + 2), (0, 1).
+inline float max_lanes8(const float* x) {
+  float t[4];
+  for (int i = 0; i < 4; ++i) t[i] = x[i] > x[i + 4] ? x[i] : x[i + 4];
+  for (int i = 0; i < 2; ++i) t[i] = t[i] > t[i + 2] ? t[i] : t[i + 2];
+  return t[0] > t[1] ? t[0] : t[1];
 }
 
-// ---- AVX2 + FMA micro-kernels (the same operations per element, in the same order) ---------------------------
+inline float sum_lanes16(const float* x) {
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = x[i] + x[i + 8];
+  for (int i = 0; i < 4; ++i) t[i] = t[i] + t[i + 4];
+  for (int i = 0; i < 2; ++i) t[i] = t[i] + t[i + 2];
+  return t[0] + t[1];
+}
+
+// The online softmax of one row (csrc/include/velodiff/attention.h) for one tile: srow holds the logits of keys
+// [0, n) and n8 - n padding slots (n8 = round_up8(n)). The new max m_new = max(m, max of the row), the row's max
+// taken over 8 lanes (lane j % 8, padding = -inf, each lane's running max as a > b ? a : b) then max_lanes8;
+// probabilities 2^(s - m_new) written back (0 in the padding); their sum over 16 lanes (lane j % 16, keys in
+// order) then sum_lanes16; l = l * alpha + sum. Returns alpha = 2^(m_old - m_new), the accumulator's rescale.
+// The vector paths do exactly this, eight lanes at a time.
+inline float softmax_row_portable(float* srow, int64_t n, int64_t n8, float& m, float& l) {
+  for (int64_t j = n; j < n8; ++j) srow[j] = -std::numeric_limits<float>::infinity();
+  float lanes[16];
+  for (int i = 0; i < 8; ++i) lanes[i] = srow[i];
+  for (int64_t j = 8; j < n8; ++j) lanes[j % 8] = srow[j] > lanes[j % 8] ? srow[j] : lanes[j % 8];
+  const float m_new = std::max(m, max_lanes8(lanes));
+  const float alpha = exp2_portable(m - m_new);  // m = -inf (first tile): 0 (the sums are still 0)
+  for (int i = 0; i < 16; ++i) lanes[i] = 0.f;
+  for (int64_t j = 0; j < n8; ++j) {
+    srow[j] = exp2_portable(srow[j] - m_new);
+    lanes[j % 16] += srow[j];
+  }
+  l = l * alpha + sum_lanes16(lanes);
+  m = m_new;
+  return alpha;
+}
+
+// ---- vector micro-kernels: flash_tile_simd.inc, compiled for AVX2 + FMA and for AVX-512VL ---------------------
 #if defined(__x86_64__) && defined(__GNUC__)
-#define VD_AVX2 __attribute__((target("avx2,fma")))
+namespace avx2 {
+#define VD_SIMD_TARGET __attribute__((target("avx2,fma")))
+constexpr int kMaxAcc = 12;     // accumulators per register block (16 registers)
+constexpr int kMaxPvCols = 4;   // channel vectors per P V block
+#include "flash_tile_simd.inc"
+#undef VD_SIMD_TARGET
+}  // namespace avx2
 
-template <int R, int C>
-VD_AVX2 inline void qk_block_avx2(const float* q, int64_t d, const float* kt, float* s) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t e = 0; e < d; ++e) {
-    __m256 kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = _mm256_loadu_ps(kt + e * kKeyTile + 8 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m256 qb = _mm256_broadcast_ss(q + r * d + e);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(qb, kv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm256_storeu_ps(s + r * kKeyTile + 8 * c, acc[r][c]);
-}
-
-template <int R>
-VD_AVX2 void qk_rows_avx2(const float* q, int64_t d, const float* kt, int64_t n, float* s) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) qk_block_avx2<R, 2>(q, d, kt + j, s + j);
-  for (; j < n; j += 8) qk_block_avx2<R, 1>(q, d, kt + j, s + j);  // the tile's keys are zero-padded to 8
-}
-
-VD_AVX2 inline void qk_avx2(const float* q, int64_t d, const float* kt, int rows, int64_t n, float* s) {
-  switch (rows) {
-    case 4: qk_rows_avx2<4>(q, d, kt, n, s); break;
-    case 3: qk_rows_avx2<3>(q, d, kt, n, s); break;
-    case 2: qk_rows_avx2<2>(q, d, kt, n, s); break;
-    default: qk_rows_avx2<1>(q, d, kt, n, s);
-  }
-}
-
-template <int R, int C>
-VD_AVX2 inline void pv_block_avx2(const float* p, const float* vt, int64_t dv8, int64_t n, float* o) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_loadu_ps(o + r * dv8 + 8 * c);
-  for (int64_t j = 0; j < n; ++j) {
-    __m256 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm256_loadu_ps(vt + j * dv8 + 8 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m256 pb = _mm256_broadcast_ss(p + r * kKeyTile + j);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(pb, vv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + r * dv8 + 8 * c, acc[r][c]);
-}
-
-template <int R>
-VD_AVX2 void pv_rows_avx2(const float* p, const float* vt, int64_t dv8, int64_t n, float* o) {
-  int64_t c = 0;
-  for (; c + 16 <= dv8; c += 16) pv_block_avx2<R, 2>(p, vt + c, dv8, n, o + c);
-  for (; c < dv8; c += 8) pv_block_avx2<R, 1>(p, vt + c, dv8, n, o + c);
-}
-
-VD_AVX2 inline void pv_avx2(const float* p, const float* vt, int64_t dv8, int rows, int64_t n, float* o) {
-  switch (rows) {
-    case 4: pv_rows_avx2<4>(p, vt, dv8, n, o); break;
-    case 3: pv_rows_avx2<3>(p, vt, dv8, n, o); break;
-    case 2: pv_rows_avx2<2>(p, vt, dv8, n, o); break;
-    default: pv_rows_avx2<1>(p, vt, dv8, n, o);
-  }
-}
-
-// exp2_portable on 8 lanes: the same operations (the NaN / below -126 select included).
-VD_AVX2 inline __m256 exp2_avx2(__m256 x) {
-  const __m256 magic = _mm256_set1_ps(kRoundMagic);
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
-  const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 xc = _mm256_blendv_ps(_mm256_set1_ps(0.f), x, keep);  // a safe argument in the dropped lanes
-  const __m256 n = _mm256_sub_ps(_mm256_add_ps(xc, magic), magic);
-  const __m256 f = _mm256_sub_ps(xc, n);
-  __m256 p = _mm256_set1_ps(kExpP0);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpP1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpP2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpP3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpP4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpP5));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_blendv_ps(_mm256_blendv_ps(_mm256_set1_ps(0.f), r, keep), x, is_nan);
-}
-
-VD_AVX2 inline void exp2_rows_avx2(float* s, int64_t n, float m) {
-  const __m256 mv = _mm256_set1_ps(m);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)));
-  for (; j < n; ++j) s[j] = exp2_portable(s[j] - m);
-}
-
-inline const bool kHaveAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+namespace avx512 {
+#define VD_SIMD_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl")))
+constexpr int kMaxAcc = 24;     // accumulators per register block (32 registers)
+constexpr int kMaxPvCols = 6;
+#include "flash_tile_simd.inc"
+#undef VD_SIMD_TARGET
+}  // namespace avx512
 #endif
 
-inline bool use_simd() {
-  const char* scalar = std::getenv("VELODIFF_ATTENTION_SCALAR");
-  const bool allowed = scalar == nullptr || scalar[0] == '\0' || std::strcmp(scalar, "0") == 0;
+// The instruction set the tile routine runs: the best this CPU has, capped by the environment variable
+// VELODIFF_CPU_ISA (portable | avx2 | avx512; the tests compare them) or VELODIFF_ATTENTION_SCALAR=1 (portable).
+// Every choice gives the same bits.
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa best_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  return allowed && kHaveAvx2Fma;
+  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? Isa::kAvx512
+                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")        ? Isa::kAvx2
+                                                                                                   : Isa::kPortable;
+  return best;
 #else
-  (void)allowed;
-  return false;
+  return Isa::kPortable;
 #endif
+}
+
+inline Isa select_isa() {
+  const char* scalar = std::getenv("VELODIFF_ATTENTION_SCALAR");
+  if (scalar != nullptr && scalar[0] != '\0' && std::strcmp(scalar, "0") != 0) return Isa::kPortable;
+  Isa cap = Isa::kAvx512;
+  if (const char* isa = std::getenv("VELODIFF_CPU_ISA")) {
+    if (std::strcmp(isa, "portable") == 0) cap = Isa::kPortable;
+    if (std::strcmp(isa, "avx2") == 0) cap = Isa::kAvx2;
+  }
+  return std::min(best_isa(), cap);
 }
 
 // ---- packing ------------------------------------------------------------------------------------------------
@@ -252,9 +256,9 @@ inline void pack_tile(const AttentionArgs& a, int64_t b, int64_t h, const int64_
   for (int64_t jj = 0; jj < n; ++jj) {
     const int64_t j = keys != nullptr ? keys[t0 + jj] : t0 + jj;
     const int64_t krow = kbase + j * a.k_stride[2], vrow = vbase + j * a.v_stride[2];
-    for (int64_t c = 0; c < D; ++c) kt[c * kKeyTile + jj] = load_as_float(a.dtype, a.k, krow + c * a.k_stride[3]);
+    load_floats(a.dtype, a.k, krow, a.k_stride[3], D, kt + jj, kKeyTile);
     float* vdst = vt + jj * dv8;
-    for (int64_t c = 0; c < Dv; ++c) vdst[c] = load_as_float(a.dtype, a.v, vrow + c * a.v_stride[3]);
+    load_floats(a.dtype, a.v, vrow, a.v_stride[3], Dv, vdst, 1);
     for (int64_t c = Dv; c < dv8; ++c) vdst[c] = 0.f;
   }
   for (int64_t c = 0; c < D; ++c)
@@ -272,6 +276,31 @@ inline void pack_keys(const AttentionArgs& a, int64_t b, int64_t h, const int64_
   }
 }
 
+// A thread's packed copy of one key list, reused by the query blocks of that list that the thread runs (tasks of
+// one list run back to back): the keys are read and converted about once per thread instead of once per query
+// block. get() returns the packed list of `id` (packing it when the thread last packed another list), or nullptr
+// when it would exceed kMaxPackedFloats (the caller then packs tile by tile; the values are the same either way).
+class KeyCache {
+ public:
+  static constexpr int64_t kMaxPackedFloats = int64_t{1} << 22;  // 16 MiB per thread at most
+
+  const float* get(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t nkeys, int64_t dv8,
+                   int64_t id) {
+    const int64_t floats = (nkeys + kKeyTile - 1) / kKeyTile * packed_tile_floats(a.head_dim, dv8);
+    if (floats > kMaxPackedFloats) return nullptr;
+    if (id != id_) {
+      if (static_cast<int64_t>(data_.size()) < floats) data_.resize(static_cast<size_t>(floats));
+      pack_keys(a, b, h, keys, nkeys, dv8, data_.data());
+      id_ = id;
+    }
+    return data_.data();
+  }
+
+ private:
+  std::vector<float> data_;
+  int64_t id_ = -1;
+};
+
 // ---- one task -----------------------------------------------------------------------------------------------
 
 // One task: `rows` queries of (b, h) against `nkeys` keys. Query row r is token `queries[r]` of q (and of out),
@@ -280,14 +309,16 @@ inline void pack_keys(const AttentionArgs& a, int64_t b, int64_t h, const int64_
 // tile here; the values, and so the bits, are the same. Writes the rows' outputs (zeros for a row without keys).
 // rows <= kQueryBlock.
 inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* queries, int64_t i0,
-                       int64_t rows, const int64_t* keys, int64_t nkeys, bool simd, Scratch& w,
+                       int64_t rows, const int64_t* keys, int64_t nkeys, Isa isa, Scratch& w,
                        const float* packed = nullptr) {
   const int64_t D = a.head_dim, Dv = a.v_head_dim, dv8 = w.dv8;
   const float qscale = a.scale * kAttentionLog2e;
   const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = qbase + (queries != nullptr ? queries[r] : i0 + r) * a.q_stride[2];
-    for (int64_t c = 0; c < D; ++c) w.q[r * D + c] = load_as_float(a.dtype, a.q, row + c * a.q_stride[3]) * qscale;
+    float* qrow = w.q.data() + r * D;
+    load_floats(a.dtype, a.q, row, a.q_stride[3], D, qrow, 1);
+    for (int64_t c = 0; c < D; ++c) qrow[c] *= qscale;
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.f;
   }
@@ -303,51 +334,39 @@ inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64
     } else {
       pack_tile(a, b, h, keys, t0, n, dv8, w.kt.data(), w.vt.data());
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      const int rr = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
-      float* s = w.s.data() + r0 * kKeyTile;
-      float* o = w.o.data() + r0 * dv8;
+    float* s = w.s.data();
+    float* o = w.o.data();
+    switch (isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
-      if (simd)
-        qk_avx2(w.q.data() + r0 * D, D, kt, rr, n8, s);
-      else
+      case Isa::kAvx512:
+        avx512::qk_tile(w.q.data(), D, kt, rows, n8, s);
+        for (int64_t r = 0; r < rows; ++r)
+          avx512::scale_row(o + r * dv8, dv8, avx512::softmax_row(s + r * kKeyTile, n, n8, w.m[r], w.l[r]));
+        avx512::pv_tile(s, vt, dv8, rows, n, o);
+        break;
+      case Isa::kAvx2:
+        avx2::qk_tile(w.q.data(), D, kt, rows, n8, s);
+        for (int64_t r = 0; r < rows; ++r)
+          avx2::scale_row(o + r * dv8, dv8, avx2::softmax_row(s + r * kKeyTile, n, n8, w.m[r], w.l[r]));
+        avx2::pv_tile(s, vt, dv8, rows, n, o);
+        break;
 #endif
-        qk_portable(w.q.data() + r0 * D, D, kt, rr, n, s);
-      // Online softmax (header): new max, rescale of the running sum and the accumulator, probabilities.
-      for (int r = 0; r < rr; ++r) {
-        float* srow = s + r * kKeyTile;
-        float mt = srow[0];
-        for (int64_t j = 1; j < n; ++j) mt = std::max(mt, srow[j]);
-        const float m_old = w.m[r0 + r];
-        const float m_new = std::max(m_old, mt);
-        const float alpha = exp2_portable(m_old - m_new);  // m_old = -inf: 0 (the sums are still 0)
-#if defined(__x86_64__) && defined(__GNUC__)
-        if (simd)
-          exp2_rows_avx2(srow, n, m_new);
-        else
-#endif
-          exp2_rows_portable(srow, n, m_new);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += srow[j];
-        w.l[r0 + r] = w.l[r0 + r] * alpha + sum;
-        w.m[r0 + r] = m_new;
-        float* orow = o + r * dv8;
-        for (int64_t c = 0; c < dv8; ++c) orow[c] *= alpha;
-      }
-#if defined(__x86_64__) && defined(__GNUC__)
-      if (simd)
-        pv_avx2(s, vt, dv8, rr, n, o);
-      else
-#endif
-        pv_portable(s, vt, dv8, rr, n, o);
+      default:
+        for (int64_t r = 0; r < rows; ++r) {
+          qk_portable(w.q.data() + r * D, D, kt, 1, n, s + r * kKeyTile);
+          const float alpha = softmax_row_portable(s + r * kKeyTile, n, n8, w.m[r], w.l[r]);
+          for (int64_t c = 0; c < dv8; ++c) o[r * dv8 + c] *= alpha;
+        }
+        pv_portable(s, vt, dv8, static_cast<int>(rows), n, o);
     }
   }
   const int64_t obase = b * a.out_stride[0] + h * a.out_stride[1];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = obase + (queries != nullptr ? queries[r] : i0 + r) * a.out_stride[2];
     const float l = w.l[r];
-    for (int64_t c = 0; c < Dv; ++c)
-      store_from_float(a.dtype, a.out, row + c * a.out_stride[3], l > 0.f ? w.o[r * dv8 + c] / l : 0.f);
+    float* orow = w.o.data() + r * dv8;
+    for (int64_t c = 0; c < Dv; ++c) orow[c] = l > 0.f ? orow[c] / l : 0.f;
+    store_floats(a.dtype, a.out, row, a.out_stride[3], Dv, orow);
   }
 }
 

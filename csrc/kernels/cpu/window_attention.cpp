@@ -7,12 +7,11 @@
 //
 // Tasks: (b, h, window, block of kQueryBlock of the window's queries), an OpenMP loop over them in that order. Each
 // task runs the tile routine of exact attention, flash_rows (csrc/kernels/cpu/flash_tile.h: online softmax, the
-// AVX2 path and the bit-identical portable one), with the window's real tokens as the key list. A thread packs a
-// window's keys (fp32 tiles, pack_keys) when it first meets the window and reuses them for the window's next query
+// vector paths and the bit-identical portable one), with the window's real tokens as the key list. A thread packs a
+// window's keys (fp32 tiles, KeyCache) when it first meets the window and reuses them for the window's next query
 // blocks that it takes (the tasks of one window run back to back): the window's K and V, read through the input's
 // strides (the models' [B, L, H, D] views scatter a window over the whole map), are read about once per thread
-// instead of once per query block. A window whose packed keys would exceed kMaxPackedFloats is packed tile by tile
-// in each task instead. Either way the values and so the bits are the same, for any thread count.
+// instead of once per query block. Either way the values and so the bits are the same, for any thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -24,8 +23,6 @@
 
 namespace velodiff {
 namespace {
-
-constexpr int64_t kMaxPackedFloats = int64_t{1} << 22;  // 16 MiB of packed keys per thread at most
 
 bool check(const WindowAttentionArgs& wa, char* error) {
   const AttentionArgs& a = wa.attn;
@@ -89,12 +86,11 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
   const int64_t blocks = first_block[windows];  // query blocks per (b, h)
   const int64_t tasks = B * H * blocks;
   work *= static_cast<double>(B * H) * (a.head_dim + a.v_head_dim);
-  const bool simd = use_simd();
+  const Isa isa = select_isa();
 #pragma omp parallel if (work >= kParallelMin && tasks > 1)
   {
     Scratch w(a.head_dim, a.v_head_dim);
-    std::vector<float> packed;  // the keys of window `packed_id` = bh * windows + n, packed by this thread
-    int64_t packed_id = -1;
+    KeyCache cache;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / blocks, block = t % blocks;
@@ -105,17 +101,9 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
       const int64_t count = start[n + 1] - start[n];
       const int64_t i0 = (block - first_block[n]) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, count - i0);
-      const int64_t floats = (count + kKeyTile - 1) / kKeyTile * packed_tile_floats(a.head_dim, w.dv8);
-      if (count <= kQueryBlock || floats > kMaxPackedFloats) {  // one query block, or too large: pack per task
-        flash_rows(a, b, h, win + i0, 0, rows, win, count, simd, w);
-        continue;
-      }
-      if (packed_id != bh * windows + n) {
-        packed.resize(static_cast<size_t>(std::max<int64_t>(floats, static_cast<int64_t>(packed.size()))));
-        pack_keys(a, b, h, win, count, w.dv8, packed.data());
-        packed_id = bh * windows + n;
-      }
-      flash_rows(a, b, h, win + i0, 0, rows, win, count, simd, w, packed.data());
+      // one query block: pack tile by tile; more: the thread packs the window's keys once
+      const float* packed = count > kQueryBlock ? cache.get(a, b, h, win, count, w.dv8, bh * windows + n) : nullptr;
+      flash_rows(a, b, h, win + i0, 0, rows, win, count, isa, w, packed);
     }
   }
   return true;
