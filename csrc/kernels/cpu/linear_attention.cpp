@@ -175,21 +175,30 @@ VD_AVX2 void phi_avx2(LinearAttentionKind kind, float* x, int64_t n) {
   for (; i < n; ++i) x[i] = linear_attention_phi(kind, x[i]);
 }
 
+// `#pragma GCC unroll` on the loops over rows and vectors keeps acc in registers (without it GCC stored the array
+// to the stack every iteration: 25-40 % slower).
 template <int R, int C>
 VD_AVX2 inline void gemm_block_avx2(const float* a, int64_t ars, int64_t ajs, const float* b, int64_t ldb, int64_t n,
                                     float* c, int64_t ldc) {
   __m256 acc[R][C];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int q = 0; q < C; ++q) acc[r][q] = _mm256_loadu_ps(c + r * ldc + 8 * q);
   for (int64_t j = 0; j < n; ++j) {
     __m256 bv[C];
+    #pragma GCC unroll 8
     for (int q = 0; q < C; ++q) bv[q] = _mm256_loadu_ps(b + j * ldb + 8 * q);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * ars + j * ajs);
+      #pragma GCC unroll 8
       for (int q = 0; q < C; ++q) acc[r][q] = _mm256_fmadd_ps(av, bv[q], acc[r][q]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 8
     for (int q = 0; q < C; ++q) _mm256_storeu_ps(c + r * ldc + 8 * q, acc[r][q]);
 }
 
