@@ -293,18 +293,40 @@ def test_thread_count_does_not_change_the_bits():
     assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
+# Shapes that reach every remainder of the vector paths' register blocks: query rows not a multiple of the row
+# blocks (3, 6, 8, ...), key tiles ending in 1-3 vectors of 8 (and in partial vectors), channel vectors split in
+# groups of 1-6 (dv 8 .. 200), head dims no multiple of 8.
+ISA_SHAPES = [((1, 2, 9, 77, 40), 40), ((2, 1, 70, 130, 13), 21), ((1, 1, 5, 3, 160), 72), ((1, 1, 71, 168, 64), 88),
+              ((1, 2, 67, 100, 200), 200), ((1, 1, 131, 64, 8), 8), ((1, 1, 64, 65, 96), 96)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_portable_path_gives_the_same_bits(dtype, monkeypatch):
-    """The AVX2 path and the portable one (VELODIFF_ATTENTION_SCALAR=1) perform the same operations in the same
-    order: identical outputs, also for head dims and key counts that are no multiple of 8 or 16."""
+def test_every_instruction_set_gives_the_same_bits(dtype, monkeypatch):
+    """The AVX-512 and AVX2 paths and the portable one (VELODIFF_CPU_ISA=avx512 | avx2 | portable; this CPU runs
+    those it has) perform the same operations in the same order: identical outputs, also for head dims and key
+    counts that are no multiple of 8 or 16. VELODIFF_ATTENTION_SCALAR=1 is the portable path too."""
     g = torch.Generator().manual_seed(23)
-    for shape, dv in [((1, 2, 9, 77, 40), 40), ((2, 1, 70, 130, 13), 21), ((1, 1, 5, 3, 160), 72)]:
+    for shape, dv in ISA_SHAPES:
         q, k, v = make_qkv(shape, dtype, "cpu", g, dv=dv, layout="blhd")
+        mask = torch.rand(shape[0], shape[3], generator=g) < 0.8
         outs = []
-        for scalar in ("0", "1"):
-            monkeypatch.setenv("VELODIFF_ATTENTION_SCALAR", scalar)
-            outs.append(_bits(attention(q, k, v)))
-        assert torch.equal(outs[0], outs[1]), shape
+        for isa in ("avx512", "avx2", "portable"):
+            monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
+            outs.append(_bits(attention(q, k, v, key_padding_mask=mask)))
+        monkeypatch.delenv("VELODIFF_CPU_ISA")
+        monkeypatch.setenv("VELODIFF_ATTENTION_SCALAR", "1")
+        outs.append(_bits(attention(q, k, v, key_padding_mask=mask)))
+        monkeypatch.delenv("VELODIFF_ATTENTION_SCALAR")
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), (shape, dv)
+        check_against_reference(attention(q, k, v, key_padding_mask=mask), q, k, v, mask=mask)
+
+
+def test_unknown_instruction_set_name_is_refused(monkeypatch):
+    g = torch.Generator().manual_seed(24)
+    q, k, v = make_qkv((1, 1, 4, 4, 8), torch.float32, "cpu", g)
+    monkeypatch.setenv("VELODIFF_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="VELODIFF_CPU_ISA must be portable, avx2 or avx512"):
+        attention(q, k, v)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -46,7 +46,8 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
     }
   }
   using namespace flash_cpu;
-  const Isa isa = select_isa();
+  Isa isa;
+  if (!select_isa(isa, error)) return false;
   const int64_t qblocks = (Lq + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = B * H * qblocks;
   const double work = static_cast<double>(B * H) * Lq * (Lk + 1) * (a.head_dim + a.v_head_dim);

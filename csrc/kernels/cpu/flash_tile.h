@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -229,15 +230,22 @@ inline Isa best_isa() {
 #endif
 }
 
-inline Isa select_isa() {
+// False (and a message in error) for a VELODIFF_CPU_ISA that is none of the names.
+inline bool select_isa(Isa& isa, char* error) {
+  isa = best_isa();
   const char* scalar = std::getenv("VELODIFF_ATTENTION_SCALAR");
-  if (scalar != nullptr && scalar[0] != '\0' && std::strcmp(scalar, "0") != 0) return Isa::kPortable;
-  Isa cap = Isa::kAvx512;
-  if (const char* isa = std::getenv("VELODIFF_CPU_ISA")) {
-    if (std::strcmp(isa, "portable") == 0) cap = Isa::kPortable;
-    if (std::strcmp(isa, "avx2") == 0) cap = Isa::kAvx2;
+  if (scalar != nullptr && scalar[0] != '\0' && std::strcmp(scalar, "0") != 0) isa = Isa::kPortable;
+  const char* cap = std::getenv("VELODIFF_CPU_ISA");
+  if (cap == nullptr || cap[0] == '\0' || std::strcmp(cap, "avx512") == 0) return true;
+  if (std::strcmp(cap, "avx2") == 0) {
+    isa = std::min(isa, Isa::kAvx2);
+  } else if (std::strcmp(cap, "portable") == 0) {
+    isa = Isa::kPortable;
+  } else {
+    std::snprintf(error, 256, "VELODIFF_CPU_ISA must be portable, avx2 or avx512 (or unset), not '%.100s'", cap);
+    return false;
   }
-  return std::min(best_isa(), cap);
+  return true;
 }
 
 // ---- packing ------------------------------------------------------------------------------------------------

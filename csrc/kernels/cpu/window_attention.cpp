@@ -86,7 +86,8 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
   const int64_t blocks = first_block[windows];  // query blocks per (b, h)
   const int64_t tasks = B * H * blocks;
   work *= static_cast<double>(B * H) * (a.head_dim + a.v_head_dim);
-  const Isa isa = select_isa();
+  Isa isa;
+  if (!select_isa(isa, error)) return false;
 #pragma omp parallel if (work >= kParallelMin && tasks > 1)
   {
     Scratch w(a.head_dim, a.v_head_dim);
