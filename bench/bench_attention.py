@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,22 @@ SHAPES = {
 }
 QUICK = {"quick-self-d40": (1, 2, 64, 64, 40, None), "quick-cross-d72": (1, 2, 33, 20, 72, 9)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def gemm_gflops(dtype, device, n):
+    """torch.matmul's GFLOP/s on [n, n] x [n, n] in ``dtype`` (the BLAS's rate: what this machine's vector units
+    deliver on the dense products attention is made of), median of 5."""
+    a, b = (torch.randn(n, n).to(dtype).to(device) for _ in range(2))
+    times = []
+    for _ in range(6):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / sorted(times[1:])[2] / 1e9
 
 
 def inputs(shape, dtype, device, seed=0):
@@ -97,25 +114,30 @@ def main():
                "mask": "" if kept is None else f"{kept}/{lk} kept",
                "velodiff_ms": res.stats("velodiff", 1e3), "sdpa_ms": res.stats("sdpa", 1e3),
                "sdpa/velodiff": res.ratio("velodiff", over="sdpa"),
-               "velodiff_GFLOPs": round(flops / med_ours / 1e9, 2), "max_abs_diff": f"{diff:.2g}"}
+               "velodiff_GFLOPs": round(flops / med_ours / 1e9, 2),
+               "sdpa_GFLOPs": round(flops / res.stats("sdpa")["median"] / 1e9, 2), "max_abs_diff": f"{diff:.2g}"}
         rows.append(row)
         timings[name] = res.to_json()
         print({k_: (v_["median"] if isinstance(v_, dict) else v_) for k_, v_ in row.items()}, flush=True)
     load_end = load_average()
     summary = summarise_ratios({r["shape"]: r["sdpa/velodiff"]["median"] for r in rows})
     tag = torch.cuda.get_device_name(0).replace(" ", "_") if dev.startswith("cuda") else "cpu"
+    default_dtype = "fp32" if dev == "cpu" else "fp16"
+    suffix = ("" if dtype_name == default_dtype else f"_{dtype_name}") + ("_quick" if args.quick else "")
+    gemm = gemm_gflops(dtype, dev, 256 if args.quick else 2048)
     path = write_results(
-        f"attention_{tag}{'_quick' if args.quick else ''}", rows,
+        f"attention_{tag}{suffix}", rows,
         ["shape", "B", "H", "Lq", "Lk", "D", "mask", "velodiff_ms", "sdpa_ms", "sdpa/velodiff", "velodiff_GFLOPs",
-         "max_abs_diff"],
+         "sdpa_GFLOPs", "max_abs_diff"],
         args.out,
         note=f"Exact attention, {dtype_name}, inputs as transposed [B, L, H, D] views. velodiff: velodiff::attention; "
              "sdpa: torch.nn.functional.scaled_dot_product_attention (its default backend). Each cell is median "
              f"(min-max) over {rounds} interleaved rounds; ratio: sdpa time / velodiff time within each round, "
              "median (min-max) over the rounds; > 1 means velodiff is faster. GFLOP/s counts 4 B H Lq Lk' D "
-             f"(Lk' the attended keys). Summary over rows: {summary['sentence']}.",
+             f"(Lk' the attended keys). For scale, torch.matmul of two {2048 if not args.quick else 256}^2 {dtype_name} "
+             f"matrices in the same run: {gemm:.0f} GFLOP/s. Summary over rows: {summary['sentence']}.",
         extra={"load_start": load_start, "load_end": load_end, "rounds": rounds, "threads": args.threads,
-               "dtype": dtype_name, "summary": summary, "timing": timings})
+               "dtype": dtype_name, "matmul_GFLOPs": gemm, "summary": summary, "timing": timings})
     print(summary["sentence"])
     print("wrote", path)
 
