@@ -431,9 +431,28 @@ def test_backend_says_why_not():
         assert (got - want).abs().max() < 1e-6
 
 
-def test_backend_is_not_the_default():
-    from velodiff.models.attention import Attention
-    assert Attention(16, heads=2, dim_head=8).backend == "sdpa"
+def test_auto_is_the_default_and_runs_velodiff_where_it_applies():
+    """Layers default to "auto": the velodiff op for CPU inputs it takes without autograd (faster than SDPA on
+    this CPU, bench/results/attention_cpu.md), SDPA for the rest (gradients, float64, additive masks, CUDA)."""
+    from velodiff.models.attention import Attention, auto_backend
+    assert Attention(16, heads=2, dim_head=8).backend == "auto"
+    g = torch.Generator().manual_seed(41)
+    q, k, v = make_qkv((1, 2, 5, 7, 8), torch.float32, "cpu", g)
+    keep = torch.rand(1, 7, generator=g) < 0.5
+    assert auto_backend(q, k, v, None) == "velodiff"
+    assert auto_backend(q, k, v, keep[:, None, None, :]) == "velodiff"
+    assert auto_backend(q, k, v, torch.zeros(1, 1, 1, 7)) == "sdpa"          # additive bias
+    assert auto_backend(q.double(), k.double(), v.double(), None) == "sdpa"
+    grad_q = q.clone().requires_grad_()
+    assert auto_backend(grad_q, k, v, None) == "sdpa"
+    with torch.no_grad():
+        assert auto_backend(grad_q, k, v, None) == "velodiff"
+    meta = [t.to("meta") for t in (q, k, v)]
+    assert auto_backend(*meta, None) == "sdpa"
+    # a layer under autograd still gets gradients (through SDPA)
+    layer = Attention(16, heads=2, dim_head=8)
+    layer(torch.randn(2, 6, 16, generator=g)).sum().backward()
+    assert layer.to_q.weight.grad is not None
 
 
 def _with_backend(pipe, backend, run):

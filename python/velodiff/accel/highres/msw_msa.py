@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from velodiff.models.attention import Attention, attention
+from velodiff.models.attention import Attention, attention, auto_backend
 
 __all__ = ["window_attention", "window_layout", "window_size", "shift_for", "windowed_self_attention",
            "NUM_SHIFTS"]
@@ -77,13 +77,14 @@ def window_layout(size: Sequence[int], grid: Sequence[int], shift: Sequence[int]
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Sequence[int],
                      grid: Sequence[int] = (2, 2), shift: Sequence[int] = (0, 0), *, scale: Optional[float] = None,
-                     backend: str = "sdpa") -> torch.Tensor:
+                     backend: str = "auto") -> torch.Tensor:
     """Self-attention inside shifted windows. q, k [B, H, L, D], v [B, H, L, Dv] over an h x w token grid
     (``size`` = (h, w), L = h * w, row-major) -> [B, H, L, Dv] in q's dtype.
 
     ``grid`` = (gh, gw) windows (each at least 1), ``shift`` = (s_y, s_x) the cyclic shift (taken mod h, w),
     ``scale`` the softmax scale (default D**-0.5), ``backend`` the :func:`velodiff.models.attention.attention`
-    backend run on the windows; ``"velodiff"`` runs :func:`velodiff.ops.window_attention` instead, which forms
+    backend run on the windows; ``"velodiff"`` (and ``"auto"`` where it picks velodiff) runs
+    :func:`velodiff.ops.window_attention` instead, which forms
     the windows inside its kernel (no gather; fp32 / fp16 / bf16, head dims 1..512). A 1 x 1 grid is global
     attention (any shift: attention does not depend on the order of the tokens)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -101,6 +102,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Se
     if gh < 1 or gw < 1:
         raise ValueError(f"grid must have at least one window per axis, got {(gh, gw)}")
     wh, ww = window_size((h, w), (gh, gw))
+    if backend == "auto":
+        backend = auto_backend(q, k, v, None)
     if backend == "velodiff":  # the fused op: windows and shift by index arithmetic in the kernel, no gather
         return _fused_window_attention(q, k, v, (h, w), (wh, ww), shift, scale)
     index, valid, inverse = window_layout((h, w), (gh, gw), shift, q.device)
