@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "velodiff/attention.h"
+#include "qkv_args.h"
 
 namespace velodiff {
 
@@ -70,11 +71,8 @@ inline AttentionArgs prepare_attention(const at::Tensor& q, const at::Tensor& k,
 
   out = at::empty({B, Lq, H, Dv}, q.options()).permute({0, 2, 1, 3});
   AttentionArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
+  fill_qkv_out(a, q, k, v, out);
   a.mask = mask_ptr;
-  a.out = out.data_ptr();
   a.dtype = dtype;
   a.batch = B;
   a.heads = H;
@@ -82,12 +80,6 @@ inline AttentionArgs prepare_attention(const at::Tensor& q, const at::Tensor& k,
   a.kv_len = Lk;
   a.head_dim = D;
   a.v_head_dim = Dv;
-  for (int i = 0; i < 4; ++i) {
-    a.q_stride[i] = q.stride(i);
-    a.k_stride[i] = k.stride(i);
-    a.v_stride[i] = v.stride(i);
-    a.out_stride[i] = out.stride(i);
-  }
   a.mask_stride[0] = mask_stride[0];
   a.mask_stride[1] = mask_stride[1];
   a.scale = static_cast<float>(s);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "velodiff/linear_attention.h"
+#include "qkv_args.h"
 
 namespace velodiff {
 
@@ -71,10 +72,7 @@ inline LinearAttentionArgs prepare_linear_attention(const at::Tensor& q, const a
 
   out = at::empty({B, Nq, H, Dv}, q.options()).permute({0, 2, 1, 3});
   LinearAttentionArgs a;
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.out = out.data_ptr();
+  fill_qkv_out(a, q, k, v, out);
   a.dtype = dtype;
   a.kind = k_kind;
   a.batch = B;
@@ -83,12 +81,6 @@ inline LinearAttentionArgs prepare_linear_attention(const at::Tensor& q, const a
   a.kv_len = Nk;
   a.head_dim = D;
   a.v_head_dim = Dv;
-  for (int i = 0; i < 4; ++i) {
-    a.q_stride[i] = q.stride(i);
-    a.k_stride[i] = k.stride(i);
-    a.v_stride[i] = v.stride(i);
-    a.out_stride[i] = out.stride(i);
-  }
   a.eps = static_cast<float>(e);
   return a;
 }

@@ -346,22 +346,12 @@ inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64
     float* o = w.o.data();
     switch (isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
-      case Isa::kAvx512:
-        avx512::qk_tile(w.q.data(), D, kt, rows, n8, s);
-        for (int64_t r = 0; r < rows; ++r)
-          avx512::scale_row(o + r * dv8, dv8, avx512::softmax_row(s + r * kKeyTile, n, n8, w.m[r], w.l[r]));
-        avx512::pv_tile(s, vt, dv8, rows, n, o);
-        break;
-      case Isa::kAvx2:
-        avx2::qk_tile(w.q.data(), D, kt, rows, n8, s);
-        for (int64_t r = 0; r < rows; ++r)
-          avx2::scale_row(o + r * dv8, dv8, avx2::softmax_row(s + r * kKeyTile, n, n8, w.m[r], w.l[r]));
-        avx2::pv_tile(s, vt, dv8, rows, n, o);
-        break;
+      case Isa::kAvx512: avx512::tile_step(w.q.data(), D, kt, vt, dv8, rows, n, s, w.m.data(), w.l.data(), o); break;
+      case Isa::kAvx2: avx2::tile_step(w.q.data(), D, kt, vt, dv8, rows, n, s, w.m.data(), w.l.data(), o); break;
 #endif
       default:
+        qk_portable(w.q.data(), D, kt, static_cast<int>(rows), n, s);
         for (int64_t r = 0; r < rows; ++r) {
-          qk_portable(w.q.data() + r * D, D, kt, 1, n, s + r * kKeyTile);
           const float alpha = softmax_row_portable(s + r * kKeyTile, n, n8, w.m[r], w.l[r]);
           for (int64_t c = 0; c < dv8; ++c) o[r * dv8 + c] *= alpha;
         }

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "dtype_io.cuh"
 #include "velodiff/attention.h"
 
 namespace velodiff {
@@ -26,26 +27,6 @@ namespace attention_device {
 constexpr int kWarps = kAttentionCudaWarps;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxChannelsPerLane = static_cast<int>(kAttentionMaxHeadDim / 32);
-
-template <AttnDType DT>
-__device__ __forceinline__ float load_f(const void* base, int64_t offset) {
-  if constexpr (DT == AttnDType::kFloat16)
-    return __half2float(__ushort_as_half(static_cast<const unsigned short*>(base)[offset]));
-  else if constexpr (DT == AttnDType::kBFloat16)
-    return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
-  else
-    return static_cast<const float*>(base)[offset];
-}
-
-template <AttnDType DT>
-__device__ __forceinline__ void store_f(void* base, int64_t offset, float value) {
-  if constexpr (DT == AttnDType::kFloat16)
-    static_cast<uint16_t*>(base)[offset] = attention_float_to_fp16(value);
-  else if constexpr (DT == AttnDType::kBFloat16)
-    static_cast<uint16_t*>(base)[offset] = attention_float_to_bf16(value);
-  else
-    static_cast<float*>(base)[offset] = value;
-}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
