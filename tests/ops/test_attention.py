@@ -26,7 +26,9 @@ With p_ij the exact softmax weights, o_ic the exact output, m_i = max_j s_ij, a_
   Measured worst error / E32' over the fp32 cases: 0.14-0.56 (E32 gave 0.002-0.034).
 fp16 / bf16 outputs are rounded once more: |out - exact| <= u_t |exact| + E32 (+ 2^-25 for fp16's subnormals),
 with u_t = 2^-11 (fp16) or 2^-8 (bf16), and "exact" the float64 attention of the very inputs (already fp16 /
-bf16). fp32 outputs must also meet the blueprint's relative Frobenius 1e-5.
+bf16). The CPU kernel multiplies bf16 inputs in bf16 pairs and rounds the weights 2^(s - m) to bf16 before P V
+(each by a relative 2^-8 at most; their sum, the denominator, is not rounded): that adds at most
+2^-8 sum_j p_ij |v_jc| for bf16. fp32 outputs must also meet the blueprint's relative Frobenius 1e-5.
 """
 import contextlib
 import math
@@ -59,8 +61,23 @@ def make_qkv(shape, dtype, device, g, dv=None, layout="bhld", magnitude=1.0):
     return draw(lq, d, magnitude), draw(lk, d, magnitude), draw(lk, dv, 1.0)
 
 
+P_ROUNDING_BF16 = 2.0 ** -8  # the weights rounded to bf16 before P V (module docstring)
+
+
+def weighted_abs_values(q, k, v, scale, mask=None):
+    """sum_j p_ij |v_jc|, p the exact softmax weights: [B, H, Lq, Dv] float64 on the CPU."""
+    qd, kd, vd = (t.detach().cpu().double() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = scale * torch.matmul(qd, kd.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill(~mask.detach().cpu()[:, None, None, :], -math.inf)
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # fully masked rows: no weight
+    return torch.matmul(p, vd.abs())
+
+
 def error_bound(q, k, v, scale, mask=None):
-    """E32 of the module docstring: [B, H, Lq, Dv] float64 on the CPU."""
+    """E32 of the module docstring (plus the bf16 weights' rounding for bf16 inputs): [B, H, Lq, Dv] float64 on
+    the CPU."""
     qd, kd, vd = (t.detach().cpu().double() for t in (q, k, v))
     d, lk = q.shape[-1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
@@ -71,7 +88,10 @@ def error_bound(q, k, v, scale, mask=None):
         terms = terms.masked_fill(~keep, 0.0)
         vmax = vmax.masked_fill(~mask.detach().cpu()[:, None, :, None], 0.0)
     s = terms.amax(dim=-1, keepdim=True)
-    return 2 * U32 * (2 * (math.sqrt(d) + 1) * s + 2 * math.sqrt(lk) + lk / 64 + 8) * vmax.amax(dim=2, keepdim=True)
+    bound = 2 * U32 * (2 * (math.sqrt(d) + 1) * s + 2 * math.sqrt(lk) + lk / 64 + 8) * vmax.amax(dim=2, keepdim=True)
+    if q.dtype == torch.bfloat16:
+        bound = bound + P_ROUNDING_BF16 * weighted_abs_values(q, k, v, scale, mask)
+    return bound
 
 
 EXP2_REL_ERROR = 1.32 * U32  # the kernel's polynomial exp2 on [-1/2, 1/2], measured over every fp32 f there
@@ -302,15 +322,15 @@ ISA_SHAPES = [((1, 2, 9, 77, 40), 40), ((2, 1, 70, 130, 13), 21), ((1, 1, 5, 3, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_instruction_set_gives_the_same_bits(dtype, monkeypatch):
-    """The AVX-512 and AVX2 paths and the portable one (VELODIFF_CPU_ISA=avx512 | avx2 | portable; this CPU runs
-    those it has) perform the same operations in the same order: identical outputs, also for head dims and key
+    """The AVX-512BF16, AVX-512 and AVX2 paths and the portable one (VELODIFF_CPU_ISA=avx512bf16 | avx512 | avx2 |
+    portable; this CPU runs those it has) perform the same operations in the same order: identical outputs, also for head dims and key
     counts that are no multiple of 8 or 16. VELODIFF_ATTENTION_SCALAR=1 is the portable path too."""
     g = torch.Generator().manual_seed(23)
     for shape, dv in ISA_SHAPES:
         q, k, v = make_qkv(shape, dtype, "cpu", g, dv=dv, layout="blhd")
         mask = torch.rand(shape[0], shape[3], generator=g) < 0.8
         outs = []
-        for isa in ("avx512", "avx2", "portable"):
+        for isa in ("avx512bf16", "avx512", "avx2", "portable"):
             monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
             outs.append(_bits(attention(q, k, v, key_padding_mask=mask)))
         monkeypatch.delenv("VELODIFF_CPU_ISA")
@@ -321,11 +341,26 @@ def test_every_instruction_set_gives_the_same_bits(dtype, monkeypatch):
         check_against_reference(attention(q, k, v, key_padding_mask=mask), q, k, v, mask=mask)
 
 
+def test_bf16_denormals_read_as_zero():
+    """bf16 inputs are multiplied as the AVX-512BF16 pair instruction does (module docstring): a denormal element
+    of q, k or v counts as zero, in every path (the ISA test compares the paths)."""
+    g = torch.Generator().manual_seed(26)
+    q, k, v = make_qkv((1, 2, 20, 30, 40), torch.bfloat16, "cpu", g)
+    denormal = torch.tensor(3e-39, dtype=torch.bfloat16)  # below 2^-126
+    assert 0 < float(denormal) < 2.0 ** -126
+    qd, kd, vd = (torch.where(torch.rand(t.shape, generator=g) < 0.2, denormal, t) for t in (q, k, v))
+    vd[..., 0] = denormal  # a channel of denormals alone: read as they are, its outputs would be denormals
+    zeroed = [torch.where(t == denormal, torch.zeros_like(t), t) for t in (qd, kd, vd)]
+    out = attention(qd, kd, vd)
+    assert torch.equal(_bits(out), _bits(attention(*zeroed)))
+    assert torch.equal(_bits(out[..., 0]), torch.zeros_like(_bits(out[..., 0])))
+
+
 def test_unknown_instruction_set_name_is_refused(monkeypatch):
     g = torch.Generator().manual_seed(24)
     q, k, v = make_qkv((1, 1, 4, 4, 8), torch.float32, "cpu", g)
     monkeypatch.setenv("VELODIFF_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="VELODIFF_CPU_ISA must be portable, avx2 or avx512"):
+    with pytest.raises(RuntimeError, match="VELODIFF_CPU_ISA must be portable, avx2, avx512 or avx512bf16"):
         attention(q, k, v)
 
 

@@ -198,13 +198,13 @@ def test_strided_inputs_give_the_contiguous_bits(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_instruction_set_gives_the_same_bits(dtype, monkeypatch):
-    """The AVX-512 and AVX2 paths and the portable one (VELODIFF_CPU_ISA): identical outputs, also for head dims
+    """The AVX-512BF16, AVX-512 and AVX2 paths and the portable one (VELODIFF_CPU_ISA): identical outputs, also for head dims
     and window sizes that are no multiple of 8 or 16, and windows of more than one query block (packed keys)."""
     for size, window, shift, d, dv in [((13, 7), (7, 4), (3, 1), 40, 40), ((25, 21), (13, 11), (6, 8), 13, 21),
                                        ((5, 9), (2, 9), (1, 4), 160, 72), ((20, 18), (10, 9), (5, 4), 64, 88)]:
         q, k, v = qkv_map(1, 2, size, d, dtype, "cpu", seed=d + dv, dv=dv)
         outs = []
-        for isa in ("avx512", "avx2", "portable"):
+        for isa in ("avx512bf16", "avx512", "avx2", "portable"):
             monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
             outs.append(_bits(window_attention(q, k, v, size, window, shift)))
         assert all(torch.equal(outs[0], o) for o in outs[1:]), size

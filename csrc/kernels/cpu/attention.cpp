@@ -16,6 +16,34 @@
 #include "velodiff/kernels.h"
 
 namespace velodiff {
+namespace {
+
+// Every (b, h, query block) task, operand format T; keys / counts: the attended key list of each batch (empty
+// keys: all Lk keys).
+template <class T>
+void run_tasks(const AttentionArgs& a, const std::vector<int64_t>& keys, const std::vector<int64_t>& counts,
+               flash_cpu::Isa isa) {
+  using namespace flash_cpu;
+  const int64_t H = a.heads, Lq = a.q_len, Lk = a.kv_len;
+  const int64_t qblocks = (Lq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t tasks = a.batch * H * qblocks;
+  const double work = static_cast<double>(a.batch * H) * Lq * (Lk + 1) * (a.head_dim + a.v_head_dim);
+#pragma omp parallel if (work >= kParallelMin && tasks > 1)
+  {
+    Scratch<T> w(a.head_dim, a.v_head_dim);
+    KeyCache<T> cache;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bh = t / qblocks, i0 = (t % qblocks) * kQueryBlock;
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t* attended = keys.empty() ? nullptr : keys.data() + b * Lk;
+      const T* packed = qblocks > 1 ? cache.get(a, b, h, attended, counts[b], w.dv8, bh) : nullptr;
+      flash_rows<T>(a, b, h, nullptr, i0, std::min(kQueryBlock, Lq - i0), attended, counts[b], isa, w, packed);
+    }
+  }
+}
+
+}  // namespace
 
 bool attention_cpu(const AttentionArgs& a, char* error) {
   if (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.out == nullptr) {
@@ -45,25 +73,12 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
       counts[b] = n;
     }
   }
-  using namespace flash_cpu;
-  Isa isa;
-  if (!select_isa(isa, error)) return false;
-  const int64_t qblocks = (Lq + kQueryBlock - 1) / kQueryBlock;
-  const int64_t tasks = B * H * qblocks;
-  const double work = static_cast<double>(B * H) * Lq * (Lk + 1) * (a.head_dim + a.v_head_dim);
-#pragma omp parallel if (work >= kParallelMin && tasks > 1)
-  {
-    Scratch w(a.head_dim, a.v_head_dim);
-    KeyCache cache;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t bh = t / qblocks, i0 = (t % qblocks) * kQueryBlock;
-      const int64_t b = bh / H, h = bh % H;
-      const int64_t* attended = a.mask != nullptr ? keys.data() + b * Lk : nullptr;
-      const float* packed = qblocks > 1 ? cache.get(a, b, h, attended, counts[b], w.dv8, bh) : nullptr;
-      flash_rows(a, b, h, nullptr, i0, std::min(kQueryBlock, Lq - i0), attended, counts[b], isa, w, packed);
-    }
-  }
+  flash_cpu::Isa isa;
+  if (!flash_cpu::select_isa(isa, error)) return false;
+  if (a.dtype == AttnDType::kBFloat16)
+    run_tasks<uint32_t>(a, keys, counts, isa);  // bf16 pairs (flash_tile.h)
+  else
+    run_tasks<float>(a, keys, counts, isa);
   return true;
 }
 

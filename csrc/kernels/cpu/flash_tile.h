@@ -3,23 +3,33 @@
 // tiles, with the online softmax of csrc/include/velodiff/attention.h. Both kernels run these very functions, so
 // windowed attention over one unshifted window that is the whole map gives exact attention's bits.
 //
-// A task packs its queries as fp32 [rows, D] pre-multiplied by scale * log2(e) (base-2 logits), then walks the
-// keys in tiles of kKeyTile: it packs the tile's K transposed ([D, keys], fp32) and V ([keys, Dv8], fp32, Dv
-// rounded up to 8 with zeros) - or takes the tile from a key list packed once by pack_keys -, reading q, k and v
-// through their strides (no copy of the inputs), computes the tile's logits S = Q K^T, updates the running max /
-// sum and rescales the accumulator (online softmax), then adds P V. Queries and keys are token indices (a list,
-// or a contiguous range), so the callers choose which tokens form a task without moving any data.
+// A task packs its queries, then walks the keys in tiles of kKeyTile: it packs the tile's K transposed and V - or
+// takes the tile from a key list packed once (KeyCache) -, reading q, k and v through their strides (no copy of
+// the inputs), computes the tile's logits S = Q K^T, updates the running max / sum and rescales the accumulator
+// (online softmax), then adds P V. Queries and keys are token indices (a list, or a contiguous range), so the
+// callers choose which tokens form a task without moving any data. Two operand formats (the template parameter T
+// of the packing and the driver):
+//   * T = float, for fp32 and fp16 inputs: Q [rows, D] fp32 pre-multiplied by scale * log2(e) (base-2 logits),
+//     K^T [D, kKeyTile], V [kKeyTile, dv8] (Dv rounded up to 8 with zeros); P = S in fp32; fp32 multiply-adds.
+//   * T = uint32_t, for bf16 inputs: pairs of bf16 (the low half the even element), multiplied as VDPBF16PS does
+//     (AVX512-BF16): per pair, acc += odd * odd, then acc += even * even, two fp32 fused multiply-adds that read
+//     denormal inputs (the accumulator included) as zero and flush denormal results to zero (pair_fma_portable;
+//     the instruction's definition, checked against it on this project's CPU). Q [rows, ceil(D/2)] pairs over
+//     channels, unscaled; K^T [ceil(D/2), kKeyTile] pairs over channels; V [kKeyTile/2, dv8] pairs over keys;
+//     the logits multiplied by scale * log2(e) in the softmax; P rounded to bf16 (nearest even) in pairs over
+//     keys, as SDPA's CPU kernel and the GPU flash kernels round it for their bf16 P V product.
 //
-// Three paths, the same bits: AVX2 + FMA and AVX-512VL (flash_tile_simd.inc, the same 8-lane code compiled for
-// 16 or 32 vector registers: register blocks of up to 12 or 24 accumulators, rows x key vectors for Q K^T and
-// rows x channel vectors for P V, broadcasting one operand), chosen at run time, and a portable path that
-// performs the same IEEE operations in the same order with std::fma. exp2 is our own polynomial (Cephes exp2f's
-// coefficients) in all, the softmax's row max and row sum are taken over the same lanes in the same order
-// (softmax_row_portable), and every file including this header must be compiled with -ffp-contract=off
-// (CMakeLists.txt) so that no multiply-add is fused behind our back. The result of a query depends on nothing but
-// its own row, the key list and the tile boundaries (every kKeyTile keys from the list's start): any thread count
-// and any grouping of queries into tasks give the same bits. VELODIFF_CPU_ISA=portable|avx2 caps the path (the
-// tests compare them); VELODIFF_ATTENTION_SCALAR=1 is the same as portable.
+// Every path gives the same bits: AVX-512BF16 (the native pair instruction), AVX-512VL and AVX2 + FMA
+// (flash_tile_simd.inc, the same 8-lane code compiled for 32 or 16 vector registers: register blocks of up to 24
+// or 12 accumulators, rows x key vectors for Q K^T and rows x channel vectors for P V, broadcasting one operand;
+// the bf16 pairs emulated with two FMAs under MXCSR flush-to-zero / denormals-are-zero), chosen at run time, and
+// a portable path that performs the same IEEE operations in the same order with std::fma. exp2 is our own
+// polynomial (Cephes exp2f's coefficients) in all, the softmax's row max and row sum are taken over the same lanes
+// in the same order (softmax_row_portable), and every file including this header must be compiled with
+// -ffp-contract=off (CMakeLists.txt) so that no multiply-add is fused behind our back. The result of a query
+// depends on nothing but its own row, the key list and the tile boundaries (every kKeyTile keys from the list's
+// start): any thread count and any grouping of queries into tasks give the same bits. VELODIFF_CPU_ISA caps the
+// path (the tests compare them); VELODIFF_ATTENTION_SCALAR=1 is the same as portable.
 //
 // Torch-free, CPU only; included by csrc/kernels/cpu/*.cpp alone (not part of the public include directory).
 #pragma once
@@ -31,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -45,6 +56,7 @@ namespace flash_cpu {
 
 constexpr int64_t kQueryBlock = 64;  // queries per task
 constexpr int64_t kKeyTile = 64;     // keys per tile (a multiple of 16)
+constexpr int64_t kKeyPairs = kKeyTile / 2;
 constexpr int64_t kParallelMin = 1 << 18;  // below this many multiply-adds, threads cost more than they save
 
 // 2^x for x <= 0 (finite or -inf): 2^n * p(f), n = round(x), f = x - n in [-1/2, 1/2], p Cephes exp2f's degree-6
@@ -116,43 +128,166 @@ inline void store_floats(AttnDType dtype, void* base, int64_t offset, int64_t st
 }
 
 inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+inline int64_t half_up(int64_t n) { return (n + 1) / 2; }
 
-// The per-thread scratch of one task.
+// ---- bf16 pairs ---------------------------------------------------------------------------------------------
+
+constexpr float kMinNormal = 1.17549435e-38f;  // 2^-126
+
+// x, or a zero of x's sign when x is denormal: the instruction's flush of denormal inputs and results.
+inline float flush_denormal(float x) { return std::fabs(x) < kMinNormal ? std::copysign(0.f, x) : x; }
+
+inline float bf16_high(uint32_t pair) { return flush_denormal(bits_to_float(pair & 0xffff0000u)); }
+inline float bf16_low(uint32_t pair) { return flush_denormal(bits_to_float(pair << 16)); }
+
+// VDPBF16PS on one lane: acc + a.odd * b.odd, then + a.even * b.even, each an fp32 fma of flushed inputs with a
+// flushed result.
+inline float pair_fma_portable(float acc, uint32_t a, uint32_t b) {
+  acc = flush_denormal(std::fma(bf16_high(a), bf16_high(b), flush_denormal(acc)));
+  return flush_denormal(std::fma(bf16_low(a), bf16_low(b), acc));
+}
+
+inline uint32_t bf16_pair(uint16_t even, uint16_t odd) { return static_cast<uint32_t>(even) | (uint32_t{odd} << 16); }
+
+// The per-thread scratch of one task (T: the operand format, header).
+template <class T>
 struct Scratch {
-  int64_t d = 0, dv8 = 0;
-  std::vector<float> q;   // [kQueryBlock, D], scaled queries
-  std::vector<float> kt;  // [D, kKeyTile], the tile's keys transposed
-  std::vector<float> vt;  // [kKeyTile, Dv8], the tile's values
+  int64_t dv8 = 0;
+  std::vector<T> q;       // [kQueryBlock, D] (float) or [kQueryBlock, ceil(D/2)] (pairs)
+  std::vector<T> kt, vt;  // one tile, packed (packed_tile_words)
   std::vector<float> s;   // [kQueryBlock, kKeyTile], logits, then probabilities
-  std::vector<float> o;   // [kQueryBlock, Dv8], the accumulators
+  std::vector<T> p;       // pairs: [kQueryBlock, kKeyPairs], P in bf16 pairs (unused for float)
+  std::vector<float> o;   // [kQueryBlock, dv8], the accumulators
   std::vector<float> m, l;  // [kQueryBlock], running max (base 2) and sum
-  Scratch(int64_t d_, int64_t dv)
-      : d(d_), dv8(round_up8(dv)), q(kQueryBlock * d_), kt(d_ * kKeyTile), vt(kKeyTile * dv8), s(kQueryBlock * kKeyTile),
-        o(kQueryBlock * dv8), m(kQueryBlock), l(kQueryBlock) {}
+  Scratch(int64_t d, int64_t dv);
+};
+
+// ---- packing ------------------------------------------------------------------------------------------------
+
+// Words (T) of one packed key tile: K^T, then V (layouts in the header).
+template <class T>
+int64_t packed_k_words(int64_t d) {
+  return (std::is_same_v<T, float> ? d : half_up(d)) * kKeyTile;
+}
+template <class T>
+int64_t packed_tile_words(int64_t d, int64_t dv8) {
+  return packed_k_words<T>(d) + (std::is_same_v<T, float> ? kKeyTile : kKeyPairs) * dv8;
+}
+
+template <class T>
+Scratch<T>::Scratch(int64_t d, int64_t dv)
+    : dv8(round_up8(dv)), q(kQueryBlock * (std::is_same_v<T, float> ? d : half_up(d))), kt(packed_k_words<T>(d)),
+      vt(kKeyTile * dv8), s(kQueryBlock * kKeyTile), p(std::is_same_v<T, float> ? 0 : kQueryBlock * kKeyPairs),
+      o(kQueryBlock * dv8), m(kQueryBlock), l(kQueryBlock) {}
+
+// The bf16 bits of element i (stride `stride`) of a row; 0 past n (pair padding).
+inline uint16_t bf16_at(const uint16_t* row, int64_t stride, int64_t i, int64_t n) { return i < n ? row[i * stride] : 0; }
+
+// Packs keys [t0, t0 + n) of a key list (n <= kKeyTile; key jj is token keys[jj], or jj when keys is nullptr) of
+// (b, h): K^T into kt (keys n .. round_up8(n) zero: the vector paths read them) and V into vt (channels Dv .. dv8
+// zero; pairs: the odd key of the last pair zero when n is odd).
+template <class T>
+void pack_tile(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t t0, int64_t n,
+               int64_t dv8, T* kt, T* vt) {
+  const int64_t D = a.head_dim, Dv = a.v_head_dim, n8 = round_up8(n);
+  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
+  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
+  auto token = [&](int64_t jj) { return keys != nullptr ? keys[t0 + jj] : t0 + jj; };
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t jj = 0; jj < n; ++jj) {
+      load_floats(a.dtype, a.k, kbase + token(jj) * a.k_stride[2], a.k_stride[3], D, kt + jj, kKeyTile);
+      float* vdst = vt + jj * dv8;
+      load_floats(a.dtype, a.v, vbase + token(jj) * a.v_stride[2], a.v_stride[3], Dv, vdst, 1);
+      for (int64_t c = Dv; c < dv8; ++c) vdst[c] = 0.f;
+    }
+    for (int64_t c = 0; c < D; ++c)
+      for (int64_t jj = n; jj < n8; ++jj) kt[c * kKeyTile + jj] = 0.f;
+  } else {
+    const uint16_t* k = static_cast<const uint16_t*>(a.k);
+    const uint16_t* v = static_cast<const uint16_t*>(a.v);
+    const int64_t d2 = half_up(D), ks = a.k_stride[3], vs = a.v_stride[3];
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const uint16_t* krow = k + kbase + token(jj) * a.k_stride[2];
+      for (int64_t i = 0; i < d2; ++i)
+        kt[i * kKeyTile + jj] = bf16_pair(krow[2 * i * ks], bf16_at(krow, ks, 2 * i + 1, D));
+    }
+    for (int64_t i = 0; i < d2; ++i)
+      for (int64_t jj = n; jj < n8; ++jj) kt[i * kKeyTile + jj] = 0u;
+    for (int64_t jp = 0; jp < half_up(n); ++jp) {
+      const uint16_t* even = v + vbase + token(2 * jp) * a.v_stride[2];
+      const uint16_t* odd = 2 * jp + 1 < n ? v + vbase + token(2 * jp + 1) * a.v_stride[2] : nullptr;
+      uint32_t* vdst = vt + jp * dv8;
+      for (int64_t c = 0; c < Dv; ++c) vdst[c] = bf16_pair(even[c * vs], odd != nullptr ? odd[c * vs] : 0);
+      for (int64_t c = Dv; c < dv8; ++c) vdst[c] = 0u;
+    }
+  }
+}
+
+// Packs a whole key list of (b, h): ceil(nkeys / kKeyTile) tiles of packed_tile_words(D, dv8) words into dst.
+template <class T>
+void pack_keys(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t nkeys, int64_t dv8,
+               T* dst) {
+  const int64_t tile = packed_tile_words<T>(a.head_dim, dv8);
+  for (int64_t t0 = 0, i = 0; t0 < nkeys; t0 += kKeyTile, ++i) {
+    T* kt = dst + i * tile;
+    pack_tile(a, b, h, keys, t0, std::min(kKeyTile, nkeys - t0), dv8, kt, kt + packed_k_words<T>(a.head_dim));
+  }
+}
+
+// A thread's packed copy of one key list, reused by the query blocks of that list that the thread runs (tasks of
+// one list run back to back): the keys are read and converted about once per thread instead of once per query
+// block. get() returns the packed list of `id` (packing it when the thread last packed another list), or nullptr
+// when it would exceed kMaxPackedWords (the caller then packs tile by tile; the values are the same either way).
+template <class T>
+class KeyCache {
+ public:
+  static constexpr int64_t kMaxPackedWords = int64_t{1} << 22;  // 16 MiB per thread at most
+
+  const T* get(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t nkeys, int64_t dv8,
+               int64_t id) {
+    const int64_t words = (nkeys + kKeyTile - 1) / kKeyTile * packed_tile_words<T>(a.head_dim, dv8);
+    if (words > kMaxPackedWords) return nullptr;
+    if (id != id_) {
+      if (static_cast<int64_t>(data_.size()) < words) data_.resize(static_cast<size_t>(words));
+      pack_keys(a, b, h, keys, nkeys, dv8, data_.data());
+      id_ = id;
+    }
+    return data_.data();
+  }
+
+ private:
+  std::vector<T> data_;
+  int64_t id_ = -1;
 };
 
 // ---- portable micro-kernels -------------------------------------------------------------------------------------
 
-// S[r, j] = sum_d Q[r, d] Kt[d, j] for rows [0, rows), keys [0, n): one fma chain per (r, j), d in order.
-inline void qk_portable(const float* q, int64_t d, const float* kt, int rows, int64_t n, float* s) {
-  for (int r = 0; r < rows; ++r)
+// The multiply-add of one operand format: fp32 fma, or pair_fma_portable.
+inline float madd_portable(float acc, float a, float b) { return std::fma(a, b, acc); }
+inline float madd_portable(float acc, uint32_t a, uint32_t b) { return pair_fma_portable(acc, a, b); }
+
+// S[r, j] = sum_i Q[r, i] Kt[i, j] for rows [0, rows), keys [0, n), words i in [0, dw): one chain per (r, j).
+template <class T>
+void qk_portable(const T* q, int64_t dw, const T* kt, int64_t rows, int64_t n, float* s) {
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) {
       float acc = 0.f;
-      for (int64_t c = 0; c < d; ++c) acc = std::fma(q[r * d + c], kt[c * kKeyTile + j], acc);
+      for (int64_t i = 0; i < dw; ++i) acc = madd_portable(acc, q[r * dw + i], kt[i * kKeyTile + j]);
       s[r * kKeyTile + j] = acc;
     }
 }
 
-// O[r, c] += sum_j P[r, j] V[j, c] for rows [0, rows), keys [0, n), channels [0, dv8): key order.
-inline void pv_portable(const float* p, const float* vt, int64_t dv8, int rows, int64_t n, float* o) {
-  for (int r = 0; r < rows; ++r)
+// O[r, c] += sum_j P[r, j] V[j, c] for rows [0, rows), key words j in [0, nw) (keys, or pairs of keys), channels
+// [0, dv8): key order. P's rows are pstride words apart.
+template <class T>
+void pv_portable(const T* p, int64_t pstride, const T* vt, int64_t dv8, int64_t rows, int64_t nw, float* o) {
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < dv8; ++c) {
       float acc = o[r * dv8 + c];
-      for (int64_t j = 0; j < n; ++j) acc = std::fma(p[r * kKeyTile + j], vt[j * dv8 + c], acc);
+      for (int64_t j = 0; j < nw; ++j) acc = madd_portable(acc, p[r * pstride + j], vt[j * dv8 + c]);
       o[r * dv8 + c] = acc;
     }
 }
-
 
 // The lane reductions of the softmax, shared by every path. max_lanes8: the maximum of 8 lanes by the tree
 // (i, i + 4), (i, i + 2), (0, 1) with the vector max's rule a > b ? a : b. sum_lanes16: the sum of 16 lanes by the
@@ -173,12 +308,16 @@ inline float sum_lanes16(const float* x) {
 }
 
 // The online softmax of one row (csrc/include/velodiff/attention.h) for one tile: srow holds the logits of keys
-// [0, n) and n8 - n padding slots (n8 = round_up8(n)). The new max m_new = max(m, max of the row), the row's max
-// taken over 8 lanes (lane j % 8, padding = -inf, each lane's running max as a > b ? a : b) then max_lanes8;
-// probabilities 2^(s - m_new) written back (0 in the padding); their sum over 16 lanes (lane j % 16, keys in
-// order) then sum_lanes16; l = l * alpha + sum. Returns alpha = 2^(m_old - m_new), the accumulator's rescale.
-// The vector paths do exactly this, eight lanes at a time.
-inline float softmax_row_portable(float* srow, int64_t n, int64_t n8, float& m, float& l) {
+// [0, n) and n8 - n padding slots (n8 = round_up8(n)); kScale: they are first multiplied by `scale` (the pairs
+// format's unscaled logits). The new max m_new = max(m, max of the row), the row's max taken over 8 lanes (lane
+// j % 8, padding = -inf, each lane's running max as a > b ? a : b) then max_lanes8; probabilities 2^(s - m_new)
+// written back (0 in the padding); their sum over 16 lanes (lane j % 16, keys in order) then sum_lanes16;
+// l = l * alpha + sum. Returns alpha = 2^(m_old - m_new), the accumulator's rescale. The vector paths do exactly
+// this, eight lanes at a time.
+template <bool kScale>
+float softmax_row_portable(float* srow, int64_t n, int64_t n8, float scale, float& m, float& l) {
+  if constexpr (kScale)
+    for (int64_t j = 0; j < n; ++j) srow[j] *= scale;
   for (int64_t j = n; j < n8; ++j) srow[j] = -std::numeric_limits<float>::infinity();
   float lanes[16];
   for (int i = 0; i < 8; ++i) lanes[i] = srow[i];
@@ -195,12 +334,35 @@ inline float softmax_row_portable(float* srow, int64_t n, int64_t n8, float& m, 
   return alpha;
 }
 
-// ---- vector micro-kernels: flash_tile_simd.inc, compiled for AVX2 + FMA and for AVX-512VL ---------------------
+// One key tile for `rows` queries, portable: S = Q K^T over keys [0, n), the online softmax of each row, O = alpha
+// O + P V (pairs: P rounded to bf16 pairs into p first).
+template <class T>
+void tile_step_portable(const T* q, int64_t dw, const T* kt, const T* vt, int64_t dv8, int64_t rows, int64_t n,
+                        float scale, float* s, T* p, float* m, float* l, float* o) {
+  constexpr bool kPairs = std::is_same_v<T, uint32_t>;
+  const int64_t n8 = round_up8(n);
+  qk_portable(q, dw, kt, rows, n, s);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* srow = s + r * kKeyTile;
+    const float alpha = softmax_row_portable<kPairs>(srow, n, n8, scale, m[r], l[r]);
+    for (int64_t c = 0; c < dv8; ++c) o[r * dv8 + c] *= alpha;
+    if constexpr (kPairs)
+      for (int64_t jp = 0; jp < n8 / 2; ++jp)
+        p[r * kKeyPairs + jp] = bf16_pair(attention_float_to_bf16(srow[2 * jp]), attention_float_to_bf16(srow[2 * jp + 1]));
+  }
+  if constexpr (kPairs)
+    pv_portable(p, kKeyPairs, vt, dv8, rows, half_up(n), o);
+  else
+    pv_portable(s, kKeyTile, vt, dv8, rows, n, o);
+}
+
+// ---- vector micro-kernels: flash_tile_simd.inc, compiled for AVX2 + FMA, AVX-512VL and AVX-512BF16 -----------
 #if defined(__x86_64__) && defined(__GNUC__)
 namespace avx2 {
 #define VD_SIMD_TARGET __attribute__((target("avx2,fma")))
 constexpr int kMaxAcc = 12;     // accumulators per register block (16 registers)
 constexpr int kMaxPvCols = 4;   // channel vectors per P V block
+constexpr bool kNativeBf16 = false;
 #include "flash_tile_simd.inc"
 #undef VD_SIMD_TARGET
 }  // namespace avx2
@@ -209,21 +371,33 @@ namespace avx512 {
 #define VD_SIMD_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl")))
 constexpr int kMaxAcc = 24;     // accumulators per register block (32 registers)
 constexpr int kMaxPvCols = 6;
+constexpr bool kNativeBf16 = false;
 #include "flash_tile_simd.inc"
 #undef VD_SIMD_TARGET
 }  // namespace avx512
+
+namespace avx512bf16 {
+#define VD_SIMD_TARGET __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bf16")))
+constexpr int kMaxAcc = 24;
+constexpr int kMaxPvCols = 6;
+constexpr bool kNativeBf16 = true;
+#include "flash_tile_simd.inc"
+#undef VD_SIMD_TARGET
+}  // namespace avx512bf16
 #endif
 
 // The instruction set the tile routine runs: the best this CPU has, capped by the environment variable
-// VELODIFF_CPU_ISA (portable | avx2 | avx512; the tests compare them) or VELODIFF_ATTENTION_SCALAR=1 (portable).
-// Every choice gives the same bits.
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// VELODIFF_CPU_ISA (portable | avx2 | avx512 | avx512bf16; the tests compare them) or VELODIFF_ATTENTION_SCALAR=1
+// (portable). Every choice gives the same bits.
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 inline Isa best_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? Isa::kAvx512
-                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")        ? Isa::kAvx2
-                                                                                                   : Isa::kPortable;
+  static const Isa best = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kPortable;
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512vl")) return Isa::kAvx2;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  }();
   return best;
 #else
   return Isa::kPortable;
@@ -236,126 +410,70 @@ inline bool select_isa(Isa& isa, char* error) {
   const char* scalar = std::getenv("VELODIFF_ATTENTION_SCALAR");
   if (scalar != nullptr && scalar[0] != '\0' && std::strcmp(scalar, "0") != 0) isa = Isa::kPortable;
   const char* cap = std::getenv("VELODIFF_CPU_ISA");
-  if (cap == nullptr || cap[0] == '\0' || std::strcmp(cap, "avx512") == 0) return true;
-  if (std::strcmp(cap, "avx2") == 0) {
-    isa = std::min(isa, Isa::kAvx2);
-  } else if (std::strcmp(cap, "portable") == 0) {
-    isa = Isa::kPortable;
-  } else {
-    std::snprintf(error, 256, "VELODIFF_CPU_ISA must be portable, avx2 or avx512 (or unset), not '%.100s'", cap);
-    return false;
-  }
-  return true;
-}
-
-// ---- packing ------------------------------------------------------------------------------------------------
-
-// Floats of one packed key tile: K^T [D, kKeyTile] then V [kKeyTile, dv8].
-inline int64_t packed_tile_floats(int64_t d, int64_t dv8) { return d * kKeyTile + kKeyTile * dv8; }
-
-// Packs keys [t0, t0 + n) of a key list (n <= kKeyTile; key jj is token keys[jj], or jj when keys is nullptr) of
-// (b, h) as fp32: K transposed into kt [D, kKeyTile] (keys n .. round_up8(n) zero: the AVX2 path reads them) and V
-// into vt [kKeyTile, dv8] (channels Dv .. dv8 zero).
-inline void pack_tile(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t t0, int64_t n,
-                      int64_t dv8, float* kt, float* vt) {
-  const int64_t D = a.head_dim, Dv = a.v_head_dim, n8 = round_up8(n);
-  const int64_t kbase = b * a.k_stride[0] + h * a.k_stride[1];
-  const int64_t vbase = b * a.v_stride[0] + h * a.v_stride[1];
-  for (int64_t jj = 0; jj < n; ++jj) {
-    const int64_t j = keys != nullptr ? keys[t0 + jj] : t0 + jj;
-    const int64_t krow = kbase + j * a.k_stride[2], vrow = vbase + j * a.v_stride[2];
-    load_floats(a.dtype, a.k, krow, a.k_stride[3], D, kt + jj, kKeyTile);
-    float* vdst = vt + jj * dv8;
-    load_floats(a.dtype, a.v, vrow, a.v_stride[3], Dv, vdst, 1);
-    for (int64_t c = Dv; c < dv8; ++c) vdst[c] = 0.f;
-  }
-  for (int64_t c = 0; c < D; ++c)
-    for (int64_t jj = n; jj < n8; ++jj) kt[c * kKeyTile + jj] = 0.f;
-}
-
-// Packs a whole key list of (b, h): ceil(nkeys / kKeyTile) tiles of packed_tile_floats(D, dv8) floats into dst,
-// for flash_rows' `packed` (a caller that runs several query blocks against one key list packs it once).
-inline void pack_keys(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t nkeys,
-                      int64_t dv8, float* dst) {
-  const int64_t tile = packed_tile_floats(a.head_dim, dv8);
-  for (int64_t t0 = 0, i = 0; t0 < nkeys; t0 += kKeyTile, ++i) {
-    float* kt = dst + i * tile;
-    pack_tile(a, b, h, keys, t0, std::min(kKeyTile, nkeys - t0), dv8, kt, kt + a.head_dim * kKeyTile);
-  }
-}
-
-// A thread's packed copy of one key list, reused by the query blocks of that list that the thread runs (tasks of
-// one list run back to back): the keys are read and converted about once per thread instead of once per query
-// block. get() returns the packed list of `id` (packing it when the thread last packed another list), or nullptr
-// when it would exceed kMaxPackedFloats (the caller then packs tile by tile; the values are the same either way).
-class KeyCache {
- public:
-  static constexpr int64_t kMaxPackedFloats = int64_t{1} << 22;  // 16 MiB per thread at most
-
-  const float* get(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* keys, int64_t nkeys, int64_t dv8,
-                   int64_t id) {
-    const int64_t floats = (nkeys + kKeyTile - 1) / kKeyTile * packed_tile_floats(a.head_dim, dv8);
-    if (floats > kMaxPackedFloats) return nullptr;
-    if (id != id_) {
-      if (static_cast<int64_t>(data_.size()) < floats) data_.resize(static_cast<size_t>(floats));
-      pack_keys(a, b, h, keys, nkeys, dv8, data_.data());
-      id_ = id;
+  if (cap == nullptr || cap[0] == '\0') return true;
+  const char* names[] = {"portable", "avx2", "avx512", "avx512bf16"};
+  for (int i = 0; i < 4; ++i)
+    if (std::strcmp(cap, names[i]) == 0) {
+      isa = std::min(isa, static_cast<Isa>(i));
+      return true;
     }
-    return data_.data();
-  }
-
- private:
-  std::vector<float> data_;
-  int64_t id_ = -1;
-};
+  std::snprintf(error, 256, "VELODIFF_CPU_ISA must be portable, avx2, avx512 or avx512bf16 (or unset), not '%.80s'",
+                cap);
+  return false;
+}
 
 // ---- one task -----------------------------------------------------------------------------------------------
 
-// One task: `rows` queries of (b, h) against `nkeys` keys. Query row r is token `queries[r]` of q (and of out),
-// or token i0 + r when `queries` is nullptr; key jj is token `keys[jj]` of k and v, or token jj when `keys` is
-// nullptr. `packed`: the key list already packed by pack_keys (then `keys` is not read), or nullptr to pack each
-// tile here; the values, and so the bits, are the same. Writes the rows' outputs (zeros for a row without keys).
-// rows <= kQueryBlock.
-inline void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* queries, int64_t i0,
-                       int64_t rows, const int64_t* keys, int64_t nkeys, Isa isa, Scratch& w,
-                       const float* packed = nullptr) {
-  const int64_t D = a.head_dim, Dv = a.v_head_dim, dv8 = w.dv8;
+// One task: `rows` queries of (b, h) against `nkeys` keys, operand format T (header; pairs for bf16 inputs). Query
+// row r is token `queries[r]` of q (and of out), or token i0 + r when `queries` is nullptr; key jj is token
+// `keys[jj]` of k and v, or token jj when `keys` is nullptr. `packed`: the key list already packed (KeyCache; then
+// `keys` is not read), or nullptr to pack each tile here; the values, and so the bits, are the same. Writes the
+// rows' outputs (zeros for a row without keys). rows <= kQueryBlock.
+template <class T>
+void flash_rows(const AttentionArgs& a, int64_t b, int64_t h, const int64_t* queries, int64_t i0, int64_t rows,
+                const int64_t* keys, int64_t nkeys, Isa isa, Scratch<T>& w, const T* packed = nullptr) {
+  constexpr bool kPairs = std::is_same_v<T, uint32_t>;
+  const int64_t D = a.head_dim, Dv = a.v_head_dim, dv8 = w.dv8, dw = kPairs ? half_up(D) : D;
   const float qscale = a.scale * kAttentionLog2e;
   const int64_t qbase = b * a.q_stride[0] + h * a.q_stride[1];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = qbase + (queries != nullptr ? queries[r] : i0 + r) * a.q_stride[2];
-    float* qrow = w.q.data() + r * D;
-    load_floats(a.dtype, a.q, row, a.q_stride[3], D, qrow, 1);
-    for (int64_t c = 0; c < D; ++c) qrow[c] *= qscale;
+    T* qrow = w.q.data() + r * dw;
+    if constexpr (kPairs) {
+      const uint16_t* src = static_cast<const uint16_t*>(a.q) + row;
+      const int64_t qs = a.q_stride[3];
+      for (int64_t i = 0; i < dw; ++i) qrow[i] = bf16_pair(src[2 * i * qs], bf16_at(src, qs, 2 * i + 1, D));
+    } else {
+      load_floats(a.dtype, a.q, row, a.q_stride[3], D, qrow, 1);
+      for (int64_t c = 0; c < D; ++c) qrow[c] *= qscale;
+    }
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.f;
   }
   std::fill(w.o.begin(), w.o.begin() + rows * dv8, 0.f);
-  const int64_t tile_floats = packed_tile_floats(D, dv8);
+  const int64_t tile_words = packed_tile_words<T>(D, dv8);
+  // the pairs format scales the logits in the softmax; the float format's queries carry the scale already
+  const float scale = kPairs ? qscale : 1.f;
   for (int64_t t0 = 0; t0 < nkeys; t0 += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, nkeys - t0), n8 = round_up8(n);
-    const float* kt = w.kt.data();
-    const float* vt = w.vt.data();
+    const int64_t n = std::min(kKeyTile, nkeys - t0);
+    const T* kt = w.kt.data();
+    const T* vt = w.vt.data();
     if (packed != nullptr) {
-      kt = packed + (t0 / kKeyTile) * tile_floats;
-      vt = kt + D * kKeyTile;
+      kt = packed + (t0 / kKeyTile) * tile_words;
+      vt = kt + packed_k_words<T>(D);
     } else {
       pack_tile(a, b, h, keys, t0, n, dv8, w.kt.data(), w.vt.data());
     }
-    float* s = w.s.data();
-    float* o = w.o.data();
+    const T* q = w.q.data();
+    float *s = w.s.data(), *o = w.o.data(), *m = w.m.data(), *l = w.l.data();
+    T* p = w.p.data();
     switch (isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
-      case Isa::kAvx512: avx512::tile_step(w.q.data(), D, kt, vt, dv8, rows, n, s, w.m.data(), w.l.data(), o); break;
-      case Isa::kAvx2: avx2::tile_step(w.q.data(), D, kt, vt, dv8, rows, n, s, w.m.data(), w.l.data(), o); break;
+      case Isa::kAvx512Bf16: avx512bf16::tile_step(q, dw, kt, vt, dv8, rows, n, scale, s, p, m, l, o); break;
+      case Isa::kAvx512: avx512::tile_step(q, dw, kt, vt, dv8, rows, n, scale, s, p, m, l, o); break;
+      case Isa::kAvx2: avx2::tile_step(q, dw, kt, vt, dv8, rows, n, scale, s, p, m, l, o); break;
 #endif
-      default:
-        qk_portable(w.q.data(), D, kt, static_cast<int>(rows), n, s);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float alpha = softmax_row_portable(s + r * kKeyTile, n, n8, w.m[r], w.l[r]);
-          for (int64_t c = 0; c < dv8; ++c) o[r * dv8 + c] *= alpha;
-        }
-        pv_portable(s, vt, dv8, static_cast<int>(rows), n, o);
+      default: tile_step_portable(q, dw, kt, vt, dv8, rows, n, scale, s, p, m, l, o);
     }
   }
   const int64_t obase = b * a.out_stride[0] + h * a.out_stride[1];

@@ -59,6 +59,43 @@ bool check(const WindowAttentionArgs& wa, char* error) {
   return true;
 }
 
+// The windows' token lists (window_attention_cpu).
+struct Windows {
+  const std::vector<int64_t>& tokens;       // the real tokens of window n: tokens[start[n] .. start[n + 1])
+  const std::vector<int64_t>& start;
+  const std::vector<int64_t>& first_block;  // the index of window n's first query block among a (b, h)'s blocks
+  int64_t count;
+};
+
+// Every (b, h, window, query block) task, operand format T.
+template <class T>
+void run_tasks(const AttentionArgs& a, const Windows& wl, double work, flash_cpu::Isa isa) {
+  using namespace flash_cpu;
+  const int64_t H = a.heads, windows = wl.count;
+  const int64_t blocks = wl.first_block[windows];  // query blocks per (b, h)
+  const int64_t tasks = a.batch * H * blocks;
+#pragma omp parallel if (work >= kParallelMin && tasks > 1)
+  {
+    Scratch<T> w(a.head_dim, a.v_head_dim);
+    KeyCache<T> cache;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bh = t / blocks, block = t % blocks;
+      const int64_t b = bh / H, h = bh % H;
+      // the window holding this block: the last n with first_block[n] <= block
+      const int64_t n =
+          std::upper_bound(wl.first_block.begin(), wl.first_block.end(), block) - wl.first_block.begin() - 1;
+      const int64_t* win = wl.tokens.data() + wl.start[n];
+      const int64_t count = wl.start[n + 1] - wl.start[n];
+      const int64_t i0 = (block - wl.first_block[n]) * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, count - i0);
+      // one query block: pack tile by tile; more: the thread packs the window's keys once
+      const T* packed = count > kQueryBlock ? cache.get(a, b, h, win, count, w.dv8, bh * windows + n) : nullptr;
+      flash_rows<T>(a, b, h, win + i0, 0, rows, win, count, isa, w, packed);
+    }
+  }
+}
+
 }  // namespace
 
 bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
@@ -83,30 +120,14 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
     first_block[n + 1] = first_block[n] + (rows * cols + kQueryBlock - 1) / kQueryBlock;
     work += static_cast<double>(rows * cols) * (rows * cols + 1);
   }
-  const int64_t blocks = first_block[windows];  // query blocks per (b, h)
-  const int64_t tasks = B * H * blocks;
   work *= static_cast<double>(B * H) * (a.head_dim + a.v_head_dim);
   Isa isa;
   if (!select_isa(isa, error)) return false;
-#pragma omp parallel if (work >= kParallelMin && tasks > 1)
-  {
-    Scratch w(a.head_dim, a.v_head_dim);
-    KeyCache cache;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t bh = t / blocks, block = t % blocks;
-      const int64_t b = bh / H, h = bh % H;
-      // the window holding this block: the last n with first_block[n] <= block
-      const int64_t n = std::upper_bound(first_block.begin(), first_block.end(), block) - first_block.begin() - 1;
-      const int64_t* win = tokens.data() + start[n];
-      const int64_t count = start[n + 1] - start[n];
-      const int64_t i0 = (block - first_block[n]) * kQueryBlock;
-      const int64_t rows = std::min(kQueryBlock, count - i0);
-      // one query block: pack tile by tile; more: the thread packs the window's keys once
-      const float* packed = count > kQueryBlock ? cache.get(a, b, h, win, count, w.dv8, bh * windows + n) : nullptr;
-      flash_rows(a, b, h, win + i0, 0, rows, win, count, isa, w, packed);
-    }
-  }
+  const Windows layout{tokens, start, first_block, windows};
+  if (a.dtype == AttnDType::kBFloat16)
+    run_tasks<uint32_t>(a, layout, work, isa);  // bf16 pairs (flash_tile.h)
+  else
+    run_tasks<float>(a, layout, work, isa);
   return true;
 }
 
