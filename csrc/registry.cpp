@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "velodiff/kernels.h"
+
 #ifndef VELODIFF_CUDA_ARCHS
 #define VELODIFF_CUDA_ARCHS ""
 #endif
@@ -61,6 +63,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["cuda_archs"] = VELODIFF_CUDA_ARCHS;
     d["torch_version"] = VELODIFF_TORCH_VERSION;
+    py::dict paths;  // the CPU kernels' code paths on this machine, now
+    paths["attention"] = velodiff::attention_cpu_path();
+    paths["qgemm"] = velodiff::qgemm_cpu_path();
+    paths["linear_attention"] = velodiff::linear_attention_cpu_path();
+    d["cpu_paths"] = paths;
     return d;
   });
 }

@@ -23,3 +23,16 @@ def test_cli_info_json(capsys):
 def test_cli_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "velodiff.cli", "info"], capture_output=True, text=True, check=True)
     assert "sampler_update" in out.stdout
+
+
+def test_info_lists_the_cpu_kernel_paths(monkeypatch):
+    """The code path of each CPU kernel family, as chosen now: VELODIFF_CPU_ISA caps attention's."""
+    paths = velodiff.info()["cpu_kernel_paths"]
+    assert set(paths) == {"attention", "qgemm", "linear_attention"}
+    assert paths["attention"] in ("portable", "avx2", "avx512", "avx512bf16")
+    monkeypatch.setenv("VELODIFF_CPU_ISA", "portable")
+    assert velodiff.info()["cpu_kernel_paths"]["attention"] == "portable"
+    monkeypatch.setenv("VELODIFF_CPU_ISA", "avx2")
+    assert velodiff.info()["cpu_kernel_paths"]["attention"] in ("portable", "avx2")
+    monkeypatch.setenv("VELODIFF_QGEMM_SCALAR", "1")
+    assert velodiff.info()["cpu_kernel_paths"]["qgemm"] == "portable"

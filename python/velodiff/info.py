@@ -30,7 +30,8 @@ def _cpu_isa() -> str:
 
 
 def info() -> Dict[str, Any]:
-    """The build as a dict: version, torch/CUDA versions, compiled CUDA archs, CPU ISA, registered ops."""
+    """The build as a dict: version, torch/CUDA versions, compiled CUDA archs, CPU ISA (torch's), the code path
+    each of our CPU kernel families runs here (VELODIFF_CPU_ISA caps attention's), registered ops."""
     import torch
 
     from velodiff.ops import _native
@@ -53,5 +54,6 @@ def info() -> Dict[str, Any]:
         "built_with_torch": build.get("torch_version", ""),
         "openmp": bool(build.get("openmp", False)),
         "cpu_isa": _cpu_isa(),
+        "cpu_kernel_paths": dict(build.get("cpu_paths", {})),
         "ops": ops,
     }

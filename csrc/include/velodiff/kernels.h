@@ -39,6 +39,13 @@ bool linear_attention_cpu(const LinearAttentionArgs& args, char* error);
 // count. Returns false and writes a message to `error` (at least 256 bytes) on invalid arguments.
 bool window_attention_cpu(const WindowAttentionArgs& args, char* error);
 
+// The code path each CPU kernel family runs on this CPU under the current environment (VELODIFF_CPU_ISA and the
+// kernels' *_SCALAR switches): "avx512bf16", "avx512", "avx2" or "portable" (attention: exact and windowed), or
+// "avx2" / "portable" (qgemm + quantize_act, linear attention). For `velodiff info`.
+const char* attention_cpu_path();
+const char* qgemm_cpu_path();
+const char* linear_attention_cpu_path();
+
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
 // 4 * batch doubles when guidance_rescale > 0. Returns the cudaError_t of the launches as int (0 = success).

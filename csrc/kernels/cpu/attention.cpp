@@ -82,4 +82,12 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
   return true;
 }
 
+const char* attention_cpu_path() {
+  flash_cpu::Isa isa;
+  char error[256];
+  if (!flash_cpu::select_isa(isa, error)) return "invalid VELODIFF_CPU_ISA";
+  static const char* const names[] = {"portable", "avx2", "avx512", "avx512bf16"};
+  return names[static_cast<int>(isa)];
+}
+
 }  // namespace velodiff

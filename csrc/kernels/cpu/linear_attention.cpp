@@ -380,4 +380,6 @@ bool linear_attention_cpu(const LinearAttentionArgs& a, char* error) {
   return true;
 }
 
+const char* linear_attention_cpu_path() { return use_simd() ? "avx2" : "portable"; }
+
 }  // namespace velodiff

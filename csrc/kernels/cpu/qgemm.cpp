@@ -807,4 +807,6 @@ bool qgemm_cpu(const QGemmArgs& a, char* error) {
   return true;
 }
 
+const char* qgemm_cpu_path() { return use_simd() ? "avx2" : "portable"; }
+
 }  // namespace velodiff

@@ -22,5 +22,7 @@ def run(args: argparse.Namespace) -> int:
     for key, value in data.items():
         if isinstance(value, list):
             value = ", ".join(value) if value else "(none)"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) if value else "(none)"
         print(f"{key:<{width}}  {value}")
     return 0 if data["native_module"] else 1
