@@ -6,11 +6,13 @@ import torch
 
 from velodiff.models.vae import AutoencoderKL, DiagonalGaussian, randn_like_diffusers
 
-# Relative Frobenius error allowed against diffusers, fp32 (u = 6e-8): encode, decode and forward are bit-identical
-# to diffusers' today (measured 0 in every case below) and the latent scalings differ by at most 4.7e-8; 1e-6 leaves
-# room for an operation order of our own (another attention kernel gives ~1e-7 in the DiT / PixArt tests), 10x
+# Relative Frobenius error allowed against diffusers, fp32 (u = 6e-8). With the same attention kernel (SDPA) encode,
+# decode and forward are bit-identical to diffusers'; our default attention on the CPU is velodiff's op, and then
+# the two differ by up to 1.6e-6 on decode. That is the arithmetic, not a defect: each fp32 decode is itself
+# 0.7-1.8e-6 from the float64 decode (measured for ours and for diffusers alike, 9 cases:
+# test_decode_is_as_close_to_float64_as_diffusers), so two of them may differ by the sum, <= 3.6e-6; TOL = 4e-6,
 # under the blueprint's fp32 1e-5.
-TOL = 1e-6
+TOL = 4e-6
 
 
 def rel(a, b):
@@ -83,6 +85,25 @@ def test_decode_matches_diffusers(models, hw):
     out = ours.decode(z)
     assert out.shape == (2, 3, hw[0] * ours.spatial_compression, hw[1] * ours.spatial_compression)
     assert rel(out, theirs.decode(z).sample) <= TOL
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (5, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
+@torch.no_grad()
+def test_decode_is_as_close_to_float64_as_diffusers(models, hw):
+    """Our fp32 decode (default attention backend) against the float64 decode of the same weights: no further
+    than diffusers' fp32 decode is, within 1.25x (measured 0.70-1.05x on 9 decodes of the configs with attention), and well
+    inside the blueprint's 1e-5."""
+    import copy
+
+    from velodiff.models.attention import set_attention_backend
+    _, ours, theirs = models
+    exact = copy.deepcopy(ours).double()
+    set_attention_backend(exact, "math")
+    z = torch.randn(2, ours.config.latent_channels, *hw, generator=torch.Generator().manual_seed(11))
+    truth = exact.decode(z.double())
+    err_ours, err_theirs = rel(ours.decode(z), truth), rel(theirs.decode(z).sample, truth)
+    assert err_ours <= 1.25 * err_theirs + 1e-7, (err_ours, err_theirs)
+    assert err_ours <= 1e-5
 
 
 @torch.no_grad()
