@@ -91,8 +91,8 @@ def test_decode_matches_diffusers(models, hw):
 @torch.no_grad()
 def test_decode_is_as_close_to_float64_as_diffusers(models, hw):
     """Our fp32 decode (default attention backend) against the float64 decode of the same weights: no further
-    than diffusers' fp32 decode is, within 1.25x (measured 0.70-1.05x on 9 decodes of the configs with attention), and well
-    inside the blueprint's 1e-5."""
+    than diffusers' fp32 decode is, within 1.25x (measured 0.70-1.05x on 9 decodes of the configs with
+    attention), and well inside the blueprint's 1e-5."""
     import copy
 
     from velodiff.models.attention import set_attention_backend
