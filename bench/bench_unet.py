@@ -101,10 +101,14 @@ VARIANTS = ("diffusers", "diffusers_cl", "velodiff", "velodiff_cl", "velodiff_cl
 BASELINES = ("diffusers", "diffusers_cl")
 
 
-def build_variants(config: dict, batch: int, latent: int):
-    """The five callables (one UNet forward each) over one set of weights, and their input layouts."""
+def build_variants(config: dict, batch: int, latent: int, dtype: torch.dtype = torch.float32):
+    """The five callables (one UNet forward each) over one set of weights in ``dtype``, and their input layouts."""
     theirs, ours = build_pair(config)
+    theirs = theirs.to(dtype)
+    ours = share_weights(theirs)
     x, t, ctx, kw = inputs(config, batch, latent)
+    x, ctx = x.to(dtype), ctx.to(dtype)
+    kw = {k: {n: v.to(dtype) for n, v in d.items()} for k, d in kw.items()}
     x_cl = x.contiguous(memory_format=torch.channels_last)
     cl = torch.channels_last
     # channels-last: 4-D (conv) weights get NHWC copies, everything else stays shared
@@ -124,13 +128,15 @@ def main():
     ap.add_argument("--model", default="sd15", choices=sorted(CONFIGS))
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and inputs of every variant")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0, help="seed of the order of the variants within the rounds")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     load_start = load_average()
     config = CONFIGS[args.model]
-    variants = build_variants(config, args.batch, args.latent)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    variants = build_variants(config, args.batch, args.latent, dtype)
     errs = {}
     with torch.inference_mode():
         ref = variants["diffusers"]().double()  # also the first warm-up; parity of this very setup
@@ -149,7 +155,7 @@ def main():
         row["rel_err_vs_diffusers"] = errs.get(name, 0.0)
         rows.append(row)
         print({k: (v["median"] if isinstance(v, dict) else v) for k, v in row.items()}, flush=True)
-    note = (f"One UNet forward ({args.model}, {args.latent}x{args.latent} latent, batch {args.batch}, fp32, "
+    note = (f"One UNet forward ({args.model}, {args.latent}x{args.latent} latent, batch {args.batch}, {args.dtype}, "
             "inference mode), random weights shared by all models. Each cell is median (min-max) over "
             f"{args.rounds} interleaved rounds (every variant once per round, order rotated per round). "
             "s: seconds per forward. vs_X: X's time / this variant's time, taken within each round, then "
@@ -159,7 +165,8 @@ def main():
             "relative Frobenius error of the output against diffusers' (NCHW).")
     extra = {"load_start": load_start, "load_end": load_end, "rounds": args.rounds,
              "timing": res.to_json()}
-    path = write_results(f"unet_{args.model}_cpu", rows,
+    suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
+    path = write_results(f"unet_{args.model}_cpu{suffix}", rows,
                          ["model", "variant", "layout", "s", "vs_diffusers", "vs_diffusers_cl",
                           "rel_err_vs_diffusers"], args.out, note=note, extra=extra)
     print("wrote", path)
