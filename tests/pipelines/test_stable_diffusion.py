@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import velodiff as vd
+from velodiff.models.conv_prepack import PackedConv2d
 from fixtures import save_pipeline, tiny_sd_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,13 +99,35 @@ def test_optimize_and_restore_attention_backend(pipes):
 
 
 def test_cpu_conv_prepack_config(pipes):
-    """vd.accel.CPUConvPrepack keeps the images and vd.restore puts plain convs back."""
+    """vd.accel.CPUConvPrepack keeps the images and vd.restore puts back the convs it packed (the VAE's; a UNet
+    loaded on the CPU comes packed already and stays so)."""
     import torch.nn as nn
     _, _, ours = pipes
+    types = lambda m: [type(c) for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    before = {name: types(getattr(ours, name)) for name in ("unet", "vae")}
     kw = dict(prompt="lower", num_inference_steps=2, height=32, width=32, output_type="np")
     base = ours(generator=torch.Generator().manual_seed(0), **kw).images
     vd.optimize(ours, vd.accel.CPUConvPrepack())
+    assert all(t is PackedConv2d for t in types(ours.vae))
     fast = ours(generator=torch.Generator().manual_seed(0), **kw).images
     vd.restore(ours)
-    assert all(type(m) is nn.Conv2d for m in ours.unet.modules() if isinstance(m, nn.Conv2d))
+    assert {name: types(getattr(ours, name)) for name in ("unet", "vae")} == before
     assert np.abs(fast - base).max() <= CONV_PREPACK_TOL
+
+
+def test_cpu_loads_the_unet_in_its_fastest_layout(tmp_path):
+    """from_pretrained on the CPU (fp32 / bf16) packs the UNet's convs in channels-last; cpu_fast=False keeps the
+    plain layout; the two give the same images within float rounding."""
+    import torch.nn as nn
+    fast = vd.Pipeline.from_pretrained("digits")
+    plain = vd.Pipeline.from_pretrained("digits", cpu_fast=False)
+    convs = lambda p: [type(m) for m in p.unet.modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
+    assert set(convs(fast)) == {PackedConv2d} and set(convs(plain)) == {nn.Conv2d}
+    assert all(type(m) is nn.Conv2d for m in fast.vae.modules() if isinstance(m, nn.Conv2d))
+    assert set(convs(vd.Pipeline.from_pretrained("digits", dtype=torch.bfloat16))) == {PackedConv2d}
+    assert set(convs(vd.Pipeline.from_pretrained("digits", dtype=torch.float16))) == {nn.Conv2d}
+    run = lambda p: p(["a handwritten 4"], num_inference_steps=3, output_type="np",  # noqa: E731
+                      generator=torch.Generator().manual_seed(0)).images
+    for p in (fast, plain):
+        p.set_progress_bar_config(disable=True)
+    assert np.abs(run(fast) - run(plain)).max() <= CONV_PREPACK_TOL

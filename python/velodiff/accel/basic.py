@@ -51,13 +51,13 @@ class CPUConvPrepack(Technique):
     components: Tuple[str, ...] = ("unet", "vae")
 
     def apply(self, pipe) -> Callable[[], None]:
-        from velodiff.models.conv_prepack import prepack_convs, unprepack_convs
+        from velodiff.models.conv_prepack import PackedConv2d, prepack_convs, unprepack_convs
         import torch
         changed = []
         for name in self.components:
             module = getattr(pipe, name, None)
-            if isinstance(module, nn.Module):
-                module.to(memory_format=torch.channels_last)
+            if isinstance(module, nn.Module) and not any(isinstance(m, PackedConv2d) for m in module.modules()):
+                module.to(memory_format=torch.channels_last)  # (a CPU-loaded UNet comes packed: left as it is)
                 prepack_convs(module)
                 changed.append(module)
 
