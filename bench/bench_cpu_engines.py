@@ -6,7 +6,8 @@ tokens, inference mode. Engines (each a callable doing one UNet forward; all tim
   diffusers fp32 / diffusers_cl fp32   diffusers' UNet as shipped, and after unet.to(channels_last)
   diffusers bf16                       the same weights cast to bf16
   velodiff fp32 / bf16                 our UNet as loaded (NCHW)
-  velodiff_packed fp32 / bf16          plus channels-last and oneDNN conv weights packed once (CPUConvPrepack)
+  velodiff_packed fp32 / bf16          what from_pretrained loads on the CPU: channels-last, oneDNN conv weights
+                                       packed once, in bf16 the linear weights too (fastest_cpu_layout)
   openvino fp32 / bf16                 diffusers' UNet converted with openvino.convert_model (the conversion
                                        optimum-intel runs for its export) and compiled for this CPU with
                                        INFERENCE_PRECISION_HINT f32 or bf16
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_unet import SD15, build_pair, diffusers_twin, inputs, share_weights  # noqa: E402
 from common import compare, load_average, write_results  # noqa: E402
 
-from velodiff.models.conv_prepack import prepack_convs  # noqa: E402
+from velodiff.models.conv_prepack import fastest_cpu_layout  # noqa: E402
 
 BASELINE = "diffusers fp32"
 
@@ -73,10 +74,10 @@ def build_engines(batch: int, latent: int):
     x_cl = x.contiguous(memory_format=cl)
     theirs_bf16 = diffusers_twin(theirs).to(torch.bfloat16)
     ours_bf16 = share_weights(theirs_bf16)
-    ours_packed = share_weights(theirs).to(memory_format=cl)
-    prepack_convs(ours_packed)
-    ours_packed_bf16 = share_weights(theirs_bf16).to(memory_format=cl)
-    prepack_convs(ours_packed_bf16)
+    ours_packed = share_weights(theirs)
+    fastest_cpu_layout(ours_packed, torch.float32)
+    ours_packed_bf16 = share_weights(theirs_bf16)
+    fastest_cpu_layout(ours_packed_bf16, torch.bfloat16)
     xb, ctxb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
     xb_cl = xb.contiguous(memory_format=cl)
     engines = {

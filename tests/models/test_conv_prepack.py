@@ -90,3 +90,39 @@ def test_packed_conv_follows_input_shape_changes():
             ref = plain(x)
             out = packed(x)
             assert float((out - ref).norm() / ref.norm()) <= 1e-5
+
+
+# ---- PackedLinear (bf16) ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,out_features,bias", [((7, 33), 19, True), ((2, 77, 64), 128, False),
+                                                     ((3, 5, 4, 40), 40, True), ((1, 1), 300, True)])
+def test_packed_linear_gives_linear_bits_in_bf16(shape, out_features, bias):
+    """oneDNN's bf16 GEMM on the packed weight: the bits of nn.Linear, for 2-4-D inputs, odd sizes, with and
+    without bias; the packed weight follows the row count."""
+    from velodiff.models.conv_prepack import PackedLinear, prepack_linears
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(shape[-1], out_features, bias=bias).to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    assert prepack_linears(torch.nn.Sequential(packed)) == 1 and type(packed) is PackedLinear
+    with torch.no_grad():
+        for rows_scale in (1, 3):  # a second row count repacks
+            x = torch.randn((rows_scale * shape[0],) + shape[1:]).to(torch.bfloat16)
+            assert torch.equal(packed(x), plain(x))
+
+
+def test_packed_linear_other_inputs_take_the_plain_path():
+    """fp32, autograd and empty inputs run nn.Linear itself; unprepack restores the class."""
+    from velodiff.models.conv_prepack import PackedLinear, prepack_linears, unprepack_linears
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 12))
+    ref = copy.deepcopy(model)
+    prepack_linears(model)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        assert model(torch.randn(0, 24)).shape == (0, 12)
+    x.requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None and not hasattr(model[0], "_packed")
+    assert unprepack_linears(model) == 1 and type(model[0]) is torch.nn.Linear
+    assert isinstance(PackedLinear(2, 2), torch.nn.Linear)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import velodiff as vd
-from velodiff.models.conv_prepack import PackedConv2d
+from velodiff.models.conv_prepack import PackedConv2d, PackedLinear
 from fixtures import save_pipeline, tiny_sd_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,7 +124,10 @@ def test_cpu_loads_the_unet_in_its_fastest_layout(tmp_path):
     convs = lambda p: [type(m) for m in p.unet.modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
     assert set(convs(fast)) == {PackedConv2d} and set(convs(plain)) == {nn.Conv2d}
     assert all(type(m) is nn.Conv2d for m in fast.vae.modules() if isinstance(m, nn.Conv2d))
-    assert set(convs(vd.Pipeline.from_pretrained("digits", dtype=torch.bfloat16))) == {PackedConv2d}
+    bf16 = vd.Pipeline.from_pretrained("digits", dtype=torch.bfloat16)
+    assert set(convs(bf16)) == {PackedConv2d}
+    linears = lambda p: {type(m) for m in p.unet.modules() if isinstance(m, nn.Linear)}  # noqa: E731
+    assert linears(bf16) == {PackedLinear} and linears(fast) == {nn.Linear}  # packed linears: bf16 only
     assert set(convs(vd.Pipeline.from_pretrained("digits", dtype=torch.float16))) == {nn.Conv2d}
     run = lambda p: p(["a handwritten 4"], num_inference_steps=3, output_type="np",  # noqa: E731
                       generator=torch.Generator().manual_seed(0)).images
