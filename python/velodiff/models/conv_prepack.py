@@ -84,29 +84,30 @@ class PackedLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def _switch_class(model: nn.Module, old: type, new: type) -> int:
+    """Every module of exactly class ``old`` becomes class ``new`` (parameters untouched; packed copies dropped);
+    returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+            for attr in ("_packed", "_pack_key"):
+                module.__dict__.pop(attr, None)
+            n += 1
+    return n
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Switch every plain ``nn.Linear`` in ``model`` to :class:`PackedLinear` (parameters untouched; packed on the
     first bf16 call); returns how many were switched. Raises RuntimeError when this torch build lacks the ops."""
     if not _linear_available():
         raise RuntimeError("prepack_linears needs torch built with oneDNN (torch.ops.mkldnn._linear_pointwise)")
-    n = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = PackedLinear
-            n += 1
-    return n
+    return _switch_class(model, nn.Linear, PackedLinear)
 
 
 def unprepack_linears(model: nn.Module) -> int:
     """Undo :func:`prepack_linears`; returns how many linears were restored."""
-    n = 0
-    for module in model.modules():
-        if type(module) is PackedLinear:
-            module.__class__ = nn.Linear
-            for attr in ("_packed", "_pack_key"):
-                module.__dict__.pop(attr, None)
-            n += 1
-    return n
+    return _switch_class(model, PackedLinear, nn.Linear)
 
 
 def prepack_convs(model: nn.Module) -> int:
@@ -114,24 +115,12 @@ def prepack_convs(model: nn.Module) -> int:
     many were switched. Raises RuntimeError when this torch build lacks the oneDNN ops."""
     if not _available():
         raise RuntimeError("prepack_convs needs torch built with oneDNN (torch.ops.mkldnn._convolution_pointwise)")
-    n = 0
-    for module in model.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = PackedConv2d
-            n += 1
-    return n
+    return _switch_class(model, nn.Conv2d, PackedConv2d)
 
 
 def unprepack_convs(model: nn.Module) -> int:
     """Undo :func:`prepack_convs` (drops the packed copies); returns how many convs were restored."""
-    n = 0
-    for module in model.modules():
-        if type(module) is PackedConv2d:
-            module.__class__ = nn.Conv2d
-            for attr in ("_packed", "_pack_key"):
-                module.__dict__.pop(attr, None)
-            n += 1
-    return n
+    return _switch_class(model, PackedConv2d, nn.Conv2d)
 
 
 def fastest_cpu_layout(model: nn.Module, dtype: torch.dtype) -> None:
