@@ -17,7 +17,7 @@ fp32's time over the engine's, per round, median (min-max) over the rounds. Open
 (pip install openvino); without it its rows are left out and the note says so.
 
   python bench/bench_cpu_engines.py [--latent 32] [--batch 2] [--rounds 4] [--threads N] [--out bench/results]
-Writes <out>/cpu_engines.{md,json}.
+Writes <out>/cpu_engines.{md,json} (other latent sizes: cpu_engines_<px>px.{md,json}).
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def main():
             f"(min-max) over {args.rounds} interleaved rounds (every engine once per round, order rotated); "
             "x_diffusers_fp32: diffusers fp32's time / this engine's, per round. rel_err: relative Frobenius error "
             "of the output against diffusers fp32." + (f" Not run: {missing}." if missing else ""))
-    path = write_results("cpu_engines", rows, ["engine", "precision", "s", "x_diffusers_fp32",
+    name = "cpu_engines" if args.latent == 32 else f"cpu_engines_{8 * args.latent}px"
+    path = write_results(name, rows, ["engine", "precision", "s", "x_diffusers_fp32",
                                                "rel_err_vs_diffusers_fp32"], args.out, note=note,
                          extra={"load_start": load_start, "load_end": load_average(), "rounds": args.rounds,
                                 "threads": args.threads, "timing": res.to_json()})
