@@ -16,7 +16,9 @@ from velodiff.ops._native import native_op
 from velodiff.ops.attention import attention_unsupported
 
 
-def _pair(value, name: str, what: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+def checked_pair(value, name: str, what: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+    """``((a, b), None)`` for a tuple / list of two ints (bools refused), else ``(None, message naming name)``;
+    ``what`` names the pair's parts in the message, e.g. "(h, w)"."""
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or any(isinstance(x, bool) or not isinstance(x, int) for x in value)):
         return None, f"{name} must be a pair of integers {what}, got {value!r}"
@@ -32,20 +34,20 @@ def window_attention_unsupported(q, k, v, size, window, shift=(0, 0), scale=None
     if k.shape[2] != n:
         return ValueError, f"k and v must have q's L = {n} tokens (self-attention over one map), got k " \
                            f"{list(k.shape)} and v {list(v.shape)}"
-    hw, why = _pair(size, "size", "(h, w)")
+    hw, why = checked_pair(size, "size", "(h, w)")
     if why is not None:
         return ValueError, why
     h, w = hw
     if h < 1 or w < 1 or h * w != n:
         return ValueError, f"size {hw} must be positive with h * w = L = {n} tokens"
-    win, why = _pair(window, "window", "(Wh, Ww)")
+    win, why = checked_pair(window, "window", "(Wh, Ww)")
     if why is not None:
         return ValueError, why
     if win[0] < 1 or win[1] < 1:
         return ValueError, f"window {win} must have at least one row and one column"
     if win[0] > h or win[1] > w:
         return ValueError, f"window {win} is larger than the image: size (h, w) = {hw} (need Wh <= h and Ww <= w)"
-    sh, why = _pair(shift, "shift", "(sy, sx)")
+    sh, why = checked_pair(shift, "shift", "(sy, sx)")
     if why is not None:
         return ValueError, why
     if sh[0] < 0 or sh[1] < 0:

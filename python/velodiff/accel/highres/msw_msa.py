@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from velodiff.models.attention import Attention, attention, auto_backend
+from velodiff.ops.window_attention import checked_pair
 
 __all__ = ["window_attention", "window_layout", "window_size", "shift_for", "windowed_self_attention",
            "NUM_SHIFTS"]
@@ -31,10 +32,11 @@ NUM_SHIFTS = 4
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
-        raise ValueError(f"{name} must be a pair of integers (rows, columns), got {value!r}")
-    return int(value[0]), int(value[1])
+    """``value`` as (rows, columns) ints, or a ValueError naming ``name`` (the op's check, raised)."""
+    pair, why = checked_pair(value, name, "(rows, columns)")
+    if why is not None:
+        raise ValueError(why)
+    return pair
 
 
 def window_size(size: Sequence[int], grid: Sequence[int]) -> Tuple[int, int]:
