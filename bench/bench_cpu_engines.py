@@ -102,11 +102,16 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    for flag, value in (("--latent", args.latent), ("--batch", args.batch), ("--rounds", args.rounds),
-                        ("--threads", args.threads)):
-        if value < 1:
-            print(f"bench_cpu_engines.py: {flag}: must be at least 1", file=sys.stderr)
+    limits = (("--latent", args.latent, 256), ("--batch", args.batch, 64), ("--rounds", args.rounds, 1000),
+              ("--threads", args.threads, os.cpu_count() or 1))
+    for flag, value, most in limits:
+        if not 1 <= value <= most:
+            print(f"bench_cpu_engines.py: {flag}: must be from 1 to {most}, got {value}", file=sys.stderr)
             sys.exit(2)
+    if args.latent % 8:
+        print(f"bench_cpu_engines.py: --latent: must be a multiple of 8 (the UNet halves it three times), "
+              f"got {args.latent}", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads)
     load_start = load_average()
     engines, missing = build_engines(args.batch, args.latent)

@@ -134,3 +134,6 @@ def test_cpu_loads_the_unet_in_its_fastest_layout(tmp_path):
     for p in (fast, plain):
         p.set_progress_bar_config(disable=True)
     assert np.abs(run(fast) - run(plain)).max() <= CONV_PREPACK_TOL
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="cpu_fast must be True or False"):
+            vd.Pipeline.from_pretrained("digits", cpu_fast=bad)

@@ -63,6 +63,8 @@ class Pipeline:
         """
         if dtype is not None and torch_dtype is not None:
             raise ValueError("pass dtype or torch_dtype, not both")
+        if not isinstance(cpu_fast, bool):
+            raise TypeError(f"cpu_fast must be True or False, got {cpu_fast!r}")
         dtype = dtype or torch_dtype or torch.float32
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
