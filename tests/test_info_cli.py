@@ -34,5 +34,8 @@ def test_info_lists_the_cpu_kernel_paths(monkeypatch):
     assert velodiff.info()["cpu_kernel_paths"]["attention"] == "portable"
     monkeypatch.setenv("VELODIFF_CPU_ISA", "avx2")
     assert velodiff.info()["cpu_kernel_paths"]["attention"] in ("portable", "avx2")
+    assert velodiff.info()["cpu_kernel_paths"]["qgemm"] in ("portable", "avx2")
+    monkeypatch.delenv("VELODIFF_CPU_ISA")
+    assert paths["qgemm"] in ("portable", "avx2", "avx512vnni")
     monkeypatch.setenv("VELODIFF_QGEMM_SCALAR", "1")
     assert velodiff.info()["cpu_kernel_paths"]["qgemm"] == "portable"

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import velodiff
 from velodiff.ops import qgemm, quantize_act
 from velodiff.ops import reference as ref
 
@@ -451,6 +452,33 @@ def test_scalar_fallback_matches(monkeypatch, bits, dtype):
     # both paths are within the bound of every element
     assert_within_bound(fast_y, args, bits, "gelu", "cpu", what="AVX2 path")
     assert_within_bound(slow_y, args, bits, "gelu", "cpu", what="scalar path")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,r", [(1, 64, 5, 0), (13, 200, 37, 16), (25, 1280, 17, 32), (100, 320, 48, 3)])
+def test_vnni_path_gives_the_avx2_bits(monkeypatch, bits, dtype, m, k, n, r):
+    """VELODIFF_CPU_ISA=avx512 (the AVX-512VNNI micro-kernel, 12-row tiles: M not a multiple of 12 reaches the
+    padded rows) and avx2: the same integer group dots folded in the same order, so identical outputs."""
+    if velodiff.info()["cpu_kernel_paths"]["qgemm"] != "avx512vnni":
+        pytest.skip("this CPU has no AVX-512VNNI")
+    args = make_gemm(m, k, n, r, dtype, bits, seed=m + n)
+    outs = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
+        outs[isa] = qgemm(**args, bits=bits, activation="silu")
+    assert torch.equal(outs["avx512"], outs["avx2"])
+    assert_within_bound(outs["avx512"], args, bits, "silu", "cpu", what="VNNI path")
+
+
+def test_bad_cpu_isa_is_refused(monkeypatch):
+    args = make_gemm(4, 64, 8, 0, torch.float32, 8)
+    monkeypatch.setenv("VELODIFF_CPU_ISA", "avx1024")
+    with pytest.raises(RuntimeError, match="VELODIFF_CPU_ISA must be portable, avx2, avx512 or avx512bf16"):
+        qgemm(**args, bits=8)
+    x, s, ld = make_act(4, 64, 0, torch.float32, False)
+    with pytest.raises(RuntimeError, match="VELODIFF_CPU_ISA must be"):
+        quantize_act(x, s, ld, 8)
 
 
 # --- format and rounding edge cases ----------------------------------------------------------------------------

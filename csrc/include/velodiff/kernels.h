@@ -40,8 +40,9 @@ bool linear_attention_cpu(const LinearAttentionArgs& args, char* error);
 bool window_attention_cpu(const WindowAttentionArgs& args, char* error);
 
 // The code path each CPU kernel family runs on this CPU under the current environment (VELODIFF_CPU_ISA and the
-// kernels' *_SCALAR switches): "avx512bf16", "avx512", "avx2" or "portable" (attention: exact and windowed), or
-// "avx2" / "portable" (qgemm + quantize_act, linear attention). For `velodiff info`.
+// kernels' *_SCALAR switches): "avx512bf16", "avx512", "avx2" or "portable" (attention: exact and windowed),
+// "avx512vnni", "avx2" or "portable" (qgemm; quantize_act runs AVX2 code on the VNNI path), "avx2" or "portable"
+// (linear attention). For `velodiff info`.
 const char* attention_cpu_path();
 const char* qgemm_cpu_path();
 const char* linear_attention_cpu_path();

@@ -74,7 +74,7 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
     }
   }
   flash_cpu::Isa isa;
-  if (!flash_cpu::select_isa(isa, error)) return false;
+  if (!flash_cpu::select_attention_isa(isa, error)) return false;
   if (a.dtype == AttnDType::kBFloat16)
     run_tasks<uint32_t>(a, keys, counts, isa);  // bf16 pairs (flash_tile.h)
   else
@@ -85,9 +85,8 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
 const char* attention_cpu_path() {
   flash_cpu::Isa isa;
   char error[256];
-  if (!flash_cpu::select_isa(isa, error)) return "invalid VELODIFF_CPU_ISA";
-  static const char* const names[] = {"portable", "avx2", "avx512", "avx512bf16"};
-  return names[static_cast<int>(isa)];
+  if (!flash_cpu::select_attention_isa(isa, error)) return "invalid VELODIFF_CPU_ISA";
+  return cpu_isa::isa_name(isa);
 }
 
 }  // namespace velodiff

@@ -48,6 +48,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "velodiff/attention.h"
 #include "velodiff/float16.h"
 
@@ -386,40 +387,11 @@ constexpr bool kNativeBf16 = true;
 }  // namespace avx512bf16
 #endif
 
-// The instruction set the tile routine runs: the best this CPU has, capped by the environment variable
-// VELODIFF_CPU_ISA (portable | avx2 | avx512 | avx512bf16; the tests compare them) or VELODIFF_ATTENTION_SCALAR=1
-// (portable). Every choice gives the same bits.
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-
-inline Isa best_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const Isa best = [] {
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kPortable;
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512vl")) return Isa::kAvx2;
-    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
-  }();
-  return best;
-#else
-  return Isa::kPortable;
-#endif
-}
-
-// False (and a message in error) for a VELODIFF_CPU_ISA that is none of the names.
-inline bool select_isa(Isa& isa, char* error) {
-  isa = best_isa();
-  const char* scalar = std::getenv("VELODIFF_ATTENTION_SCALAR");
-  if (scalar != nullptr && scalar[0] != '\0' && std::strcmp(scalar, "0") != 0) isa = Isa::kPortable;
-  const char* cap = std::getenv("VELODIFF_CPU_ISA");
-  if (cap == nullptr || cap[0] == '\0') return true;
-  const char* names[] = {"portable", "avx2", "avx512", "avx512bf16"};
-  for (int i = 0; i < 4; ++i)
-    if (std::strcmp(cap, names[i]) == 0) {
-      isa = std::min(isa, static_cast<Isa>(i));
-      return true;
-    }
-  std::snprintf(error, 256, "VELODIFF_CPU_ISA must be portable, avx2, avx512 or avx512bf16 (or unset), not '%.80s'",
-                cap);
-  return false;
+// The instruction set the tile routine runs (cpu_isa.h): the best this CPU has, capped by VELODIFF_CPU_ISA or
+// VELODIFF_ATTENTION_SCALAR=1 (portable). Every choice gives the same bits.
+using cpu_isa::Isa;
+inline bool select_attention_isa(Isa& isa, char* error) {
+  return cpu_isa::select_isa(isa, error, "VELODIFF_ATTENTION_SCALAR");
 }
 
 // ---- one task -----------------------------------------------------------------------------------------------

@@ -1,24 +1,28 @@
 // CPU kernels of the quantized GEMM family: velodiff::quantize_act and velodiff::qgemm.
 // Format and semantics: csrc/include/velodiff/qgemm.h. Torch-free.
 //
-// Two code paths with identical integer results (integer group sums are exact in any order):
-//  * AVX2 + FMA + F16C, chosen at run time (__builtin_cpu_supports; the library is compiled for baseline x86-64,
-//    so these functions carry target attributes). Setting VELODIFF_QGEMM_SCALAR=1 in the environment forces the
-//    portable path (read at every call; used by the tests to compare the two).
+// Three code paths with identical integer results (integer group sums are exact in any order), chosen at run time
+// (cpu_isa.h; the library is compiled for baseline x86-64, so the vector functions carry target attributes):
+//  * AVX-512VNNI (qgemm; quantize_act runs its AVX2 code there): vpdpbusd micro-kernel, gives the AVX2 path's bits.
+//  * AVX2 + FMA + F16C.
 //  * portable scalar C++.
-//
+// VELODIFF_CPU_ISA caps the choice (avx512 and avx512bf16 mean VNNI where the CPU has it); VELODIFF_QGEMM_SCALAR=1
+// forces the portable path (both read at every call; used by the tests to compare the paths).
+
 // quantize_act: per row, fp32 conversion (+ the low-rank down projection on the unsmoothed row), IEEE division by
 // smooth, per-group amax / Q, IEEE division by the scale, round half to even, clamp, pack. Bit-exact with the
 // reference (_mm256_div_ps / _mm256_round_ps(nearest) are the IEEE operations the scalar path performs).
 //
-// qgemm (AVX2): one parallel region. The weights are repacked once per call into 16-column panels; work items
-// (a chunk of rows x a group of 8 panels) are scheduled dynamically, each unpacking its rows once; a 4 x 16
+// qgemm (AVX2 / VNNI): one parallel region. The weights are repacked once per call into 16-column panels; work
+// items (a chunk of rows x a group of 8 panels) are scheduled dynamically, each unpacking its rows once; a
 // register-blocked micro-kernel computes one group of 64 at a time in integers and folds it into fp32
 // accumulators with ascale * wscale.
-//  * 4 bits: activation codes are offset to unsigned (a + 8 in [0, 15]) so _mm256_maddubs_epi16 (u8 x s8, pairs
-//    summed to int16) applies without the sign trick; |pair| <= 2 * 15 * 8 = 240, a group of 16 such steps stays
-//    below 2^12 in int16, and sum (a + 8) w = sum a w + 8 sum w is corrected with per-(column, group) weight sums.
-//  * 8 bits: codes widened to int16, _mm256_madd_epi16 (pairs summed to int32) accumulated in int32.
+//  * AVX2, 4 x 16 tiles. 4 bits: activation codes are offset to unsigned (a + 8 in [0, 15]) so
+//    _mm256_maddubs_epi16 (u8 x s8, pairs summed to int16) applies without the sign trick; |pair| <= 2 * 15 * 8 =
+//    240, a group of 16 such steps stays below 2^12 in int16, and sum (a + 8) w = sum a w + 8 sum w is corrected
+//    with per-(column, group) weight sums. 8 bits: codes widened to int16, _mm256_madd_epi16 (pairs summed to
+//    int32) accumulated in int32.
+//  * VNNI, 12 x 16 tiles (tile_vnni): u8 x s8 quads with vpdpbusd into int32, both widths (8 bits offset by 128).
 // The epilogue adds the bias and the low-rank branch (fp32 FMA over R), applies the activation and converts to the
 // model dtype (round to nearest even).
 #include <algorithm>
@@ -26,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -33,6 +38,7 @@
 #define VELODIFF_QGEMM_X86 1
 #endif
 
+#include "cpu_isa.h"
 #include "velodiff/float16.h"
 #include "velodiff/kernels.h"
 
@@ -41,7 +47,8 @@ namespace {
 
 constexpr int64_t kG = kQGroup;     // 64
 constexpr int64_t kMR = 4;          // micro-tile rows (4 x 16: 8 accumulators, no spills)
-constexpr int64_t kNR = 16;         // micro-tile columns (two 8-lane vectors)
+constexpr int64_t kNR = 16;         // micro-tile columns (two 8-lane vectors; one 16-lane vector for VNNI)
+constexpr int64_t kMRV = 12;        // VNNI micro-tile rows (12 int32 + 12 fp32 accumulators of 32 registers)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Element conversions
@@ -105,15 +112,24 @@ inline float activate(float v, QActivation a) {
 
 inline int8_t nibble_code(uint8_t nib) { return static_cast<int8_t>(static_cast<int>(nib ^ 8u) - 8); }
 
-bool use_simd() {
+// The code path of both kernels: cpu_isa.h's tier (capped by VELODIFF_CPU_ISA; VELODIFF_QGEMM_SCALAR=1 means
+// portable), narrowed to what the paths need: AVX2 + FMA + F16C, and AVX-512VNNI on the avx512 tiers (qgemm's
+// VNNI micro-kernel; quantize_act then runs its AVX2 code). False (and a message) for a bad VELODIFF_CPU_ISA.
+enum class QPath { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+bool select_path(QPath& path, char* error) {
+  cpu_isa::Isa isa;
+  if (!cpu_isa::select_isa(isa, error, "VELODIFF_QGEMM_SCALAR")) return false;
+  path = QPath::kPortable;
 #ifdef VELODIFF_QGEMM_X86
-  static const bool have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-  const char* e = std::getenv("VELODIFF_QGEMM_SCALAR");
-  return have && !(e != nullptr && e[0] != '\0' && std::strcmp(e, "0") != 0);
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  if (f16c && isa >= cpu_isa::Isa::kAvx2) path = QPath::kAvx2;
+  if (f16c && vnni && isa >= cpu_isa::Isa::kAvx512) path = QPath::kAvx512Vnni;
 #else
-  return false;
+  (void)isa;
 #endif
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -390,14 +406,18 @@ void qgemm_scalar(const QGemmArgs& a) {
 #ifdef VELODIFF_QGEMM_X86
 
 // Weights and model-dtype vectors repacked into np = ceil(N / 16) column panels (columns >= N are zero).
+// Activations go to the integer products as unsigned bytes a + off (off = 8 for 4 bits, 128 for 8 bits on the
+// VNNI path: u8 x s8 is what _mm256_maddubs_epi16 and vpdpbusd multiply), and sum (a + off) w = sum a w +
+// off sum w is corrected with the weight sums `corr`. The AVX2 8-bit path widens both operands to int16 instead.
 struct PackedW {
   int64_t np = 0, ng = 0, Kp = 0, R = 0;
   // panel p at p * Kp * 16 elements:
-  //   4 bits: int8, element (n, k) at (k / 4) * 64 + (n / 8 % 2) * 32 + (n % 8) * 4 + k % 4
-  //   8 bits: int16, element (n, k) at (k / 2) * 32 + (n / 8 % 2) * 16 + (n % 8) * 2 + k % 2
-  std::vector<int8_t> w4;
+  //   wq (4 bits; 8 bits on VNNI): int8, element (n, k) at (k / 4) * 64 + (n / 8 % 2) * 32 + (n % 8) * 4 + k % 4,
+  //       i.e. 4 consecutive k per 32-bit lane, lanes in column order: one 64-byte vector per 4 k.
+  //   w8 (8 bits on AVX2): int16, element (n, k) at (k / 2) * 32 + (n / 8 % 2) * 16 + (n % 8) * 2 + k % 2
+  std::vector<int8_t> wq;
   std::vector<int16_t> w8;
-  std::vector<int32_t> corr;  // 4 bits: [np][ng][16] 8 * sum_{k in g} w[n, k]
+  std::vector<int32_t> corr;  // with wq: [np][ng][16] off * sum_{k in g} w[n, k]
   std::vector<float> wsc;     // [np][ng][16]
   std::vector<float> bias;    // [np * 16] (zeros when absent)
   std::vector<float> lup;     // [np][R][16]
@@ -417,22 +437,31 @@ struct NibbleTable {
 };
 const NibbleTable kNibbles;
 
+// The unsigned offset of the activation codes (see PackedW); 0 when the path widens them to int16 instead.
+int32_t activation_offset(int bits, bool vnni) { return bits == 4 ? 8 : vnni ? 128 : 0; }
+
 // Column n of the weights into its panel (one thread per column: no two threads write the same element).
-void pack_weight_column(const QGemmArgs& a, PackedW& P, int64_t n) {
+void pack_weight_column(const QGemmArgs& a, PackedW& P, int64_t n, bool vnni) {
   const int64_t Kp = P.Kp, ng = P.ng, R = P.R;
   const int64_t p = n / kNR, c = n % kNR, half = c / 8, lane = c % 8;
-  if (a.bits == 4) {
-    const uint8_t* src = static_cast<const uint8_t*>(a.qw) + n * (Kp / 2);
-    int8_t* dst = P.w4.data() + p * Kp * kNR + half * 32 + lane * 4;
+  const int32_t off = activation_offset(a.bits, vnni);
+  if (off != 0) {
+    int8_t* dst = P.wq.data() + p * Kp * kNR + half * 32 + lane * 4;
     for (int64_t g = 0; g < ng; ++g) {
       int32_t s = 0;
-      for (int64_t q = g * (kG / 4); q < (g + 1) * (kG / 4); ++q) {  // 4 codes = 2 bytes
-        const uint8_t b0 = src[2 * q], b1 = src[2 * q + 1];
-        const uint32_t word = kNibbles.pair[b0] | (static_cast<uint32_t>(kNibbles.pair[b1]) << 16);
-        std::memcpy(dst + q * 64, &word, sizeof(word));
-        s += kNibbles.sum[b0] + kNibbles.sum[b1];
+      for (int64_t q = g * (kG / 4); q < (g + 1) * (kG / 4); ++q) {  // 4 codes
+        int8_t codes[4];
+        if (a.bits == 4) {  // 2 bytes
+          const uint8_t* src = static_cast<const uint8_t*>(a.qw) + n * (Kp / 2) + 2 * q;
+          const uint32_t word = kNibbles.pair[src[0]] | (static_cast<uint32_t>(kNibbles.pair[src[1]]) << 16);
+          std::memcpy(codes, &word, sizeof(word));
+        } else {
+          std::memcpy(codes, static_cast<const int8_t*>(a.qw) + n * Kp + 4 * q, sizeof(codes));
+        }
+        std::memcpy(dst + q * 64, codes, sizeof(codes));
+        s += codes[0] + codes[1] + codes[2] + codes[3];
       }
-      P.corr[(p * ng + g) * kNR + c] = 8 * s;
+      P.corr[(p * ng + g) * kNR + c] = off * s;
     }
   } else {
     const int8_t* src = static_cast<const int8_t*>(a.qw) + n * Kp;
@@ -447,40 +476,55 @@ void pack_weight_column(const QGemmArgs& a, PackedW& P, int64_t n) {
   for (int64_t r = 0; r < R; ++r) P.lup[(p * R + r) * kNR + c] = load_elem(a.dtype, a.lora_up, n * R + r);
 }
 
-// A block of activation rows [m0, m0 + rows) unpacked for the micro-kernel (rows beyond M are zero codes with
-// zero scales): 4 bits: uint8 a + 8; 8 bits: int16. Plus ascales and lora_act * lora_scales of those rows.
-struct RowBlock {
-  std::vector<uint8_t> x4;
-  std::vector<int16_t> x8;
-  std::vector<float> asc;  // [rows, ng]
-  std::vector<float> las;  // [rows, R]
+// The activation rows unpacked for the micro-kernels, once per call, padded to Mp (a multiple of the micro-tile's
+// rows) with zero codes and zero scales: uint8 a + off (4 bits; 8 bits on VNNI) or int16 (8 bits on AVX2), [Mp, Kp];
+// ascales [Mp, ng]; lora_act * lora_scales [Mp, R].
+// Allocated without zeroing: unpack_rows writes every element.
+struct UnpackedRows {
+  std::unique_ptr<uint8_t[]> xu;
+  std::unique_ptr<int16_t[]> x8;
+  std::unique_ptr<float[]> asc, las;
+  UnpackedRows(const QGemmArgs& a, int64_t Mp, bool vnni)
+      : asc(new float[Mp * (a.K / kG)]), las(new float[Mp * a.R]) {
+    if (activation_offset(a.bits, vnni) != 0)
+      xu.reset(new uint8_t[Mp * a.K]);
+    else
+      x8.reset(new int16_t[Mp * a.K]);
+  }
 };
 
-void unpack_rows(const QGemmArgs& a, int64_t m0, int64_t rows, RowBlock& B) {
+// Rows [m0, m0 + rows) of B (rows past M get the padding); each thread its own rows.
+void unpack_rows(const QGemmArgs& a, int64_t m0, int64_t rows, bool vnni, UnpackedRows& B) {
   const int64_t Kp = a.K, ng = Kp / kG, R = a.R;
   const int64_t valid = std::max<int64_t>(0, std::min(rows, a.M - m0));
-  if (a.bits == 4) {
-    B.x4.resize(static_cast<size_t>(rows * Kp));
-    const uint8_t* src = static_cast<const uint8_t*>(a.qx) + m0 * (Kp / 2);
-    uint8_t* dst = B.x4.data();
-    for (int64_t j = 0; j < valid * Kp / 2; ++j) {
-      dst[2 * j] = static_cast<uint8_t>((src[j] & 0xF) ^ 8);
-      dst[2 * j + 1] = static_cast<uint8_t>((src[j] >> 4) ^ 8);
+  const int32_t off = activation_offset(a.bits, vnni);
+  if (off != 0) {
+    uint8_t* dst = B.xu.get() + m0 * Kp;
+    if (a.bits == 4) {
+      const uint8_t* src = static_cast<const uint8_t*>(a.qx) + m0 * (Kp / 2);
+      for (int64_t j = 0; j < valid * Kp / 2; ++j) {
+        dst[2 * j] = static_cast<uint8_t>((src[j] & 0xF) ^ 8);
+        dst[2 * j + 1] = static_cast<uint8_t>((src[j] >> 4) ^ 8);
+      }
+    } else {
+      const uint8_t* src = static_cast<const uint8_t*>(a.qx) + m0 * Kp;
+      for (int64_t j = 0; j < valid * Kp; ++j) dst[j] = static_cast<uint8_t>(src[j] ^ 0x80u);
     }
-    std::memset(dst + valid * Kp, 8, static_cast<size_t>((rows - valid) * Kp));
+    std::memset(dst + valid * Kp, off, static_cast<size_t>((rows - valid) * Kp));
   } else {
-    B.x8.resize(static_cast<size_t>(rows * Kp));
     const int8_t* src = static_cast<const int8_t*>(a.qx) + m0 * Kp;
-    int16_t* dst = B.x8.data();
+    int16_t* dst = B.x8.get() + m0 * Kp;
     for (int64_t j = 0; j < valid * Kp; ++j) dst[j] = src[j];
     std::fill(dst + valid * Kp, dst + rows * Kp, int16_t{0});
   }
-  B.asc.assign(static_cast<size_t>(rows * ng), 0.f);
-  std::memcpy(B.asc.data(), a.ascales + m0 * ng, sizeof(float) * valid * ng);
-  B.las.assign(static_cast<size_t>(rows * R), 0.f);
-  for (int64_t i = 0; i < valid; ++i)
+  float* asc = B.asc.get() + m0 * ng;
+  std::memcpy(asc, a.ascales + m0 * ng, sizeof(float) * valid * ng);
+  std::fill(asc + valid * ng, asc + rows * ng, 0.f);
+  float* las = B.las.get() + m0 * R;
+  for (int64_t i = 0; i < rows; ++i)
     for (int64_t r = 0; r < R; ++r)
-      B.las[i * R + r] = a.lora_act[(m0 + i) * R + r] * (a.lora_scales != nullptr ? a.lora_scales[r] : 1.f);
+      las[i * R + r] =
+          i < valid ? a.lora_act[(m0 + i) * R + r] * (a.lora_scales != nullptr ? a.lora_scales[r] : 1.f) : 0.f;
 }
 
 VD_AVX2 inline __m256i bcast32(const void* p) {
@@ -567,6 +611,45 @@ VD_AVX2 void tile_w8(int64_t Kp, const int16_t* x, const int16_t* w, const float
   }
 }
 
+#define VD_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+
+// One kMRV x 16 micro-tile over all groups on AVX-512VNNI, both widths: x: kMRV rows of unsigned codes a + off
+// (stride Kp); w: the wq panel; corr: off * the group weight sums. vpdpbusd adds four u8 x s8 products per int32
+// lane, so a group's dot is 16 instructions per row, exact in int32 (|sum| <= 64 * 255 * 128 < 2^21); the fold
+// c += float(dot) * (ascale * wscale) is fold_group's, in the same order, so this path gives the AVX2 path's bits.
+// The 12 dots and the 12 fp32 rows of c stay in registers for the whole K loop.
+VD_VNNI void tile_vnni(int64_t Kp, const uint8_t* x, const int8_t* w, const int32_t* corr, const float* wsc,
+                       const float* asc, float* c) {
+  const int64_t ng = Kp / kG;
+  __m512 cv[kMRV];
+#pragma GCC unroll 16
+  for (int i = 0; i < kMRV; ++i) cv[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i acc[kMRV];
+#pragma GCC unroll 16
+    for (int i = 0; i < kMRV; ++i) acc[i] = _mm512_setzero_si512();
+    const uint8_t* xg = x + g * kG;
+    const int8_t* wg = w + g * kG * kNR;
+    for (int q = 0; q < kG / 4; ++q) {
+      const __m512i wv = _mm512_loadu_si512(wg + q * 64);
+#pragma GCC unroll 16
+      for (int i = 0; i < kMRV; ++i) {
+        int32_t xi;
+        std::memcpy(&xi, xg + i * Kp + q * 4, sizeof(xi));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(xi), wv);
+      }
+    }
+    const __m512i k = _mm512_loadu_si512(corr + g * kNR);
+    const __m512 ws = _mm512_loadu_ps(wsc + g * kNR);
+#pragma GCC unroll 16
+    for (int i = 0; i < kMRV; ++i)
+      cv[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], k)),
+                              _mm512_mul_ps(_mm512_set1_ps(asc[i * ng + g]), ws), cv[i]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kMRV; ++i) _mm512_storeu_ps(c + i * kNR, cv[i]);
+}
+
 VD_AVX2 inline void store8(QDtype dt, void* y, int64_t i, __m256 v) {
   switch (dt) {
     case QDtype::kFloat16:
@@ -629,28 +712,44 @@ VD_AVX2 void tile_epilogue(const QGemmArgs& a, const PackedW& P, int64_t p, int6
   }
 }
 
-// Work item (row chunk, panel group): unpack the chunk's rows once, then every panel of the group against them
-// (the panel, 16 * Kp codes, stays in L1 across the chunk's micro-tiles; the chunk stays in L2).
-VD_AVX2 void gemm_item(const QGemmArgs& a, const PackedW& P, int64_t m0, int64_t rows, int64_t p0, int64_t p1,
-                       RowBlock& B) {
+// Work item (row chunk, panel group): every panel of the group against the chunk's rows (the panel, 16 * Kp
+// codes, stays in L1 across the chunk's micro-tiles; the chunk stays in L2). `rows` is a multiple of the
+// micro-tile's rows (kMRV on VNNI, else kMR).
+VD_AVX2 void gemm_item(const QGemmArgs& a, const PackedW& P, const UnpackedRows& all, int64_t m0, int64_t rows,
+                       int64_t p0, int64_t p1, bool vnni) {
   const int64_t Kp = P.Kp, ng = P.ng, R = P.R;
-  unpack_rows(a, m0, rows, B);
-  alignas(32) float c[kMR * kNR];
+  struct {  // the chunk's rows
+    const uint8_t* xu;
+    const int16_t* x8;
+    const float* asc;
+    const float* las;
+  } B{all.xu ? all.xu.get() + m0 * Kp : nullptr, all.x8 ? all.x8.get() + m0 * Kp : nullptr,
+      all.asc.get() + m0 * ng, all.las.get() + m0 * R};
+  alignas(64) float c[kMRV * kNR];
   for (int64_t p = p0; p < p1; ++p) {
     const float* wsc = P.wsc.data() + p * ng * kNR;
+    const int32_t* corr = P.corr.data() + p * ng * kNR;
+    if (vnni) {
+      for (int64_t t = 0; t < rows; t += kMRV) {
+        tile_vnni(Kp, B.xu + t * Kp, P.wq.data() + p * Kp * kNR, corr, wsc, B.asc + t * ng, c);
+        for (int64_t j = 0; j < kMRV; j += kMR)
+          tile_epilogue(a, P, p, m0 + t + j, B.las + (t + j) * R, c + j * kNR);
+      }
+      continue;
+    }
     for (int64_t t = 0; t < rows; t += kMR) {
-      std::memset(c, 0, sizeof(c));
+      std::memset(c, 0, sizeof(float) * kMR * kNR);
       if (a.bits == 4)
-        tile_w4(Kp, B.x4.data() + t * Kp, P.w4.data() + p * Kp * kNR, P.corr.data() + p * ng * kNR, wsc,
-                B.asc.data() + t * ng, c);
+        tile_w4(Kp, B.xu + t * Kp, P.wq.data() + p * Kp * kNR, corr, wsc, B.asc + t * ng, c);
       else
-        tile_w8(Kp, B.x8.data() + t * Kp, P.w8.data() + p * Kp * kNR, wsc, B.asc.data() + t * ng, c);
-      tile_epilogue(a, P, p, m0 + t, B.las.data() + t * R, c);
+        tile_w8(Kp, B.x8 + t * Kp, P.w8.data() + p * Kp * kNR, wsc, B.asc + t * ng, c);
+      tile_epilogue(a, P, p, m0 + t, B.las + t * R, c);
     }
   }
 }
 
-void qgemm_avx2(const QGemmArgs& a) {
+// The AVX2 path, or the VNNI one (`vnni`: tile_vnni for both widths, the rest shared).
+void qgemm_avx2(const QGemmArgs& a, bool vnni) {
   const int64_t M = a.M, N = a.N, Kp = a.K, R = a.R;
   PackedW P;
   P.np = (N + kNR - 1) / kNR;
@@ -658,8 +757,8 @@ void qgemm_avx2(const QGemmArgs& a) {
   P.Kp = Kp;
   P.R = R;
   const int64_t np = P.np, ng = P.ng;
-  if (a.bits == 4) {
-    P.w4.assign(static_cast<size_t>(np * Kp * kNR), 0);
+  if (activation_offset(a.bits, vnni) != 0) {
+    P.wq.assign(static_cast<size_t>(np * Kp * kNR), 0);
     P.corr.assign(static_cast<size_t>(np * ng * kNR), 0);
   } else {
     P.w8.assign(static_cast<size_t>(np * Kp * kNR), 0);
@@ -669,11 +768,12 @@ void qgemm_avx2(const QGemmArgs& a) {
   P.lup.assign(static_cast<size_t>(np * R * kNR), 0.f);
 
   // Row chunks of up to 32 micro-tiles, fewer when a chunk's unpacked codes would pass ~128 KiB.
-  const int64_t elem = a.bits == 4 ? 1 : 2;
+  const int64_t elem = activation_offset(a.bits, vnni) != 0 ? 1 : 2, mr = vnni ? kMRV : kMR;
   const int64_t chunk_tiles =
-      std::max<int64_t>(1, std::min<int64_t>(32, (128 << 10) / (kMR * std::max<int64_t>(Kp, 1) * elem)));
-  const int64_t chunk_rows = chunk_tiles * kMR;
-  const int64_t mtiles = (M + kMR - 1) / kMR;
+      std::max<int64_t>(1, std::min<int64_t>(32, (128 << 10) / (mr * std::max<int64_t>(Kp, 1) * elem)));
+  const int64_t chunk_rows = chunk_tiles * mr;
+  const int64_t mtiles = (M + mr - 1) / mr, Mp = mtiles * mr;
+  UnpackedRows B(a, Mp, vnni);
   const int64_t chunks = (mtiles + chunk_tiles - 1) / chunk_tiles;
   constexpr int64_t kPanelGroup = 8;
   const int64_t groups = (np + kPanelGroup - 1) / kPanelGroup;
@@ -682,15 +782,20 @@ void qgemm_avx2(const QGemmArgs& a) {
   // One parallel region (each region end is a barrier, costly when the cores are shared).
 #pragma omp parallel if (work >= 2e6)
   {
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) pack_weight_column(a, P, n);
-    RowBlock B;
+#pragma omp for schedule(static) nowait
+    for (int64_t n = 0; n < N; ++n) pack_weight_column(a, P, n, vnni);
+#pragma omp for schedule(static) nowait
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t m0 = chunk * chunk_rows;
+      unpack_rows(a, m0, std::min(chunk_rows, Mp - m0), vnni, B);
+    }
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t chunk = it / groups, grp = it % groups;
       const int64_t m0 = chunk * chunk_rows;
-      const int64_t rows = std::min(chunk_rows, (mtiles * kMR) - m0);
-      gemm_item(a, P, m0, rows, grp * kPanelGroup, std::min(np, (grp + 1) * kPanelGroup), B);
+      const int64_t rows = std::min(chunk_rows, Mp - m0);
+      gemm_item(a, P, B, m0, rows, grp * kPanelGroup, std::min(np, (grp + 1) * kPanelGroup), vnni);
     }
   }
 }
@@ -740,10 +845,10 @@ bool quantize_act_cpu(const QuantizeActArgs& a, char* error) {
       ld = ld_buf.data();
     }
   }
-  const bool simd = use_simd();
-  (void)simd;
+  QPath path;
+  if (!select_path(path, error)) return false;
 #ifdef VELODIFF_QGEMM_X86
-  if (simd) {
+  if (path != QPath::kPortable) {
     // Blocks of kLoraRows rows: the block's down-projection with the register-tiled micro-kernel, then each
     // row's quantization (which then skips the down-projection: R = 0 in its arguments).
     QuantizeActArgs rows_only = a;
@@ -797,9 +902,11 @@ bool qgemm_cpu(const QGemmArgs& a, char* error) {
       !check_ptr(fn, "lora_up", a.lora_up, a.N * a.R, error) || !check_ptr(fn, "y", a.y, a.M * a.N, error))
     return false;
   if (a.M == 0 || a.N == 0) return true;
+  QPath path;
+  if (!select_path(path, error)) return false;
 #ifdef VELODIFF_QGEMM_X86
-  if (use_simd()) {
-    qgemm_avx2(a);
+  if (path != QPath::kPortable) {
+    qgemm_avx2(a, path == QPath::kAvx512Vnni);
     return true;
   }
 #endif
@@ -807,6 +914,12 @@ bool qgemm_cpu(const QGemmArgs& a, char* error) {
   return true;
 }
 
-const char* qgemm_cpu_path() { return use_simd() ? "avx2" : "portable"; }
+const char* qgemm_cpu_path() {
+  QPath path;
+  char error[256];
+  if (!select_path(path, error)) return "invalid VELODIFF_CPU_ISA";
+  static const char* const names[] = {"portable", "avx2", "avx512vnni"};
+  return names[static_cast<int>(path)];
+}
 
 }  // namespace velodiff

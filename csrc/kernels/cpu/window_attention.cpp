@@ -122,7 +122,7 @@ bool window_attention_cpu(const WindowAttentionArgs& wa, char* error) {
   }
   work *= static_cast<double>(B * H) * (a.head_dim + a.v_head_dim);
   Isa isa;
-  if (!select_isa(isa, error)) return false;
+  if (!select_attention_isa(isa, error)) return false;
   const Windows layout{tokens, start, first_block, windows};
   if (a.dtype == AttnDType::kBFloat16)
     run_tasks<uint32_t>(a, layout, work, isa);  // bf16 pairs (flash_tile.h)
