@@ -126,3 +126,22 @@ def test_packed_linear_other_inputs_take_the_plain_path():
     assert x.grad is not None and not hasattr(model[0], "_packed")
     assert unprepack_linears(model) == 1 and type(model[0]) is torch.nn.Linear
     assert isinstance(PackedLinear(2, 2), torch.nn.Linear)
+
+
+def test_packed_modules_run_on_weights_made_in_inference_mode():
+    """A model built or copied under torch.inference_mode has inference-tensor weights (no version counter): the
+    packed conv and linear run on them and give the plain modules' bits; a replaced weight repacks."""
+    from velodiff.models.conv_prepack import prepack_convs, prepack_linears
+    torch.manual_seed(2)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Linear(6, 20)).to(torch.bfloat16)
+    x = torch.randn(2, 8, 6, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        packed = copy.deepcopy(plain)
+        assert packed[0].weight.is_inference()
+        assert prepack_convs(packed) == 1 and prepack_linears(packed) == 1
+        assert torch.equal(packed[0](x), plain[0](x))
+        h = plain[0](x).contiguous()
+        assert torch.equal(packed[1](h), plain[1](h))
+        packed[1].weight = torch.nn.Parameter(torch.randn(20, 6).to(torch.bfloat16))
+        plain[1].weight = torch.nn.Parameter(packed[1].weight.clone())
+        assert torch.equal(packed[1](h), plain[1](h))

@@ -14,7 +14,7 @@ backend uses); :func:`prepack_convs` raises when a build lacks them.
     unprepack_convs(unet) # back to plain nn.Conv2d
 
 The same for ``nn.Linear`` in bf16 (:func:`prepack_linears`, :class:`PackedLinear`): oneDNN's bf16 GEMM on a weight
-reordered once, bit-identical to ``nn.Linear`` (measured: SD 1.5 UNet step at 256 px in bf16 4.7 % faster; in
+reordered once, bit-identical to ``nn.Linear`` on contiguous inputs (measured: SD 1.5 UNet step at 256 px in bf16 4.7 % faster; in
 fp32 MKL's packed GEMM gained under 1 % and changed the rounding, so fp32 keeps the plain path).
 """
 from __future__ import annotations
@@ -28,6 +28,13 @@ def _available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
 
 
+def _weight_key(w: torch.Tensor, *extra) -> tuple:
+    """What the packed copy of ``w`` depends on. Inference tensors (made under ``torch.inference_mode``, e.g. a
+    model loaded there) carry no version counter: for them a new tensor or storage repacks, but an in-place edit
+    made inside inference mode is not seen (call :func:`unprepack_convs` / :func:`prepack_convs` after one)."""
+    return (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, *extra)
+
+
 class PackedConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters and state-dict names) that runs CPU inference on a prepacked weight.
     Input [B, Cin, H, W] -> [B, Cout, H', W'], as ``nn.Conv2d``."""
@@ -35,7 +42,7 @@ class PackedConv2d(nn.Conv2d):
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         # oneDNN may choose the packed layout by input shape, so a new input shape repacks too
-        key = (w.data_ptr(), w._version, w.dtype, tuple(x.shape))
+        key = _weight_key(w, tuple(x.shape))
         if getattr(self, "_pack_key", None) != key:
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
@@ -66,7 +73,7 @@ class PackedLinear(nn.Linear):
 
     def _packed_weight(self, rows: int) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, rows)  # oneDNN picks the packed layout for the row count
+        key = _weight_key(w, rows)  # oneDNN picks the packed layout for the row count
         if getattr(self, "_pack_key", None) != key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
             self._pack_key = key
