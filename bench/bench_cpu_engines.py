@@ -3,25 +3,42 @@
 Full-size SD 1.5 UNet, random weights (one set of tensors for every engine), batch 2 (one CFG pair), 77 text
 tokens, inference mode. Engines (each a callable doing one UNet forward; all timed in the same interleaved rounds):
 
-  diffusers fp32 / diffusers_cl fp32   diffusers' UNet as shipped, and after unet.to(channels_last)
+  diffusers fp32                       diffusers' UNet as shipped: the baseline of every table (after
+                                       unet.to(channels_last) it ran 0.92-0.97x as fast: no longer a row)
   diffusers bf16                       the same weights cast to bf16
   velodiff fp32 / bf16                 our UNet as loaded (NCHW)
   velodiff_packed fp32 / bf16          what from_pretrained loads on the CPU: channels-last, oneDNN conv weights
                                        packed once, in bf16 the linear weights too (fastest_cpu_layout)
+  velodiff_w8a8 fp32 / bf16            velodiff_packed with the transformer blocks' linears quantized W8A8
+                                       (vd.quant.quantize, method w8a8, layers "default": int8 weights per
+                                       (channel, group of 64), activations per (token, group) at run time;
+                                       the AVX-512VNNI qgemm where the CPU has it)
+  velodiff_w4a4 bf16                   the same with method naive-w4a4 (4-bit codes; SVDQuant adds its rank-32
+                                       branch and smoothing, which need calibration images: per-layer cost of
+                                       the branch in qgemm_cpu.md)
   openvino fp32 / bf16                 diffusers' UNet converted with openvino.convert_model (the conversion
                                        optimum-intel runs for its export) and compiled for this CPU with
                                        INFERENCE_PRECISION_HINT f32 or bf16
+  openvino_int8w fp32 / bf16           the same model after nncf.compress_weights (INT8_ASYM weights per output
+                                       channel, what optimum-intel's --weight-format int8 applies; activations
+                                       stay in the hinted precision)
 
 Every output's relative Frobenius error is taken against diffusers fp32 on the same inputs. Ratios: diffusers
 fp32's time over the engine's, per round, median (min-max) over the rounds. OpenVINO is a bench-only dependency
-(pip install openvino); without it its rows are left out and the note says so.
+(pip install openvino nncf); without them their rows are left out and the note says so.
 
-  python bench/bench_cpu_engines.py [--latent 32] [--batch 2] [--rounds 4] [--threads N] [--out bench/results]
-Writes <out>/cpu_engines.{md,json} (other latent sizes: cpu_engines_<px>px.{md,json}).
+Two tables (--group), one process each (all engines at once need more than this machine's 24 GiB): float (the
+fp32 and bf16 engines), 8bit (8- and 4-bit weights, bf16 activations) and 8bit_fp32 (fp32 activations), the latter
+two beside the same engines without quantization for reference.
+
+  python bench/bench_cpu_engines.py [--group float|8bit] [--latent 32] [--batch 2] [--rounds 4] [--threads N]
+                                    [--out bench/results]
+Writes <out>/cpu_engines[_<px>px][_8bit][_<n>threads].{md,json} (the suffixes when not 256 px / float / 2 threads).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -31,17 +48,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_unet import SD15, build_pair, diffusers_twin, inputs, share_weights  # noqa: E402
 from common import compare, load_average, write_results  # noqa: E402
 
+import velodiff  # noqa: E402
 from velodiff.models.conv_prepack import fastest_cpu_layout  # noqa: E402
 
 BASELINE = "diffusers fp32"
 
 
-def openvino_engines(theirs, x, t, ctx):
-    """{name: callable} for OpenVINO fp32 and bf16, or ({}, reason) when openvino is not installed."""
+def openvino_engines(theirs, x, t, ctx, names):
+    """{name: callable} for the OpenVINO engines among ``names`` ("openvino fp32|bf16"; "openvino_int8w fp32|bf16":
+    with nncf's int8 weights), and why rows are missing."""
+    names = [n for n in names if n.startswith("openvino")]
+    if not names:
+        return {}, ""
     try:
         import openvino as ov
     except ImportError as e:
         return {}, f"openvino not installed ({e})"
+    if any(n.startswith("openvino_int8w") for n in names):
+        try:
+            import nncf
+        except ImportError as e:
+            return {}, f"openvino_int8w: nncf not installed ({e})"
 
     class Wrapped(torch.nn.Module):  # positional inputs, a plain tensor out (what convert_model traces)
         def __init__(self, unet):
@@ -55,41 +82,77 @@ def openvino_engines(theirs, x, t, ctx):
         model = ov.convert_model(Wrapped(theirs), example_input=(x, t, ctx))
     core = ov.Core()
     engines = {}
-    for name, hint in (("openvino fp32", "f32"), ("openvino bf16", "bf16")):
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-        request = compiled.create_infer_request()
-        feeds = [x.numpy(), t.numpy(), ctx.numpy()]
+    feeds = [x.numpy(), t.numpy(), ctx.numpy()]
+    for name in sorted(names):  # "openvino ..." first; compiled models hold their own weights
+        label, precision = name.split(" ")
+        if label == "openvino_int8w" and nncf is not None:
+            model, nncf = nncf.compress_weights(model), None  # in place, once
+        hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+        request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
 
-        def run(request=request, feeds=feeds):
+        def run(request=request):
             return torch.from_numpy(request.infer(feeds)[0].copy())
         engines[name] = run
+    del model
+    gc.collect()
     return engines, ""
 
 
-def build_engines(batch: int, latent: int):
+def quantized_unet(diffusers_unet, dtype: torch.dtype, method: str):
+    """Our UNet on ``diffusers_unet``'s weights, its transformer-block linears quantized with ``method``, in the
+    fastest CPU layout (what from_pretrained gives a quantized folder)."""
+    import types
+
+    from velodiff.quant import QuantConfig, quantize
+    model = share_weights(diffusers_unet)  # new modules over the same tensors: quantize swaps modules only
+    quantize(types.SimpleNamespace(unet=model), QuantConfig(method=method, rank=0, layers="default"), progress=False)
+    fastest_cpu_layout(model, dtype)
+    return model
+
+
+#: The rows of each table (one process each: all of them at once need more than this machine's 24 GiB).
+GROUPS = {
+    "float": ("diffusers bf16", "velodiff fp32", "velodiff_packed fp32", "velodiff bf16", "velodiff_packed bf16",
+              "openvino fp32", "openvino bf16"),
+    "8bit": ("velodiff_packed bf16", "velodiff_w8a8 bf16", "velodiff_w4a4 bf16", "openvino bf16",
+             "openvino_int8w bf16"),
+    "8bit_fp32": ("velodiff_packed fp32", "velodiff_w8a8 fp32", "openvino fp32", "openvino_int8w fp32"),
+}
+
+
+def build_engines(batch: int, latent: int, group: str):
+    """{name: callable} of the baseline and the group's engines (models built only for those), and a note on what
+    could not run."""
     theirs, ours = build_pair(SD15)
     x, t, ctx, _ = inputs(SD15, batch, latent)
-    cl = torch.channels_last
-    theirs_cl = diffusers_twin(theirs).to(memory_format=cl)
-    x_cl = x.contiguous(memory_format=cl)
-    theirs_bf16 = diffusers_twin(theirs).to(torch.bfloat16)
-    ours_bf16 = share_weights(theirs_bf16)
-    ours_packed = share_weights(theirs)
-    fastest_cpu_layout(ours_packed, torch.float32)
-    ours_packed_bf16 = share_weights(theirs_bf16)
-    fastest_cpu_layout(ours_packed_bf16, torch.bfloat16)
+    names = GROUPS[group]
+    # OpenVINO first: its conversion and compression peak while few other models hold memory
+    ov_engines, missing = openvino_engines(theirs, x, t, ctx, names)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     xb, ctxb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
-    xb_cl = xb.contiguous(memory_format=cl)
-    engines = {
-        BASELINE: lambda: theirs(x, t, ctx).sample,
-        "diffusers_cl fp32": lambda: theirs_cl(x_cl, t, ctx).sample,
-        "diffusers bf16": lambda: theirs_bf16(xb, t, ctxb).sample,
-        "velodiff fp32": lambda: ours(x, t, ctx),
-        "velodiff_packed fp32": lambda: ours_packed(x_cl, t, ctx),
-        "velodiff bf16": lambda: ours_bf16(xb, t, ctxb),
-        "velodiff_packed bf16": lambda: ours_packed_bf16(xb_cl, t, ctxb),
+    xb_cl = xb.contiguous(memory_format=torch.channels_last)
+    theirs_bf16 = diffusers_twin(theirs).to(torch.bfloat16)
+
+    def packed(src, dtype):
+        model = share_weights(src)
+        fastest_cpu_layout(model, dtype)
+        return model
+
+    def engine(model, *args):
+        return lambda: model(*args)
+    makers = {  # name -> () -> callable, so that only the chosen models are built
+        "diffusers bf16": lambda: lambda: theirs_bf16(xb, t, ctxb).sample,
+        "velodiff fp32": lambda: engine(ours, x, t, ctx),
+        "velodiff_packed fp32": lambda: engine(packed(theirs, torch.float32), x_cl, t, ctx),
+        "velodiff bf16": lambda: engine(share_weights(theirs_bf16), xb, t, ctxb),
+        "velodiff_packed bf16": lambda: engine(packed(theirs_bf16, torch.bfloat16), xb_cl, t, ctxb),
+        "velodiff_w8a8 fp32": lambda: engine(quantized_unet(theirs, torch.float32, "w8a8"), x_cl, t, ctx),
+        "velodiff_w8a8 bf16": lambda: engine(quantized_unet(theirs_bf16, torch.bfloat16, "w8a8"), xb_cl, t, ctxb),
+        "velodiff_w4a4 bf16": lambda: engine(quantized_unet(theirs_bf16, torch.bfloat16, "naive-w4a4"), xb_cl, t,
+                                             ctxb),
     }
-    ov_engines, missing = openvino_engines(theirs, x, t, ctx)
+    engines = {BASELINE: lambda: theirs(x, t, ctx).sample}
+    engines.update({name: makers[name]() for name in names if name in makers})
     engines.update(ov_engines)
     return engines, missing
 
@@ -100,6 +163,9 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--group", choices=sorted(GROUPS), default="float",
+                    help="which rows: float (fp32 / bf16 engines), 8bit (8- and 4-bit weights with bf16 activations) or "
+                         "8bit_fp32 (with fp32 activations)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     limits = (("--latent", args.latent, 256), ("--batch", args.batch, 64), ("--rounds", args.rounds, 1000),
@@ -114,7 +180,7 @@ def main():
         sys.exit(2)
     torch.set_num_threads(args.threads)
     load_start = load_average()
-    engines, missing = build_engines(args.batch, args.latent)
+    engines, missing = build_engines(args.batch, args.latent, args.group)
     errs = {}
     with torch.inference_mode():
         ref = engines[BASELINE]().double()
@@ -133,11 +199,15 @@ def main():
             f"({8 * args.latent} px), batch {args.batch}, {args.threads} threads, inference mode. Each cell is median "
             f"(min-max) over {args.rounds} interleaved rounds (every engine once per round, order rotated); "
             "x_diffusers_fp32: diffusers fp32's time / this engine's, per round. rel_err: relative Frobenius error "
-            "of the output against diffusers fp32." + (f" Not run: {missing}." if missing else ""))
-    name = "cpu_engines" if args.latent == 32 else f"cpu_engines_{8 * args.latent}px"
+            "of the output against diffusers fp32. velodiff's CPU kernel paths: "
+            + ", ".join(f"{k} {v}" for k, v in velodiff.info()["cpu_kernel_paths"].items()) + "."
+            + (f" Not run: {missing}." if missing else ""))
+    name = "cpu_engines" + ("" if args.latent == 32 else f"_{8 * args.latent}px") + (
+        "" if args.group == "float" else f"_{args.group}") + ("" if args.threads == 2 else f"_{args.threads}threads")
     path = write_results(name, rows, ["engine", "precision", "s", "x_diffusers_fp32",
                                                "rel_err_vs_diffusers_fp32"], args.out, note=note,
-                         extra={"load_start": load_start, "load_end": load_average(), "rounds": args.rounds,
+                         extra={"cpu_kernel_paths": velodiff.info()["cpu_kernel_paths"],
+                                "load_start": load_start, "load_end": load_average(), "rounds": args.rounds,
                                 "threads": args.threads, "timing": res.to_json()})
     print("wrote", path)
 

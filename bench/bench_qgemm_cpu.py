@@ -10,7 +10,9 @@ against velodiff's W4A4 (rank-32 low-rank branch, the SVDQuant layer) and W8A8, 
 QuantizedLinear runs). All six are timed interleaved with bench/common.py's ``compare`` (rounds, rotated
 order, >= 50 ms per timing); every ratio is taken within a round and reported as median (min-max) over the
 rounds. Ratios > 1 mean velodiff is faster. Sanity column: a whole layer does strictly more work than its GEMM,
-so a layer measured faster than its GEMM in every round flags the row (noise or a measurement error).
+so a layer measured faster than its GEMM in every round flags the row (noise or a measurement error). Where the
+qgemm path is AVX-512VNNI, each whole layer is also timed on the AVX2 path (VELODIFF_CPU_ISA=avx2, same bits):
+*_layer_vnni_vs_avx2.
 Writes bench/results/qgemm_cpu.{json,md}.
 
   python bench/bench_qgemm_cpu.py [--threads 2] [--rounds 5] [--quick]
@@ -29,6 +31,7 @@ from common import compare, load_average, summarise_ratios, write_results  # noq
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import velodiff  # noqa: E402
 from velodiff.ops import qgemm, quantize_act, reference  # noqa: E402
 
 # (model, layer, M tokens, K, N): SD 1.5 at 512x512 (64x64 latents: 4096 / 1024 / 256 tokens per level, batch 1),
@@ -73,6 +76,21 @@ def torch_int8_dynamic(w: torch.Tensor, bias: torch.Tensor) -> torch.nn.Module:
         return quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)[0].eval()
 
 
+def on_avx2(fn):
+    """``fn`` run with the kernels capped at AVX2 (read by the ops at every call)."""
+    def run():
+        old = os.environ.get("VELODIFF_CPU_ISA")
+        os.environ["VELODIFF_CPU_ISA"] = "avx2"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["VELODIFF_CPU_ISA"]
+            else:
+                os.environ["VELODIFF_CPU_ISA"] = old
+    return run
+
+
 def layer_vs_gemm(res, label: str) -> str:
     """'ok' when the whole layer is slower than its GEMM alone (median of per-round ratios), 'ok (noise)' when
     it is faster in some rounds only, 'VIOLATED' when faster in every round (which the work makes impossible)."""
@@ -93,6 +111,8 @@ def main():
     torch.set_num_threads(args.threads)
     load_start = load_average()
     rows, timings = [], {}
+    paths = velodiff.info()["cpu_kernel_paths"]
+    vnni = paths["qgemm"] == "avx512vnni"
     gen = torch.Generator().manual_seed(0)
     for model, layer, m, k, n in SHAPES:
         if args.quick and (model, layer) not in QUICK:
@@ -116,6 +136,8 @@ def main():
                 return qgemm(qx2, as2, qw, wscales, bias, la2 if rank else None, up, None, bits=bits)
 
             candidates[f"{label}_gemm"], candidates[f"{label}_layer"] = gemm, layer_call
+            if vnni:
+                candidates[f"{label}_layer_avx2"] = on_avx2(layer_call)
         with torch.inference_mode():
             res = compare(candidates, "fp32", rounds=args.rounds, warmup=2)
         timings[f"{model} {layer}"] = res.to_json()
@@ -128,6 +150,8 @@ def main():
                 row[f"{label}_{part}_vs_fp32"] = res.ratio(f"{label}_{part}")
                 row[f"{label}_{part}_vs_int8"] = res.ratio(f"{label}_{part}", over="int8_dyn")
             row[f"{label}_layer>=gemm"] = layer_vs_gemm(res, label)
+            if vnni:
+                row[f"{label}_layer_vnni_vs_avx2"] = res.ratio(f"{label}_layer", over=f"{label}_layer_avx2")
         row["w4a4_gops"] = round(2 * m * k * n / (1e6 * row["w4a4_gemm_ms"]["median"]), 1)
         rows.append(row)
         print({c: (v["median"] if isinstance(v, dict) else v) for c, v in row.items()}, flush=True)
@@ -137,7 +161,8 @@ def main():
         return summarise_ratios({f"{r['model']} {r['layer']}": r[col]["median"] for r in rows})
 
     summary = {c: over_rows(c) for c in ("w4a4_gemm_vs_fp32", "w4a4_layer_vs_fp32", "w4a4_layer_vs_int8",
-                                          "w8a8_layer_vs_fp32", "w8a8_layer_vs_int8", "int8_dyn_vs_fp32")}
+                                          "w8a8_layer_vs_fp32", "w8a8_layer_vs_int8", "int8_dyn_vs_fp32")
+               + (("w4a4_layer_vnni_vs_avx2", "w8a8_layer_vnni_vs_avx2") if vnni else ())}
     for c in list(summary):
         summary[c]["median_of_rows"] = statistics.median(r[c]["median"] for r in rows)
     violations = [f"{r['model']} {r['layer']} ({lab})" for r in rows for lab in ("w4a4", "w8a8")
@@ -147,21 +172,21 @@ def main():
     cols = ["model", "layer", "M", "K", "N", "fp32_ms", "int8_dyn_ms", "int8_dyn_vs_fp32", "w4a4_gemm_ms",
             "w4a4_gemm_vs_fp32", "w4a4_layer_ms", "w4a4_layer_vs_fp32", "w4a4_layer_vs_int8", "w4a4_layer>=gemm",
             "w8a8_gemm_ms", "w8a8_gemm_vs_fp32", "w8a8_layer_ms", "w8a8_layer_vs_fp32", "w8a8_layer_vs_int8",
-            "w8a8_layer>=gemm", "w4a4_gops"]
-    note = (f"{args.threads} threads. Baselines: fp32 = F.linear (torch's MKL/oneDNN GEMM); int8_dyn = torch's "
+            "w8a8_layer>=gemm", "w4a4_gops"] + (["w4a4_layer_vnni_vs_avx2", "w8a8_layer_vnni_vs_avx2"] if vnni else [])
+    note = (f"{args.threads} threads; qgemm path {paths['qgemm']}. Baselines: fp32 = F.linear (torch's MKL/oneDNN GEMM); int8_dyn = torch's "
             "dynamic int8 linear (torch.ao.quantization.quantize_dynamic with its defaults: int8 weights per "
             "tensor, activations quantized per call; the whole layer). w4a4: velodiff::qgemm with a "
             f"rank-{args.rank} low-rank branch and bias; w8a8: velodiff's 8-bit path; *_gemm: the GEMM alone on "
             "pre-quantized activations; *_layer: quantize_act (smoothing + down-projection) + qgemm, what "
             "QuantizedLinear runs. Each cell is median (min-max) over "
-            f"{args.rounds} interleaved rounds (all six candidates once per round, order rotated, >= 50 ms per "
+            f"{args.rounds} interleaved rounds (all candidates once per round, order rotated, >= 50 ms per "
             "timing). *_vs_fp32 / *_vs_int8: the baseline's time / velodiff's time within each round, then median "
             "(min-max) over the rounds; > 1 means velodiff is faster. *_layer>=gemm: 'ok' if the whole layer is "
             "slower than its GEMM alone (median over rounds), 'ok (noise)' if faster in some rounds only, "
             "'VIOLATED' if faster in every round. Summary over rows: " + sentences
             + (" Rows flagged: " + ", ".join(violations) + "." if violations else " No row flagged."))
     write_results("qgemm_cpu", rows, cols, args.out, note=note,
-                  extra={"load_start": load_start, "load_end": load_end, "rounds": args.rounds,
+                  extra={"cpu_kernel_paths": paths, "load_start": load_start, "load_end": load_end, "rounds": args.rounds,
                          "threads": args.threads, "summary": summary, "flagged": violations, "timing": timings})
     print(sentences)
     print("flagged:", violations)
