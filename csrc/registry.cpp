@@ -22,7 +22,10 @@ TORCH_LIBRARY(velodiff, m) {
   m.def("quantize_act(Tensor x, Tensor? smooth, Tensor? lora_down, int bits) -> (Tensor, Tensor, Tensor)");
   m.def(
       "qgemm(Tensor qx, Tensor ascales, Tensor qw, Tensor wscales, Tensor? bias, Tensor? lora_act, "
-      "Tensor? lora_up, Tensor? lora_scales, int bits, int activation) -> Tensor");
+      "Tensor? lora_up, Tensor? lora_scales, int bits, int activation, Tensor? packed=None) -> Tensor");
+  // CPU only: the weights of qgemm in the CPU kernel's panel layout for the current code path (uint8 [bytes];
+  // empty on the portable path), passed back to qgemm as `packed` so that calls skip the repacking.
+  m.def("qgemm_pack(Tensor qw, Tensor wscales, Tensor? bias, Tensor? lora_up, int bits) -> Tensor");
   // Cache gate: relative-L1 distance of a probe to the stored one, rescale, accumulation, decision; stored and
   // state are updated in place, the decision is returned as int32 [1]; format in csrc/include/velodiff/cache_gate.h.
   m.def(

@@ -85,8 +85,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_cuda_op(const at::Te
 at::Tensor qgemm_cuda_op(const at::Tensor& qx, const at::Tensor& ascales, const at::Tensor& qw,
                          const at::Tensor& wscales, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& lora_act, const std::optional<at::Tensor>& lora_up,
-                         const std::optional<at::Tensor>& lora_scales, int64_t bits, int64_t activation) {
+                         const std::optional<at::Tensor>& lora_scales, int64_t bits, int64_t activation,
+                         const std::optional<at::Tensor>& packed) {
   TORCH_CHECK_VALUE(qx.is_cuda(), "qgemm: qx is on ", qx.device(), " but other arguments are on CUDA");
+  TORCH_CHECK_VALUE(!packed.has_value(), "qgemm: packed weights (qgemm_pack) are a CPU format; pass packed=None "
+                    "on CUDA");
   const c10::cuda::CUDAGuard guard(qx.device());
   const at::Tensor qx16 = aligned16(qx), qw16 = aligned16(qw);
   at::Tensor y;

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import velodiff
-from velodiff.ops import qgemm, quantize_act
+from velodiff.ops import qgemm, qgemm_pack, quantize_act
 from velodiff.ops import reference as ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -469,6 +469,48 @@ def test_vnni_path_gives_the_avx2_bits(monkeypatch, bits, dtype, m, k, n, r):
         outs[isa] = qgemm(**args, bits=bits, activation="silu")
     assert torch.equal(outs["avx512"], outs["avx2"])
     assert_within_bound(outs["avx512"], args, bits, "silu", "cpu", what="VNNI path")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,r,bias", [(1, 64, 5, 0, False), (13, 200, 37, 16, True), (50, 1280, 33, 32, True)])
+def test_prepacked_weights_give_the_same_bits(monkeypatch, bits, dtype, m, k, n, r, bias):
+    """qgemm(..., packed=qgemm_pack(...)) skips the repacking and gives the unpacked call's bits, on each path; a
+    pack made on another path is ignored (same bits again)."""
+    args = make_gemm(m, k, n, r, dtype, bits, bias=bias, seed=m + k)
+    paths = ["avx2", "avx512"] if velodiff.info()["cpu_kernel_paths"]["qgemm"] == "avx512vnni" else [None]
+    packs = {}
+    for isa in paths:
+        if isa is not None:
+            monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
+        packs[isa] = qgemm_pack(args["qw"], args["wscales"], args["bias"], args["lora_up"], bits)
+        assert packs[isa].dtype == torch.uint8 and packs[isa].dim() == 1
+        plain = qgemm(**args, bits=bits, activation="gelu_tanh")
+        for pack in packs.values():  # this path's pack, and (second path) the other one's, which is ignored
+            assert torch.equal(qgemm(**args, bits=bits, activation="gelu_tanh", packed=pack), plain)
+
+
+def test_prepacked_weights_bad_input():
+    args = make_gemm(8, 128, 16, 4, torch.float32, 8)
+    pack = qgemm_pack(args["qw"], args["wscales"], args["bias"], args["lora_up"], 8)
+    if pack.numel() == 0:
+        pytest.skip("the portable path packs nothing")
+    other = make_gemm(8, 128, 24, 4, torch.float32, 8)  # N 24, not 16
+    with pytest.raises(RuntimeError, match="packed was made for bits=8 N=16 Kp=128 R=4.*N=24"):
+        qgemm(**other, bits=8, packed=pack)
+    garbage = torch.randint(0, 256, (pack.numel(),), generator=gen(3), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="packed is not a weight pack"):
+        qgemm(**args, bits=8, packed=garbage)
+    with pytest.raises(RuntimeError, match="packed is not a weight pack"):
+        qgemm(**args, bits=8, packed=pack[:10])
+    with pytest.raises(TypeError, match="packed must be"):
+        qgemm(**args, bits=8, packed=pack.to(torch.int8))
+    with pytest.raises(ValueError, match="packed must be 1-D"):
+        qgemm(**args, bits=8, packed=pack.view(1, -1))
+    with pytest.raises(TypeError, match="qw must be"):
+        qgemm_pack(args["qw"].float(), args["wscales"], None, None, 8)
+    with pytest.raises(ValueError, match="lora_up must have shape"):
+        qgemm_pack(args["qw"], args["wscales"], None, args["lora_up"][:3], 8)
 
 
 def test_bad_cpu_isa_is_refused(monkeypatch):

@@ -190,3 +190,32 @@ def test_dit_quantization_fuses_the_mlp_gelu(tmp_path):
     out = vd.quant.save_quantized(pipe, str(tmp_path / "q"))
     loaded = vd.Pipeline.from_pretrained(out)
     assert loaded.transformer.transformer_blocks[0].ff.net[0].proj.fused_activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("method", ["svdquant", "w8a8"])
+def test_cpu_weight_pack_is_kept_and_follows_weight_changes(method):
+    """On the CPU the layer packs its weights for the GEMM once (velodiff::qgemm_pack) and reuses the pack; an
+    in-place edit of a weight, a replaced tensor and a run under inference mode give the unpacked GEMM's result."""
+    from velodiff.ops import qgemm, quantize_act
+    w, b, x = _layer_data()
+    stats = LayerStats(absmax=x.abs().amax(0), sample=x[:128])
+    layer = quantize_layer(w, b, method, stats if method == "svdquant" else None, rank=8, alphas=(0.5,))
+
+    def unpacked():
+        qx, ascales, lora_act = quantize_act(x, layer.smooth, layer.lora_down, layer.bits)
+        return qgemm(qx, ascales, layer.qweight, layer.wscales, layer.bias,
+                     lora_act if layer.lora_down is not None else None, layer.lora_up, layer.lora_scales,
+                     bits=layer.bits)
+    with torch.no_grad():
+        assert torch.equal(layer(x), unpacked())
+        pack = layer.__dict__.get("_packed")
+        layer(x)
+        assert layer.__dict__.get("_packed") is pack  # reused
+        layer.wscales.mul_(1.5)  # in place: the version counter moves
+        assert torch.equal(layer(x), unpacked())
+        layer.bias = torch.randn_like(layer.bias)  # a new tensor
+        assert torch.equal(layer(x), unpacked())
+    with torch.inference_mode():
+        frozen = quantize_layer(w, b, method, stats if method == "svdquant" else None, rank=8, alphas=(0.5,))
+        layer = frozen
+        assert torch.equal(layer(x), unpacked())

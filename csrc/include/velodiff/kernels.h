@@ -18,6 +18,11 @@ bool sampler_update_cpu(const SamplerUpdateArgs& args, char* error);
 // message to `error` (at least 256 bytes) on invalid arguments.
 bool quantize_act_cpu(const QuantizeActArgs& args, char* error);
 bool qgemm_cpu(const QGemmArgs& args, char* error);
+// Weight prepacking for qgemm_cpu (QGemmArgs::packed): the bytes the pack of these weights takes on the current code
+// path (0 on the portable path, which reads the weights as they are), and the pack itself (uses bits, N, K, R,
+// dtype, qw, wscales, bias, lora_up). Return false and write a message on invalid arguments.
+bool qgemm_packed_bytes_cpu(const QGemmArgs& args, int64_t& bytes, char* error);
+bool qgemm_pack_weights_cpu(const QGemmArgs& args, void* out, int64_t bytes, char* error);
 
 // Cache gate (csrc/kernels/cpu/cache_gate.cpp; format in velodiff/cache_gate.h), OpenMP over fixed chunks of
 // each sample. Reads and writes args.state and writes *args.decision. Returns false and writes a message to

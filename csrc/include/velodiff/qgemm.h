@@ -90,6 +90,10 @@ struct QGemmArgs {
   QActivation activation = QActivation::kNone;
   QTensorPath tensor_path = QTensorPath::kAuto;  // CUDA only; the CPU kernel ignores it
   int wgmma_rows = 0;  // CUDA wgmma paths only: CTA rows, 64 (one warpgroup, two CTAs per SM; 0 = this) or 128
+  // CPU only: the weights (qw, wscales, bias, lora_up) already in the kernel's internal panel layout
+  // (qgemm_pack_weights_cpu), or null. A pack made on another code path is ignored (the call packs its own).
+  const void* packed = nullptr;
+  int64_t packed_bytes = 0;
 };
 
 }  // namespace velodiff

@@ -415,12 +415,21 @@ struct PackedW {
   //   wq (4 bits; 8 bits on VNNI): int8, element (n, k) at (k / 4) * 64 + (n / 8 % 2) * 32 + (n % 8) * 4 + k % 4,
   //       i.e. 4 consecutive k per 32-bit lane, lanes in column order: one 64-byte vector per 4 k.
   //   w8 (8 bits on AVX2): int16, element (n, k) at (k / 2) * 32 + (n / 8 % 2) * 16 + (n % 8) * 2 + k % 2
-  std::vector<int8_t> wq;
-  std::vector<int16_t> w8;
-  std::vector<int32_t> corr;  // with wq: [np][ng][16] off * sum_{k in g} w[n, k]
-  std::vector<float> wsc;     // [np][ng][16]
-  std::vector<float> bias;    // [np * 16] (zeros when absent)
-  std::vector<float> lup;     // [np][R][16]
+  // Views into one blob (PackLayout): made per call, or a caller's prepacked weights (read only then).
+  int8_t* wq = nullptr;
+  int16_t* w8 = nullptr;
+  int32_t* corr = nullptr;  // with wq: [np][ng][16] off * sum_{k in g} w[n, k]
+  float* wsc = nullptr;     // [np][ng][16]
+  float* bias = nullptr;    // [np * 16] (zeros when absent)
+  float* lup = nullptr;     // [np][R][16]
+};
+
+// The blob of packed weights: a header of kPackHeader int64 (magic, format version, path, bits, N, Kp, R, total
+// bytes), then the sections of PackedW, each at a multiple of 64 bytes. Columns >= N are zero.
+constexpr int64_t kPackMagic = 0x31505144;  // "DQP1"
+constexpr int64_t kPackHeader = 8;
+struct PackLayout {
+  int64_t wq = 0, w8 = 0, corr = 0, wsc = 0, bias = 0, lup = 0, total = 0;  // byte offsets (0: absent) and size
 };
 
 // Byte b of packed int4 codes -> its two codes as int8 bytes (low nibble first), and their sum.
@@ -440,13 +449,56 @@ const NibbleTable kNibbles;
 // The unsigned offset of the activation codes (see PackedW); 0 when the path widens them to int16 instead.
 int32_t activation_offset(int bits, bool vnni) { return bits == 4 ? 8 : vnni ? 128 : 0; }
 
+PackLayout pack_layout(int bits, int64_t N, int64_t Kp, int64_t R, bool vnni) {
+  const int64_t np = (N + kNR - 1) / kNR, ng = Kp / kG, panel = np * Kp * kNR;
+  PackLayout L;
+  int64_t at = kPackHeader * 8;
+  auto section = [&at](int64_t bytes) {
+    const int64_t offset = at;
+    at += (bytes + 63) / 64 * 64;
+    return offset;
+  };
+  if (activation_offset(bits, vnni) != 0) {
+    L.wq = section(panel);
+    L.corr = section(np * ng * kNR * 4);
+  } else {
+    L.w8 = section(panel * 2);
+  }
+  L.wsc = section(np * ng * kNR * 4);
+  L.bias = section(np * kNR * 4);
+  L.lup = section(np * R * kNR * 4);
+  L.total = at;
+  return L;
+}
+
+// P's views into `base` (64-byte aligned, L.total bytes).
+PackedW bind_packed(uint8_t* base, const PackLayout& L, int64_t N, int64_t Kp, int64_t R) {
+  PackedW P;
+  P.np = (N + kNR - 1) / kNR;
+  P.ng = Kp / kG;
+  P.Kp = Kp;
+  P.R = R;
+  P.wq = L.wq != 0 ? reinterpret_cast<int8_t*>(base + L.wq) : nullptr;
+  P.w8 = L.w8 != 0 ? reinterpret_cast<int16_t*>(base + L.w8) : nullptr;
+  P.corr = L.corr != 0 ? reinterpret_cast<int32_t*>(base + L.corr) : nullptr;
+  P.wsc = reinterpret_cast<float*>(base + L.wsc);
+  P.bias = reinterpret_cast<float*>(base + L.bias);
+  P.lup = reinterpret_cast<float*>(base + L.lup);
+  return P;
+}
+
+void write_pack_header(uint8_t* base, const QGemmArgs& a, bool vnni, const PackLayout& L) {
+  const int64_t header[kPackHeader] = {kPackMagic, 1, vnni ? 2 : 1, a.bits, a.N, a.K, a.R, L.total};
+  std::memcpy(base, header, sizeof(header));
+}
+
 // Column n of the weights into its panel (one thread per column: no two threads write the same element).
-void pack_weight_column(const QGemmArgs& a, PackedW& P, int64_t n, bool vnni) {
+void pack_weight_column(const QGemmArgs& a, const PackedW& P, int64_t n, bool vnni) {
   const int64_t Kp = P.Kp, ng = P.ng, R = P.R;
   const int64_t p = n / kNR, c = n % kNR, half = c / 8, lane = c % 8;
   const int32_t off = activation_offset(a.bits, vnni);
   if (off != 0) {
-    int8_t* dst = P.wq.data() + p * Kp * kNR + half * 32 + lane * 4;
+    int8_t* dst = P.wq + p * Kp * kNR + half * 32 + lane * 4;
     for (int64_t g = 0; g < ng; ++g) {
       int32_t s = 0;
       for (int64_t q = g * (kG / 4); q < (g + 1) * (kG / 4); ++q) {  // 4 codes
@@ -465,7 +517,7 @@ void pack_weight_column(const QGemmArgs& a, PackedW& P, int64_t n, bool vnni) {
     }
   } else {
     const int8_t* src = static_cast<const int8_t*>(a.qw) + n * Kp;
-    int16_t* dst = P.w8.data() + p * Kp * kNR + half * 16 + lane * 2;
+    int16_t* dst = P.w8 + p * Kp * kNR + half * 16 + lane * 2;
     for (int64_t k = 0; k < Kp; k += 2) {
       dst[k * 16] = src[k];
       dst[k * 16 + 1] = src[k + 1];
@@ -675,13 +727,13 @@ VD_AVX2 inline void store8(QDtype dt, void* y, int64_t i, __m256 v) {
 VD_AVX2 void tile_epilogue(const QGemmArgs& a, const PackedW& P, int64_t p, int64_t m0, const float* las, float* c) {
   const int64_t R = P.R;
   __m256 v[kMR][2];
-  const __m256 b0 = _mm256_loadu_ps(P.bias.data() + p * kNR), b1 = _mm256_loadu_ps(P.bias.data() + p * kNR + 8);
+  const __m256 b0 = _mm256_loadu_ps(P.bias + p * kNR), b1 = _mm256_loadu_ps(P.bias + p * kNR + 8);
 #pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) {
     v[i][0] = _mm256_add_ps(_mm256_loadu_ps(c + i * kNR), b0);
     v[i][1] = _mm256_add_ps(_mm256_loadu_ps(c + i * kNR + 8), b1);
   }
-  const float* lu = P.lup.data() + p * R * kNR;
+  const float* lu = P.lup + p * R * kNR;
   for (int64_t r = 0; r < R; ++r) {
     const __m256 u0 = _mm256_loadu_ps(lu + r * kNR), u1 = _mm256_loadu_ps(lu + r * kNR + 8);
 #pragma GCC unroll 8
@@ -727,11 +779,11 @@ VD_AVX2 void gemm_item(const QGemmArgs& a, const PackedW& P, const UnpackedRows&
       all.asc.get() + m0 * ng, all.las.get() + m0 * R};
   alignas(64) float c[kMRV * kNR];
   for (int64_t p = p0; p < p1; ++p) {
-    const float* wsc = P.wsc.data() + p * ng * kNR;
-    const int32_t* corr = P.corr.data() + p * ng * kNR;
+    const float* wsc = P.wsc + p * ng * kNR;
+    const int32_t* corr = P.corr != nullptr ? P.corr + p * ng * kNR : nullptr;
     if (vnni) {
       for (int64_t t = 0; t < rows; t += kMRV) {
-        tile_vnni(Kp, B.xu + t * Kp, P.wq.data() + p * Kp * kNR, corr, wsc, B.asc + t * ng, c);
+        tile_vnni(Kp, B.xu + t * Kp, P.wq + p * Kp * kNR, corr, wsc, B.asc + t * ng, c);
         for (int64_t j = 0; j < kMRV; j += kMR)
           tile_epilogue(a, P, p, m0 + t + j, B.las + (t + j) * R, c + j * kNR);
       }
@@ -740,32 +792,34 @@ VD_AVX2 void gemm_item(const QGemmArgs& a, const PackedW& P, const UnpackedRows&
     for (int64_t t = 0; t < rows; t += kMR) {
       std::memset(c, 0, sizeof(float) * kMR * kNR);
       if (a.bits == 4)
-        tile_w4(Kp, B.xu + t * Kp, P.wq.data() + p * Kp * kNR, corr, wsc, B.asc + t * ng, c);
+        tile_w4(Kp, B.xu + t * Kp, P.wq + p * Kp * kNR, corr, wsc, B.asc + t * ng, c);
       else
-        tile_w8(Kp, B.x8 + t * Kp, P.w8.data() + p * Kp * kNR, wsc, B.asc + t * ng, c);
+        tile_w8(Kp, B.x8 + t * Kp, P.w8 + p * Kp * kNR, wsc, B.asc + t * ng, c);
       tile_epilogue(a, P, p, m0 + t, B.las + t * R, c);
     }
   }
 }
 
-// The AVX2 path, or the VNNI one (`vnni`: tile_vnni for both widths, the rest shared).
-void qgemm_avx2(const QGemmArgs& a, bool vnni) {
+// A zero-filled byte buffer whose data() is 64-byte aligned.
+class AlignedBytes {
+ public:
+  explicit AlignedBytes(int64_t n) : raw_(new uint8_t[n + 64]()) {}
+  uint8_t* data() { return raw_.get() + (64 - reinterpret_cast<uintptr_t>(raw_.get()) % 64) % 64; }
+
+ private:
+  std::unique_ptr<uint8_t[]> raw_;
+};
+
+// The AVX2 path, or the VNNI one (`vnni`: tile_vnni for both widths, the rest shared). `prepacked`: the caller's
+// blob for this path and these shapes (qgemm_pack_weights_cpu), or null to pack the weights here.
+void qgemm_avx2(const QGemmArgs& a, bool vnni, const uint8_t* prepacked) {
   const int64_t M = a.M, N = a.N, Kp = a.K, R = a.R;
-  PackedW P;
-  P.np = (N + kNR - 1) / kNR;
-  P.ng = Kp / kG;
-  P.Kp = Kp;
-  P.R = R;
-  const int64_t np = P.np, ng = P.ng;
-  if (activation_offset(a.bits, vnni) != 0) {
-    P.wq.assign(static_cast<size_t>(np * Kp * kNR), 0);
-    P.corr.assign(static_cast<size_t>(np * ng * kNR), 0);
-  } else {
-    P.w8.assign(static_cast<size_t>(np * Kp * kNR), 0);
-  }
-  P.wsc.assign(static_cast<size_t>(np * ng * kNR), 0.f);
-  P.bias.assign(static_cast<size_t>(np * kNR), 0.f);
-  P.lup.assign(static_cast<size_t>(np * R * kNR), 0.f);
+  const PackLayout L = pack_layout(a.bits, N, Kp, R, vnni);
+  std::unique_ptr<AlignedBytes> own;
+  if (prepacked == nullptr) own = std::make_unique<AlignedBytes>(L.total);
+  // the kernels only read the weights; a prepacked blob is never written
+  const PackedW P = bind_packed(own ? own->data() : const_cast<uint8_t*>(prepacked), L, N, Kp, R);
+  const int64_t np = P.np;
 
   // Row chunks of up to 32 micro-tiles, fewer when a chunk's unpacked codes would pass ~128 KiB.
   const int64_t elem = activation_offset(a.bits, vnni) != 0 ? 1 : 2, mr = vnni ? kMRV : kMR;
@@ -782,8 +836,10 @@ void qgemm_avx2(const QGemmArgs& a, bool vnni) {
   // One parallel region (each region end is a barrier, costly when the cores are shared).
 #pragma omp parallel if (work >= 2e6)
   {
+    if (own) {
 #pragma omp for schedule(static) nowait
-    for (int64_t n = 0; n < N; ++n) pack_weight_column(a, P, n, vnni);
+      for (int64_t n = 0; n < N; ++n) pack_weight_column(a, P, n, vnni);
+    }
 #pragma omp for schedule(static) nowait
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       const int64_t m0 = chunk * chunk_rows;
@@ -800,6 +856,34 @@ void qgemm_avx2(const QGemmArgs& a, bool vnni) {
   }
 }
 #endif  // VELODIFF_QGEMM_X86
+
+#ifdef VELODIFF_QGEMM_X86
+// a.packed, when it holds weights packed for this call's shapes on `vnni`'s path; null when there is none or it was
+// packed for the other path (the call then packs its own). False (and a message) for a blob that is not a weight
+// pack or was made for other shapes.
+bool prepacked_for(const QGemmArgs& a, bool vnni, const uint8_t*& blob, char* error) {
+  blob = nullptr;
+  if (a.packed == nullptr || a.packed_bytes == 0) return true;
+  int64_t h[kPackHeader] = {0};
+  if (a.packed_bytes >= static_cast<int64_t>(sizeof(h))) std::memcpy(h, a.packed, sizeof(h));
+  if (h[0] != kPackMagic || h[1] != 1 || h[7] != a.packed_bytes) {
+    std::snprintf(error, 256, "qgemm: packed is not a weight pack of velodiff.ops.qgemm_pack (%lld bytes)",
+                  static_cast<long long>(a.packed_bytes));
+    return false;
+  }
+  if (h[3] != a.bits || h[4] != a.N || h[5] != a.K || h[6] != a.R) {
+    std::snprintf(error, 256,
+                  "qgemm: packed was made for bits=%lld N=%lld Kp=%lld R=%lld, this call has bits=%d N=%lld "
+                  "Kp=%lld R=%lld; pack these weights again",
+                  static_cast<long long>(h[3]), static_cast<long long>(h[4]), static_cast<long long>(h[5]),
+                  static_cast<long long>(h[6]), a.bits, static_cast<long long>(a.N), static_cast<long long>(a.K),
+                  static_cast<long long>(a.R));
+    return false;
+  }
+  if (h[2] == (vnni ? 2 : 1)) blob = static_cast<const uint8_t*>(a.packed);
+  return true;
+}
+#endif
 
 bool check_bits(const char* fn, int bits, char* error) {
   if (bits == 4 || bits == 8) return true;
@@ -906,11 +990,57 @@ bool qgemm_cpu(const QGemmArgs& a, char* error) {
   if (!select_path(path, error)) return false;
 #ifdef VELODIFF_QGEMM_X86
   if (path != QPath::kPortable) {
-    qgemm_avx2(a, path == QPath::kAvx512Vnni);
+    const bool vnni = path == QPath::kAvx512Vnni;
+    const uint8_t* blob = nullptr;
+    if (!prepacked_for(a, vnni, blob, error)) return false;
+    qgemm_avx2(a, vnni, blob);
     return true;
   }
 #endif
   qgemm_scalar(a);
+  return true;
+}
+
+bool qgemm_packed_bytes_cpu(const QGemmArgs& a, int64_t& bytes, char* error) {
+  bytes = 0;
+  QPath path;
+  if (!check_bits("qgemm_pack", a.bits, error) || !select_path(path, error)) return false;
+  if (a.N < 0 || a.K < 0 || a.R < 0 || a.K % kG != 0) {
+    std::snprintf(error, 256, "qgemm_pack: sizes must be >= 0 with K a multiple of 64, got N=%lld K=%lld R=%lld",
+                  static_cast<long long>(a.N), static_cast<long long>(a.K), static_cast<long long>(a.R));
+    return false;
+  }
+#ifdef VELODIFF_QGEMM_X86
+  if (path != QPath::kPortable) bytes = pack_layout(a.bits, a.N, a.K, a.R, path == QPath::kAvx512Vnni).total;
+#endif
+  return true;
+}
+
+bool qgemm_pack_weights_cpu(const QGemmArgs& a, void* out, int64_t bytes, char* error) {
+  int64_t need = 0;
+  if (!qgemm_packed_bytes_cpu(a, need, error)) return false;
+  if (bytes != need) {
+    std::snprintf(error, 256, "qgemm_pack: the output must hold %lld bytes, got %lld", static_cast<long long>(need),
+                  static_cast<long long>(bytes));
+    return false;
+  }
+  if (need == 0) return true;  // the portable path packs nothing
+#ifdef VELODIFF_QGEMM_X86
+  if (!check_ptr("qgemm_pack", "qw", a.qw, a.N * a.K, error) ||
+      !check_ptr("qgemm_pack", "wscales", a.wscales, a.N * (a.K / kG), error) ||
+      !check_ptr("qgemm_pack", "lora_up", a.lora_up, a.N * a.R, error) || !check_ptr("qgemm_pack", "out", out, 1, error))
+    return false;
+  QPath path;
+  select_path(path, error);
+  const bool vnni = path == QPath::kAvx512Vnni;
+  const PackLayout L = pack_layout(a.bits, a.N, a.K, a.R, vnni);
+  uint8_t* base = static_cast<uint8_t*>(out);
+  std::memset(base, 0, static_cast<size_t>(L.total));
+  write_pack_header(base, a, vnni, L);
+  const PackedW P = bind_packed(base, L, a.N, a.K, a.R);
+#pragma omp parallel for schedule(static) if (a.N * a.K >= (1 << 16))
+  for (int64_t n = 0; n < a.N; ++n) pack_weight_column(a, P, n, vnni);
+#endif
   return true;
 }
 

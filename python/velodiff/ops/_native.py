@@ -58,7 +58,7 @@ if _C is not None:
         return qx, x.new_empty((m, kp // 64), dtype=torch.float32), x.new_empty((m, r), dtype=torch.float32)
 
     @torch.library.register_fake("velodiff::qgemm")
-    def _qgemm_fake(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation):
+    def _qgemm_fake(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation, packed=None):
         return wscales.new_empty((qx.shape[0], qw.shape[0]))
 
     @torch.library.register_fake("velodiff::cache_gate")

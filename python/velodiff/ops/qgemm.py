@@ -122,7 +122,7 @@ def check_qgemm_args(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_sca
 def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: torch.Tensor,
           bias: Optional[torch.Tensor] = None, lora_act: Optional[torch.Tensor] = None,
           lora_up: Optional[torch.Tensor] = None, lora_scales: Optional[torch.Tensor] = None, bits: int = 4,
-          activation: str = "none") -> torch.Tensor:
+          activation: str = "none", packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantized GEMM with fused low-rank branch, bias and activation (SVDQuant W4A4; W8A8 with ``bits=8``).
 
     y = act(sum_g ascales[:, g] * wscales[:, g] * (qx_g @ qw_g^T) + bias + (lora_act * lora_scales) @ lora_up^T),
@@ -141,6 +141,9 @@ def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: to
         lora_scales: None (all ones) or float32 [R], per-rank strength; only with ``lora_act``.
         bits: 4 or 8.
         activation: "none", "gelu" (erf), "gelu_tanh" or "silu".
+        packed: None, or :func:`qgemm_pack` of these qw, wscales, bias and lora_up (CPU only): the call then skips
+            repacking the weights (a pack made on another code path is ignored; one made for other shapes is an
+            error). The result is the same.
     All tensors contiguous and on one device.
     Returns:
         y: T [M, N].
@@ -152,5 +155,24 @@ def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: to
     of 64 rows, or 128 with the suffix ``-128``).
     """
     check_qgemm_args(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation)
+    if packed is not None:
+        _check_tensor("packed", packed, (torch.uint8,), None, qx.device)
+        if packed.dim() != 1:
+            raise ValueError(f"packed must be 1-D (from qgemm_pack), got shape {list(packed.shape)}")
     return native_op("qgemm")(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits,
-                              reference.QACTIVATIONS[activation])
+                              reference.QACTIVATIONS[activation], packed)
+
+
+def qgemm_pack(qw: torch.Tensor, wscales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               lora_up: Optional[torch.Tensor] = None, bits: int = 4) -> torch.Tensor:
+    """The weights of :func:`qgemm` (same arguments and shapes) in the CPU kernel's internal panel layout for the
+    code path chosen now (AVX-512VNNI or AVX2), as uint8 [bytes] (empty on the portable path, which needs none).
+    Pass it to qgemm as ``packed`` to skip the per-call repacking. CPU tensors only."""
+    _check_bits(bits)
+    code = code_dtype(bits)
+    _check_tensor("qw", qw, (code,), None, None)
+    if qw.device.type != "cpu":
+        raise ValueError(f"qgemm_pack: qw is on {qw.device}; packed weights are a CPU format")
+    if qw.dim() != 2:
+        raise ValueError(f"qw must be 2-D [N, {'Kp/2' if bits == 4 else 'Kp'}], got shape {list(qw.shape)}")
+    return native_op("qgemm_pack")(qw, wscales, bias, lora_up, bits)

@@ -79,8 +79,22 @@ class QuantizedLinear(nn.Module):
         qx, ascales, lora_act = native_op("quantize_act")(x2, self.smooth, self.lora_down, self.bits)
         y = native_op("qgemm")(qx, ascales, self.qweight, self.wscales, self.bias,
                                lora_act if self.lora_down is not None else None, self.lora_up, self.lora_scales,
-                               self.bits, reference.QACTIVATIONS[self.fused_activation])
+                               self.bits, reference.QACTIVATIONS[self.fused_activation], self._packed_weights(x2))
         return y.reshape(*lead, self.out_features)
+
+    def _packed_weights(self, x: torch.Tensor):
+        """The weights in the CPU GEMM's panel layout (``velodiff::qgemm_pack``), made once and kept until a weight
+        tensor changes (a new tensor or an in-place edit; inference tensors carry no version counter, so for them
+        only a new tensor counts), so calls skip the repacking; None on CUDA and while torch.compile traces."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        parts = (self.qweight, self.wscales, self.bias, self.lora_up)
+        key = tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version, t.dtype)
+                    for t in parts) + (self.bits,)
+        if self.__dict__.get("_pack_key") != key:
+            self._packed = native_op("qgemm_pack")(self.qweight, self.wscales, self.bias, self.lora_up, self.bits)
+            self._pack_key = key
+        return self._packed
 
     # ------------------------------------------------------------------------------------------------------------
     # LoRA on the low-rank branch: appended on the rank axis, no re-quantization (the down-projection reads the
