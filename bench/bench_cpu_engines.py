@@ -37,7 +37,6 @@ Writes <out>/cpu_engines[_<px>px][_8bit][_<n>threads].{md,json} (the suffixes wh
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -49,6 +48,7 @@ from bench_unet import SD15, build_pair, diffusers_twin, inputs, share_weights  
 from common import compare, load_average, write_results  # noqa: E402
 
 import velodiff  # noqa: E402
+from velodiff.commands.args import Parser  # noqa: E402
 from velodiff.models.conv_prepack import fastest_cpu_layout  # noqa: E402
 
 BASELINE = "diffusers fp32"
@@ -158,7 +158,7 @@ def build_engines(batch: int, latent: int, group: str):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)

@@ -20,7 +20,6 @@ Writes <out>/generate_e2e_<size>px.{md,json}.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -32,6 +31,8 @@ from common import compare, load_average, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from velodiff.commands.args import Parser  # noqa: E402
 
 BASELINE = "diffusers fp32"
 PROMPT = "a handwritten seven"  # within the digits tokenizer's 16 tokens
@@ -85,7 +86,7 @@ def build_engines(folder: str, steps: int, size: int, names):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 64)")
@@ -135,7 +136,7 @@ def main():
         engine, precision = name.rsplit(" ", 1)
         rows.append({"engine": engine, "precision": precision, "s_per_image": res.stats(name),
                      "x_diffusers_fp32": res.ratio(name, over=BASELINE),
-                     "psnr_vs_diffusers_fp32": round(psnr(images[name], images[BASELINE]), 2)})
+                     "psnr_vs_diffusers_fp32": round(float(psnr(images[name], images[BASELINE])), 2)})
         print({k: (v["median"] if isinstance(v, dict) else v) for k, v in rows[-1].items()}, flush=True)
     note = (f"One {args.size}x{args.size} image per engine and round: prompt encoding, {args.steps} DPM-Solver++ "
             f"steps with guidance 7.5 (batch 2 per UNet call), VAE decode; full-size SD 1.5 UNet and VAE, random "
