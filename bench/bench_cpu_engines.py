@@ -54,9 +54,10 @@ from velodiff.models.conv_prepack import fastest_cpu_layout  # noqa: E402
 BASELINE = "diffusers fp32"
 
 
-def openvino_engines(theirs, x, t, ctx, names):
+def openvino_engines(theirs, x, t, ctx, names, threads: int):
     """{name: callable} for the OpenVINO engines among ``names`` ("openvino fp32|bf16"; "openvino_int8w fp32|bf16":
-    with nncf's int8 weights), and why rows are missing."""
+    with nncf's int8 weights), on ``threads`` threads (OpenVINO's own pool: torch's setting does not reach it), and
+    why rows are missing."""
     names = [n for n in names if n.startswith("openvino")]
     if not names:
         return {}, ""
@@ -88,7 +89,8 @@ def openvino_engines(theirs, x, t, ctx, names):
         if label == "openvino_int8w" and nncf is not None:
             model, nncf = nncf.compress_weights(model), None  # in place, once
         hint = {"fp32": "f32", "bf16": "bf16"}[precision]
-        request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+        request = core.compile_model(model, "CPU", config).create_infer_request()
 
         def run(request=request):
             return torch.from_numpy(request.infer(feeds)[0].copy())
@@ -127,7 +129,7 @@ def build_engines(batch: int, latent: int, group: str):
     x, t, ctx, _ = inputs(SD15, batch, latent)
     names = GROUPS[group]
     # OpenVINO first: its conversion and compression peak while few other models hold memory
-    ov_engines, missing = openvino_engines(theirs, x, t, ctx, names)
+    ov_engines, missing = openvino_engines(theirs, x, t, ctx, names, torch.get_num_threads())
     x_cl = x.contiguous(memory_format=torch.channels_last)
     xb, ctxb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
     xb_cl = xb.contiguous(memory_format=torch.channels_last)
