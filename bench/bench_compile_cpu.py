@@ -7,8 +7,10 @@ Full-size SD 1.5 UNet, random weights shared by all, batch 2, 32x32 latent (256 
                             freezing, torch._inductor.config.freezing = True, as inductor's CPU docs advise for
                             inference), timed after its compilation
   velodiff bf16             what Pipeline.from_pretrained loads on the CPU (fastest_cpu_layout, eager)
+  velodiff_compiled bf16    our UNet in the plain channels-last layout (inductor packs weights itself) after
+                            torch.compile, the same settings
 
-One process, rounds interleaved after a warm-up call each (the warm-up of the compiled model is its compilation,
+One process, rounds interleaved after a warm-up call each (the warm-up of a compiled model is its compilation,
 reported as compile_s). Ratios: diffusers bf16's time over each, per round, median (min-max).
 
   python bench/bench_compile_cpu.py [--rounds 3] [--out bench/results]
@@ -53,14 +55,18 @@ def main():
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
     compiled = torch.compile(compiled_src)
+    ours_compiled = torch.compile(share_weights(eager).to(memory_format=torch.channels_last))
     engines = {BASELINE: lambda: eager(xb, t, ctxb).sample,
                "diffusers_compiled bf16": lambda: compiled(xb_cl, t, ctxb).sample,
-               "velodiff bf16": lambda: ours(xb_cl, t, ctxb)}
+               "velodiff bf16": lambda: ours(xb_cl, t, ctxb),
+               "velodiff_compiled bf16": lambda: ours_compiled(xb_cl, t, ctxb)}
+    compile_s = {}
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        engines["diffusers_compiled bf16"]()
-        compile_s = time.perf_counter() - t0
-        print(f"compiled in {compile_s:.0f} s", flush=True)
+        for name in ("diffusers_compiled bf16", "velodiff_compiled bf16"):
+            t0 = time.perf_counter()
+            engines[name]()
+            compile_s[name] = round(time.perf_counter() - t0, 1)
+        print(f"compiled in {compile_s} s", flush=True)
         ref = engines[BASELINE]().double()
         errs = {n: float((f().double() - ref).norm() / ref.norm()) for n, f in engines.items()}
         res = compare(engines, BASELINE, rounds=args.rounds, warmup=1, min_time=0.0,
@@ -73,7 +79,7 @@ def main():
         print({k: (v["median"] if isinstance(v, dict) else v) for k, v in rows[-1].items()}, flush=True)
     note = (f"One SD 1.5 UNet forward in bf16, random weights, 256 px, batch 2, {torch.get_num_threads()} threads; "
             f"median (min-max) over {args.rounds} interleaved rounds. torch.compile: inductor, default mode, "
-            f"freezing on, channels-last; compilation took {compile_s:.0f} s (not in the timings). rel_err: against "
+            f"freezing on, channels-last; compilation took {compile_s} s (not in the timings). rel_err: against "
             "eager diffusers bf16 (bf16 rounding differs between the engines).")
     path = write_results("compile_cpu", rows, ["engine", "precision", "s", "x_diffusers_bf16",
                                                "rel_err_vs_diffusers_bf16"], args.out, note=note,
