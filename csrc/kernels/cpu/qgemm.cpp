@@ -432,15 +432,13 @@ struct PackLayout {
   int64_t wq = 0, w8 = 0, corr = 0, wsc = 0, bias = 0, lup = 0, total = 0;  // byte offsets (0: absent) and size
 };
 
-// Byte b of packed int4 codes -> its two codes as int8 bytes (low nibble first), and their sum.
+// Byte b of packed int4 codes -> its two codes as int8 bytes (low nibble first).
 struct NibbleTable {
   uint16_t pair[256];
-  int8_t sum[256];
   NibbleTable() {
     for (int b = 0; b < 256; ++b) {
       const int8_t lo = nibble_code(static_cast<uint8_t>(b & 0xF)), hi = nibble_code(static_cast<uint8_t>(b >> 4));
       pair[b] = static_cast<uint16_t>(static_cast<uint8_t>(lo) | (static_cast<uint8_t>(hi) << 8));
-      sum[b] = static_cast<int8_t>(lo + hi);
     }
   }
 };
