@@ -25,8 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu_engines import time_engines  # noqa: E402
 from bench_unet import SD15, build_pair, diffusers_twin, inputs, share_weights  # noqa: E402
-from common import compare, load_average, write_results  # noqa: E402
+from common import load_average, write_results  # noqa: E402
 
 from velodiff.commands.args import Parser  # noqa: E402
 from velodiff.models.conv_prepack import fastest_cpu_layout  # noqa: E402
@@ -67,16 +68,7 @@ def main():
             engines[name]()
             compile_s[name] = round(time.perf_counter() - t0, 1)
         print(f"compiled in {compile_s} s", flush=True)
-        ref = engines[BASELINE]().double()
-        errs = {n: float((f().double() - ref).norm() / ref.norm()) for n, f in engines.items()}
-        res = compare(engines, BASELINE, rounds=args.rounds, warmup=1, min_time=0.0,
-                      log=lambda m: print(m, flush=True))
-    rows = []
-    for name in engines:
-        engine, precision = name.rsplit(" ", 1)
-        rows.append({"engine": engine, "precision": precision, "s": res.stats(name),
-                     "x_diffusers_bf16": res.ratio(name, over=BASELINE), "rel_err_vs_diffusers_bf16": errs[name]})
-        print({k: (v["median"] if isinstance(v, dict) else v) for k, v in rows[-1].items()}, flush=True)
+        rows, res = time_engines(engines, BASELINE, args.rounds)
     note = (f"One SD 1.5 UNet forward in bf16, random weights, 256 px, batch 2, {torch.get_num_threads()} threads; "
             f"median (min-max) over {args.rounds} interleaved rounds. torch.compile: inductor, default mode, "
             f"freezing on, channels-last; compilation took {compile_s} s (not in the timings). rel_err: against "

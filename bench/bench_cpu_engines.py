@@ -159,6 +159,23 @@ def build_engines(batch: int, latent: int, group: str):
     return engines, missing
 
 
+def time_engines(engines, baseline: str, rounds: int):
+    """Each engine's relative Frobenius error against the baseline's output, then ``rounds`` interleaved rounds
+    (bench/common.py's compare); one row per engine "<engine> <precision>": engine, precision, s, x_<baseline>,
+    rel_err_vs_<baseline>. Call it under torch.inference_mode. Returns (rows, the compare result)."""
+    tag = baseline.replace(" ", "_")
+    ref = engines[baseline]().double()
+    errs = {name: float((fn().double() - ref).norm() / ref.norm()) for name, fn in engines.items()}
+    res = compare(engines, baseline, rounds=rounds, warmup=1, min_time=0.0, log=lambda m: print(m, flush=True))
+    rows = []
+    for name in engines:
+        engine, precision = name.rsplit(" ", 1)
+        rows.append({"engine": engine, "precision": precision, "s": res.stats(name),
+                     f"x_{tag}": res.ratio(name, over=baseline), f"rel_err_vs_{tag}": errs[name]})
+        print({k: (v["median"] if isinstance(v, dict) else v) for k, v in rows[-1].items()}, flush=True)
+    return rows, res
+
+
 def main():
     ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
@@ -183,20 +200,8 @@ def main():
     torch.set_num_threads(args.threads)
     load_start = load_average()
     engines, missing = build_engines(args.batch, args.latent, args.group)
-    errs = {}
     with torch.inference_mode():
-        ref = engines[BASELINE]().double()
-        for name, fn in engines.items():
-            out = fn().double()
-            errs[name] = float((out - ref).norm() / ref.norm())
-        res = compare(engines, BASELINE, rounds=args.rounds, warmup=1, min_time=0.0,
-                      log=lambda m: print(m, flush=True))
-    rows = []
-    for name in engines:
-        engine, precision = name.rsplit(" ", 1)
-        rows.append({"engine": engine, "precision": precision, "s": res.stats(name),
-                     "x_diffusers_fp32": res.ratio(name, over=BASELINE), "rel_err_vs_diffusers_fp32": errs[name]})
-        print({k: (v["median"] if isinstance(v, dict) else v) for k, v in rows[-1].items()}, flush=True)
+        rows, res = time_engines(engines, BASELINE, args.rounds)
     note = (f"One SD 1.5 UNet forward, random weights shared by every engine, {args.latent}x{args.latent} latent "
             f"({8 * args.latent} px), batch {args.batch}, {args.threads} threads, inference mode. Each cell is median "
             f"(min-max) over {args.rounds} interleaved rounds (every engine once per round, order rotated); "

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from velodiff.commands.args import Parser  # noqa: E402
+from velodiff.commands.bench import psnr  # noqa: E402
 
 BASELINE = "diffusers fp32"
 PROMPT = "a handwritten seven"  # within the digits tokenizer's 16 tokens
@@ -47,11 +48,6 @@ def add_sd_vae(folder: str, seed: int) -> None:
                         norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
     shutil.rmtree(os.path.join(folder, "vae"))
     vae.to(torch.float16).save_pretrained(os.path.join(folder, "vae"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def build_engines(folder: str, steps: int, size: int, names):
@@ -136,7 +132,7 @@ def main():
         engine, precision = name.rsplit(" ", 1)
         rows.append({"engine": engine, "precision": precision, "s_per_image": res.stats(name),
                      "x_diffusers_fp32": res.ratio(name, over=BASELINE),
-                     "psnr_vs_diffusers_fp32": round(float(psnr(images[name], images[BASELINE])), 2)})
+                     "psnr_vs_diffusers_fp32": round(psnr(images[name] / 255.0, images[BASELINE] / 255.0), 2)})
         print({k: (v["median"] if isinstance(v, dict) else v) for k, v in rows[-1].items()}, flush=True)
     note = (f"One {args.size}x{args.size} image per engine and round: prompt encoding, {args.steps} DPM-Solver++ "
             f"steps with guidance 7.5 (batch 2 per UNet call), VAE decode; full-size SD 1.5 UNet and VAE, random "

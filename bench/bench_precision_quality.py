@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import velodiff as vd  # noqa: E402
 from velodiff.commands.args import Parser  # noqa: E402
+from velodiff.commands.bench import psnr  # noqa: E402
 from velodiff.eval import evaluate  # noqa: E402
 from velodiff.eval.harness import DEFAULT_PROMPT, generation_step, image_seeds  # noqa: E402
 
@@ -47,12 +48,6 @@ def sample_images(pipe, guidance: float, per_class: int) -> np.ndarray:
         images, _, _ = generation_step(pipe)(pipe, labels, gens, prompt_template=DEFAULT_PROMPT,
                                              num_inference_steps=20, guidance_scale=guidance, sampler="dpmpp_2m")
     return np.asarray(images, dtype=np.float64)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of images in [0, 1] (peak 1), over all pixels."""
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def main():
