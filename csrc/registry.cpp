@@ -26,6 +26,12 @@ TORCH_LIBRARY(velodiff, m) {
   // CPU only: the weights of qgemm in the CPU kernel's panel layout for the current code path (uint8 [bytes];
   // empty on the portable path), passed back to qgemm as `packed` so that calls skip the repacking.
   m.def("qgemm_pack(Tensor qw, Tensor wscales, Tensor? bias, Tensor? lora_up, int bits) -> Tensor");
+  // FP8 W8A8 GEMM family; format, rounding and the GEMM formula in csrc/include/velodiff/fp8.h.
+  // quantize_fp8 -> (codes [M, K] float8_e4m3fn | float8_e5m2, scales float32 [M]): dynamic per-row scales.
+  m.def("quantize_fp8(Tensor x, str format=\"e4m3\") -> (Tensor, Tensor)");
+  m.def(
+      "fp8_gemm(Tensor a, Tensor ascales, Tensor w, Tensor wscales, Tensor? bias, ScalarType out_dtype, "
+      "int activation=0) -> Tensor");
   // Cache gate: relative-L1 distance of a probe to the stored one, rescale, accumulation, decision; stored and
   // state are updated in place, the decision is returned as int32 [1]; format in csrc/include/velodiff/cache_gate.h.
   m.def(
@@ -70,6 +76,7 @@ PYBIND11_MODULE(_C, m) {
     paths["attention"] = velodiff::attention_cpu_path();
     paths["qgemm"] = velodiff::qgemm_cpu_path();
     paths["linear_attention"] = velodiff::linear_attention_cpu_path();
+    paths["fp8_gemm"] = velodiff::fp8_gemm_cpu_path();
     d["cpu_paths"] = paths;
     return d;
   });

@@ -3,6 +3,7 @@
 
 #include "velodiff/attention.h"
 #include "velodiff/cache_gate.h"
+#include "velodiff/fp8.h"
 #include "velodiff/linear_attention.h"
 #include "velodiff/qgemm.h"
 #include "velodiff/sampler_update.h"
@@ -23,6 +24,12 @@ bool qgemm_cpu(const QGemmArgs& args, char* error);
 // dtype, qw, wscales, bias, lora_up). Return false and write a message on invalid arguments.
 bool qgemm_packed_bytes_cpu(const QGemmArgs& args, int64_t& bytes, char* error);
 bool qgemm_pack_weights_cpu(const QGemmArgs& args, void* out, int64_t bytes, char* error);
+
+// FP8 W8A8 GEMM family (csrc/kernels/cpu/fp8.cpp; format in velodiff/fp8.h), OpenMP over rows (quantize_fp8) and
+// 16-column panels of the output (fp8_gemm). Return false and write a message to `error` (at least 256 bytes) on
+// invalid arguments.
+bool quantize_fp8_cpu(const QuantizeFp8Args& args, char* error);
+bool fp8_gemm_cpu(const Fp8GemmArgs& args, char* error);
 
 // Cache gate (csrc/kernels/cpu/cache_gate.cpp; format in velodiff/cache_gate.h), OpenMP over fixed chunks of
 // each sample. Reads and writes args.state and writes *args.decision. Returns false and writes a message to
@@ -51,6 +58,7 @@ bool window_attention_cpu(const WindowAttentionArgs& args, char* error);
 const char* attention_cpu_path();
 const char* qgemm_cpu_path();
 const char* linear_attention_cpu_path();
+const char* fp8_gemm_cpu_path();  // "avx512bf16" or "portable"
 
 #ifdef VELODIFF_WITH_CUDA
 // CUDA kernel (csrc/kernels/cuda/sampler_update.cu). `stream` is a cudaStream_t; `workspace` must hold
@@ -65,6 +73,12 @@ int qgemm_cuda(const QGemmArgs& args, void* stream);
 // Whether the loaded build has sm_90a device code for the current device (the wgmma paths need it). Returns the
 // cudaError_t as int; `built` is set on success.
 int qgemm_cuda_wgmma_built(bool& built);
+
+// FP8 W8A8 GEMM family (csrc/kernels/cuda/fp8.cu): quantize_fp8, one block per row; fp8_gemm, 64 x 64 output
+// tiles with the codes decoded into shared memory and fp32 FMAs (simple and correct; tensor cores come with a
+// GPU to measure them on). Return the cudaError_t as int (0 = success).
+int quantize_fp8_cuda(const QuantizeFp8Args& args, void* stream);
+int fp8_gemm_cuda(const Fp8GemmArgs& args, void* stream);
 
 // Cache gate (csrc/kernels/cuda/cache_gate.cu): a partial-sum kernel (which also copies the probe into the spare
 // buffer) and a one-block finalize kernel; state, the valid index included, is read on the device. `workspace`

@@ -57,6 +57,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "dtype_io.cuh"  // activate
 #include "velodiff/kernels.h"
 
 // Device-side path selection (see the comment above). The host pass sees the defaults.
@@ -287,18 +288,6 @@ __device__ __forceinline__ void scale_accumulate(float (&acc)[4], const int (&d)
                                                  float w1) {
   const float dot[4] = {dot_from_magic(d[0]), dot_from_magic(d[1]), dot_from_magic(d[2]), dot_from_magic(d[3])};
   scale_accumulate(acc, dot, a0, a1, w0, w1);
-}
-
-__device__ __forceinline__ float activate(float v, int act) {
-  switch (act) {
-    case 1: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-    case 2: {
-      const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
-      return 0.5f * v * (1.f + tanhf(u));
-    }
-    case 3: return v / (1.f + __expf(-v));
-    default: return v;
-  }
 }
 
 struct GemmParams {

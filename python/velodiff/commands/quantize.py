@@ -11,13 +11,20 @@ from velodiff.commands.errors import UsageError, step
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8) into a loadable folder",
+        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8, FP8) into a loadable folder",
         description="Calibrate on the model's own sampling trajectory, quantize the linear layers of the "
                     "denoiser's transformer blocks and write a pipeline folder that generate and eval load (with "
                     "the source folder's settings, e.g. its default guidance). An existing --out is refused "
                     "unless --force.")
     A.add_model(p, "a diffusers pipeline folder")
-    p.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8"], required=True, help="the quantizer")
+    p.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8", "fp8", "fp8-weight-only"], required=True,
+                   help="the quantizer (fp8: e4m3 weights per channel and activations per token; fp8-weight-only: "
+                        "FP8 storage, 16-bit GEMMs)")
+    p.add_argument("--fp8-format", choices=["e4m3", "e5m2"], default="e4m3",
+                   help="fp8 methods: the code format (default: %(default)s)")
+    p.add_argument("--clip-percentile", type=float, default=None, metavar="P",
+                   help="fp8 methods: each weight row's scale from the P-th percentile of |w| (0 < P <= 100) "
+                        "instead of its maximum")
     p.add_argument("--rank", metavar="R", type=A.positive_int, default=32,
                    help="svdquant: rank of the 16-bit low-rank branch (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", required=True, help="the folder to write")
@@ -59,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     A.read_model_index(args.model)
     if args.memory_budget is not None and args.method != "svdquant":
         raise UsageError("--memory-budget: only for --method svdquant")
+    if args.clip_percentile is not None:
+        if not args.method.startswith("fp8"):
+            raise UsageError("--clip-percentile: only for --method fp8 or fp8-weight-only")
+        if not 0 < args.clip_percentile <= 100:
+            raise UsageError(f"--clip-percentile: must be in (0, 100], got {args.clip_percentile}")
+    if args.fp8_format != "e4m3" and not args.method.startswith("fp8"):
+        raise UsageError("--fp8-format: only for --method fp8 or fp8-weight-only")
 
     import torch
 
@@ -76,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         rank = args.rank if args.method == "svdquant" else 0
         config = quant.QuantConfig(args.method, rank=rank, layers=args.layers, memory_budget=args.memory_budget,
                                    calibration_images=args.calibration_images,
-                                   calibration_steps=args.calibration_steps, seed=args.seed)
+                                   calibration_steps=args.calibration_steps, seed=args.seed,
+                                   fp8_format=args.fp8_format, clip_percentile=args.clip_percentile)
         report = quant.quantize(pipe, config, progress=sys.stderr.isatty())
     with step(f"--out {args.out}"):
         quant.save_quantized(pipe, args.out, dtype=getattr(torch, A.DTYPES[args.dtype]), force=args.force)

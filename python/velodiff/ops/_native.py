@@ -61,6 +61,15 @@ if _C is not None:
     def _qgemm_fake(qx, ascales, qw, wscales, bias, lora_act, lora_up, lora_scales, bits, activation, packed=None):
         return wscales.new_empty((qx.shape[0], qw.shape[0]))
 
+    @torch.library.register_fake("velodiff::quantize_fp8")
+    def _quantize_fp8_fake(x, format="e4m3"):
+        dtype = torch.float8_e4m3fn if format == "e4m3" else torch.float8_e5m2
+        return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("velodiff::fp8_gemm")
+    def _fp8_gemm_fake(a, ascales, w, wscales, bias, out_dtype, activation=0):
+        return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
     @torch.library.register_fake("velodiff::cache_gate")
     def _cache_gate_fake(probe, stored, state, threshold, coefficients, flags):
         return probe.new_empty((1,), dtype=torch.int32)

@@ -187,6 +187,54 @@ def qgemm(qx: torch.Tensor, ascales: torch.Tensor, qw: torch.Tensor, wscales: to
     return _activation(acc, activation).to(wscales.dtype)
 
 
+# FP8 formats of velodiff::quantize_fp8 / fp8_gemm; mirrors csrc/include/velodiff/fp8.h.
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}  # the NaN we write (with the input's sign)
+
+
+def fp8_format(dtype: torch.dtype) -> str:
+    """"e4m3" or "e5m2" for torch.float8_e4m3fn / torch.float8_e5m2."""
+    return {v: k for k, v in FP8_DTYPES.items()}[dtype]
+
+
+def encode_fp8(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float32 -> FP8 codes by velodiff/fp8.h's rule: round to nearest even (torch's conversion), finite values
+    beyond the largest code saturate to it, NaN -> NaN (S.1111.111 e4m3, S.11111.10 e5m2), +-inf -> +-inf (e5m2)
+    or NaN (e4m3). Returns a tensor of dtype FP8_DTYPES[fmt]."""
+    v = v.float()
+    fmax = FP8_MAX[fmt]
+    inf = torch.isinf(v)
+    finite = v.clamp(-fmax, fmax)
+    codes = torch.where(inf, v, finite).to(FP8_DTYPES[fmt]).view(torch.uint8)
+    sign = (torch.signbit(v).to(torch.uint8) << 7)
+    nan = torch.isnan(v) | (inf & (fmt == "e4m3"))
+    codes = torch.where(nan, sign | FP8_NAN_CODE[fmt], codes)
+    return codes.view(FP8_DTYPES[fmt])
+
+
+def quantize_fp8(x: torch.Tensor, fmt: str = "e4m3") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``velodiff::quantize_fp8``: x [M, K] -> (codes [M, K] FP8_DTYPES[fmt], scales float32 [M]),
+    scales[m] = max_k |x[m, k]| / FP8_MAX (NaN if the row holds one), codes = encode(x / scale) (0 where scale = 0).
+    """
+    xf = x.float()
+    scales = xf.abs().amax(dim=1) / FP8_MAX[fmt] if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    zero = scales == 0
+    safe = torch.where(zero, torch.ones_like(scales), scales)
+    codes = encode_fp8(torch.where(zero[:, None], torch.zeros_like(xf), xf / safe[:, None]), fmt)
+    return codes, scales
+
+
+def fp8_gemm(a: torch.Tensor, ascales: torch.Tensor, w: torch.Tensor, wscales: torch.Tensor,
+             bias: Optional[torch.Tensor], out_dtype: torch.dtype, activation: int = 0) -> torch.Tensor:
+    """Reference of ``velodiff::fp8_gemm`` (float64 accumulation of the exactly decoded codes):
+    y = act((a @ w^T) * (ascales[m] * wscales[n]) + bias) -> [M, N] in ``out_dtype``."""
+    acc = (a.double() @ w.double().T) * (ascales.double()[:, None] * wscales.double()[None, :])
+    if bias is not None:
+        acc = acc + bias.double()[None, :]
+    return _activation(acc, activation).to(out_dtype)
+
+
 # Flags and state layout of cache_gate; mirrors csrc/include/velodiff/cache_gate.h.
 CACHE_GATE_ACCUMULATE, CACHE_GATE_STORE_ALWAYS, CACHE_GATE_FORCE_COMPUTE = 1, 2, 4
 CACHE_GATE_MAX_COEFFICIENTS = 8

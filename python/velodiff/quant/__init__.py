@@ -1,5 +1,6 @@
-"""Post-training quantization of a pipeline's denoiser: SVDQuant W4A4 with a fused low-rank branch, and the
-baselines naive W4A4 and W8A8 (torchao's shape: a verb plus a config object).
+"""Post-training quantization of a pipeline's denoiser: SVDQuant W4A4 with a fused low-rank branch, the baselines
+naive W4A4 and W8A8, and FP8 (e4m3 W8A8 with per-token activation scales, or FP8 weights only) (torchao's shape: a
+verb plus a config object).
 
     import velodiff as vd
     pipe = vd.Pipeline.from_pretrained("digits")
@@ -29,10 +30,14 @@ from velodiff.quant.calibrate import calibrate, default_prompts
 from velodiff.quant.conv import QuantizedConv2d, conv_is_supported
 from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized,
                                        is_quantized_folder)
-from velodiff.quant.linear import METHODS, QuantizedLinear
+from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
+from velodiff.quant.linear import METHODS as INT_METHODS, QuantizedLinear
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
 from velodiff.quant.rank_budget import rank_for_budget
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
+
+#: every quantization method: the integer ones (QuantizedLinear) and the FP8 ones (Fp8Linear)
+METHODS = INT_METHODS + FP8_METHODS
 
 _BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
                   "ff.net.0.proj", "ff.net.2")
@@ -62,8 +67,13 @@ LAYER_PRESETS = {"default": DEFAULT_LAYERS, "all": ALL_LAYERS}
 class QuantConfig:
     """What to quantize and how.
 
-    method: "svdquant" (smoothing + rank-``rank`` 16-bit branch + int4 residual, W4A4), "naive-w4a4" or "w8a8".
+    method: "svdquant" (smoothing + rank-``rank`` 16-bit branch + int4 residual, W4A4), "naive-w4a4", "w8a8"
+    (int8 per group of 64), "fp8" (FP8 weights per output channel and activations per token, FP8 GEMM) or
+    "fp8-weight-only" (FP8 weights decoded for a 16-bit GEMM); the FP8 methods take linear layers only.
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
+    fp8_format: the FP8 methods' code format, "e4m3" (the default, what inference uses) or "e5m2".
+    clip_percentile: FP8 methods: each weight row's scale from this percentile of its |w| instead of the maximum
+    (values beyond it saturate); None: the maximum.
     memory_budget: SVDQuant only: the whole denoiser's weight bytes (16-bit storage) at most this fraction of its
     fp16 bytes, met with the largest uniform rank <= ``rank`` that fits (:mod:`velodiff.quant.rank_budget`; 0
     means smoothing alone); None: every layer gets ``rank``.
@@ -91,10 +101,19 @@ class QuantConfig:
     calibration_rows: int = 256
     seed: int = 0
     fuse_activations: bool = True
+    fp8_format: str = "e4m3"
+    clip_percentile: Optional[float] = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.fp8_format not in ("e4m3", "e5m2"):
+            raise ValueError(f"fp8_format must be 'e4m3' or 'e5m2', got {self.fp8_format!r}")
+        if self.clip_percentile is not None:
+            if self.method not in FP8_METHODS:
+                raise ValueError(f"clip_percentile applies to the FP8 methods only, not {self.method!r}")
+            if not isinstance(self.clip_percentile, (int, float)) or not 0 < self.clip_percentile <= 100:
+                raise ValueError(f"clip_percentile must be in (0, 100], got {self.clip_percentile!r}")
         if not isinstance(self.rank, int) or self.rank < 0 or (self.method == "svdquant" and self.rank == 0):
             raise ValueError(f"rank must be a positive integer for svdquant, got {self.rank!r}")
         if self.memory_budget is not None:
@@ -130,6 +149,10 @@ def NaiveW4A4(**kwargs) -> QuantConfig:
 
 def W8A8(**kwargs) -> QuantConfig:
     return QuantConfig("w8a8", rank=0, **kwargs)
+
+
+def FP8(weight_only: bool = False, **kwargs) -> QuantConfig:
+    return QuantConfig("fp8-weight-only" if weight_only else "fp8", rank=0, **kwargs)
 
 
 def denoiser_of(pipe) -> Tuple[str, nn.Module]:
@@ -206,6 +229,12 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     t0 = time.time()
     component, model = denoiser_of(pipe)
     layers = select_layers(model, config.include, config.skip, config.layers)
+    fp8 = config.method in FP8_METHODS
+    if fp8:
+        convs = [name for name, m in layers.items() if isinstance(m, nn.Conv2d) and not _is_token_conv(model, name, m)]
+        if convs:
+            raise ValueError(f"method {config.method!r} quantizes linear layers only; the selection holds "
+                             f"{len(convs)} convolutions (e.g. {convs[0]!r}): use layers='default' or skip them")
     token_convs = set()
     for name, module in list(layers.items()):
         if _is_token_conv(model, name, module):  # a 1x1 conv that its parent applies to tokens: a linear layer
@@ -236,9 +265,12 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     after = 0
     ranks = {}
     for name, linear in iterator:
-        q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
-                           stats[name], rank=rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
-                           dtype=linear.weight.dtype)
+        if fp8:
+            q = Fp8Linear.from_linear(linear, config.method, config.fp8_format, config.clip_percentile)
+        else:
+            q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
+                               stats[name], rank=rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
+                               dtype=linear.weight.dtype)
         if isinstance(linear, nn.Conv2d):
             q = QuantizedConv2d.from_linear(q, linear)
         q.token_conv = name in token_convs
@@ -246,9 +278,11 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
             _originals.setdefault(name, linear)
         install_layer(model, name, q, config.fuse_activations)
         after += q.weight_bytes(float_bytes=2)
-        ranks[name] = 0 if q.lora_down is None else q.lora_down.shape[1]
+        ranks[name] = 0 if getattr(q, "lora_down", None) is None else q.lora_down.shape[1]
     pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": rank,
                          "memory_budget": config.memory_budget, "component": component, "layers": sorted(layers)}
+    if fp8:
+        pipe.quantization.update(fp8_format=config.fp8_format, clip_percentile=config.clip_percentile)
     return {"method": config.method, "rank": rank, "component": component, "layers": len(layers),
             "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
             "layer_bytes_before": before, "layer_bytes_after": after,
@@ -257,6 +291,7 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                       "mean": round(sum(ranks.values()) / max(1, len(ranks)), 2)}}
 
 
-__all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "METHODS", "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
+__all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "FP8", "Fp8Linear", "METHODS",
+           "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
            "QuantizedConv2d", "QuantizedLinear", "SVDQuant", "W8A8", "add_lora", "denoiser_of", "install_layer", "is_quantized_folder", "load_quantized",
            "quantize", "remove_lora", "save_quantized", "select_layers", "set_lora_strength"]

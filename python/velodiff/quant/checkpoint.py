@@ -6,12 +6,15 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
 :mod:`velodiff.quant.linear`) in place of its ``weight`` and ``bias``. Its metadata:
 
     velodiff_quant_format   "1" (:data:`FORMAT_VERSION`); another value is refused with a clear message
-    method                  "svdquant" | "naive-w4a4" | "w8a8"
+    method                  "svdquant" | "naive-w4a4" | "w8a8" | "fp8" | "fp8-weight-only"
     model_class             the diffusers class of the denoiser, e.g. "UNet2DConditionModel"
     model_config            JSON of the denoiser's config (a checkpoint only loads into an identical model)
     layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method",
                             "fused_activation", for a convolution "conv": its geometry, and "token_conv" for a
-                            1x1 convolution that the model applies to tokens, quantized as a linear layer}}
+                            1x1 convolution that the model applies to tokens, quantized as a linear layer};
+                            FP8 layers (:mod:`velodiff.quant.fp8`): {"in", "out", "bias", "method", "format",
+                            "fused_activation"[, "token_conv"]}, their codes stored as F8_E4M3 / F8_E5M2 and
+                            their scales in float32 whatever the model dtype}
 
 ``Pipeline.from_pretrained`` loads such a folder like any other: importing this module registers
 :func:`load_quantized_model` with :mod:`velodiff.loading.registry` (which imports this module by name on its first
@@ -35,7 +38,11 @@ from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_h
 from velodiff.loading.state_dict import load_state_dict_into
 from velodiff.models.registry import model_class_for
 from velodiff.quant.conv import QuantizedConv2d, conv_geometry
+from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
 from velodiff.quant.linear import QuantizedLinear
+
+#: the layer classes a quantized checkpoint holds
+QUANTIZED_LAYERS = (QuantizedLinear, Fp8Linear)
 
 FORMAT_VERSION = "1"
 QUANTIZED_FILE = "velodiff_quantized.safetensors"
@@ -59,10 +66,13 @@ def _jsonable(config: Dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
 
 
-def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
+def _layer_spec(module: nn.Module) -> Dict[str, Any]:
     spec = {"conv": module.geometry} if isinstance(module, QuantizedConv2d) else {}
     if getattr(module, "token_conv", False):
         spec["token_conv"] = True  # a 1x1 conv of the unquantized model, applied to tokens as this linear layer
+    if isinstance(module, Fp8Linear):
+        return {**spec, "in": module.in_features, "out": module.out_features, "bias": module.bias is not None,
+                "method": module.method, "format": module.format, "fused_activation": module.fused_activation}
     return {**spec, "in": module.in_features, "out": module.out_features, "bits": module.bits,
             "rank": 0 if module.lora_down is None else module.lora_down.shape[1],
             "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method,
@@ -72,10 +82,10 @@ def _layer_spec(module: QuantizedLinear) -> Dict[str, Any]:
 def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.dtype = None) -> None:
     """Write ``model`` (a denoiser with QuantizedLinear layers) to the safetensors file ``path``, floating tensors
     cast to ``dtype`` (default: as they are) except the float32 :data:`FLOAT32_BUFFERS`."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
     if not layers:
         raise ValueError("the model has no quantized layers; run velodiff.quant.quantize first")
-    with_lora = [name for name, m in layers.items() if m.loras]
+    with_lora = [name for name, m in layers.items() if getattr(m, "loras", None)]
     if with_lora:
         raise ValueError(f"remove the LoRAs from {with_lora[:3]} before saving (a checkpoint stores the quantizer's "
                          "branch only)")
@@ -84,9 +94,23 @@ def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.
                 "layers": json.dumps({name: _layer_spec(m) for name, m in layers.items()})}
     state = model.state_dict()
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() and k.rsplit(".", 1)[-1] not in FLOAT32_BUFFERS else v
-                 for k, v in state.items()}
+        keep = _fixed_dtype_keys(layers)
+        state = {k: v.to(dtype) if _model_dtype_tensor(k, v, keep) else v for k, v in state.items()}
     write_safetensors(state, path, metadata=metadata)
+
+
+def _fixed_dtype_keys(layers: Dict[str, Any]) -> set:
+    """State-dict keys of quantized layers that keep their dtype whatever the model's: FP8 layers' scales (their
+    codes are FP8, never cast); ``layers`` maps names to modules or to checkpoint specs."""
+    def is_fp8(m):
+        return isinstance(m, Fp8Linear) or (isinstance(m, dict) and m.get("method") in FP8_METHODS)
+    return {f"{name}.wscales" for name, m in layers.items() if is_fp8(m)}
+
+
+def _model_dtype_tensor(key: str, t: torch.Tensor, keep: set) -> bool:
+    """Whether a checkpoint tensor follows the model dtype: floating, not FP8 codes, not a float32 buffer."""
+    return (t.is_floating_point() and t.element_size() > 1 and key not in keep
+            and key.rsplit(".", 1)[-1] not in FLOAT32_BUFFERS)
 
 
 def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16, force: bool = False) -> str:
@@ -154,6 +178,13 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
             raise QuantizedCheckpointError(
                 f"{path}: layer {name!r} is a {'conv' if conv else 'linear'} [{spec['out']}, {spec['in']}] in the "
                 f"checkpoint but {type(old).__name__}{tuple(getattr(old, 'weight', torch.empty(0)).shape)} here")
+        if spec.get("method") in FP8_METHODS:
+            with torch.device("meta"):
+                shell = Fp8Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, method=spec["method"],
+                                  format=spec["format"], fused_activation=spec.get("fused_activation", "none"))
+            shell.token_conv = bool(spec.get("token_conv", False))
+            _set_module(model, name, shell)
+            continue
         options = dict(bits=spec["bits"], rank=spec["rank"], smooth=spec["smooth"], bias=spec["bias"], dtype=dtype,
                        method=spec["method"], fused_activation=spec.get("fused_activation", "none"))
         with torch.device("meta"):
@@ -164,12 +195,13 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
         _set_module(model, name, shell)
 
 
-def _read_state(path: str, dtype: torch.dtype, device) -> Dict[str, torch.Tensor]:
+def _read_state(path: str, dtype: torch.dtype, device, layers: Dict[str, Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     state = read_safetensors(path, device=device)
+    keep = _fixed_dtype_keys(layers)
     for key, t in state.items():
-        if t.is_floating_point() and not key.rsplit(".", 1)[-1] in FLOAT32_BUFFERS:
+        if _model_dtype_tensor(key, t, keep):
             state[key] = t.to(dtype)
-        elif t.is_floating_point():
+        elif t.is_floating_point() and t.element_size() > 1:
             state[key] = t.float()
     return state
 
@@ -187,7 +219,8 @@ def load_quantized_model(folder: str, class_name: str, dtype: torch.dtype, devic
         model = cls.from_config(config)
     _check_config(model, meta, path)
     _install_shells(model, meta["layers"], dtype, path)
-    load_state_dict_into(model, _read_state(path, dtype, device), source=path, strict=True, assign=True)
+    load_state_dict_into(model, _read_state(path, dtype, device, meta["layers"]), source=path, strict=True,
+                         assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -209,7 +242,8 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
     _check_config(model, meta, path)
     param = next(model.parameters())
     _install_shells(model, meta["layers"], param.dtype, path)
-    load_state_dict_into(model, _read_state(path, param.dtype, param.device), source=path, strict=True, assign=True)
+    load_state_dict_into(model, _read_state(path, param.dtype, param.device, meta["layers"]), source=path,
+                         strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -1,0 +1,100 @@
+"""Typed wrappers of ``velodiff::quantize_fp8`` and ``velodiff::fp8_gemm``: argument checks, then the native ops.
+
+The format (OCP FP8 e4m3 / e5m2 codes stored as torch.float8_e4m3fn / torch.float8_e5m2, one float32 scale per row,
+the rounding rule and the GEMM formula) is specified in csrc/include/velodiff/fp8.h; :mod:`velodiff.ops.reference`
+holds the pure-PyTorch specification (``reference.encode_fp8``, ``reference.quantize_fp8``, ``reference.fp8_gemm``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from velodiff.ops import reference
+from velodiff.ops._checks import check_tensor as _check_tensor, dtype_names as _dtype_names
+from velodiff.ops._native import native_op
+
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_DTYPES = tuple(reference.FP8_DTYPES.values())
+
+
+def check_quantize_fp8_args(x, format) -> None:
+    """Raise a TypeError/ValueError naming the offending argument; shared by the wrapper and the tests."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in MODEL_DTYPES:
+        raise TypeError(f"x must be {_dtype_names(MODEL_DTYPES)}, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K] (flatten leading dimensions), got shape {list(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous())")
+    if not isinstance(format, str):
+        raise TypeError(f"format must be a str ('e4m3' or 'e5m2'), got {type(format).__name__}")
+    if format not in reference.FP8_DTYPES:
+        raise ValueError(f"format must be 'e4m3' or 'e5m2', got {format!r}")
+
+
+def quantize_fp8(x: torch.Tensor, format: str = "e4m3") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 quantization with one scale per row (per token for activations, per output channel for weights).
+
+    Args:
+        x: [M, K] float32 | float16 | bfloat16, contiguous.
+        format: "e4m3" (largest 448; what inference uses) or "e5m2" (largest 57344).
+    Returns:
+        (codes, scales): codes [M, K] torch.float8_e4m3fn | torch.float8_e5m2; scales float32 [M] with
+        x ~= codes.float() * scales[:, None]; scales[m] = max |x[m]| / largest code. Bit-exact with
+        :func:`velodiff.ops.reference.quantize_fp8` on every backend (round to nearest even, saturation, NaN and
+        inf as csrc/include/velodiff/fp8.h states).
+    """
+    check_quantize_fp8_args(x, format)
+    return native_op("quantize_fp8")(x, format)
+
+
+def check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation) -> None:
+    """Raise a TypeError/ValueError naming the offending argument; shared by the wrapper and the tests."""
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str (one of {sorted(reference.QACTIVATIONS)}), "
+                        f"got {type(activation).__name__}")
+    if activation not in reference.QACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(reference.QACTIVATIONS)}, got {activation!r}")
+    if out_dtype not in MODEL_DTYPES:
+        raise TypeError(f"out_dtype must be {_dtype_names(MODEL_DTYPES)}, got {out_dtype}")
+    for name, t in (("a", a), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FP8_DTYPES:
+            raise TypeError(f"{name} must be {_dtype_names(FP8_DTYPES)} (FP8 codes from quantize_fp8), got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [{'M' if name == 'a' else 'N'}, K], got shape {list(t.shape)}")
+    m, k = a.shape
+    if w.shape[1] != k:
+        raise ValueError(f"w must have shape [N, {k}] (K = a.shape[1]), got {list(w.shape)}")
+    device = a.device
+    _check_tensor("a", a, FP8_DTYPES, None, None)
+    _check_tensor("w", w, FP8_DTYPES, None, device)
+    _check_tensor("ascales", ascales, (torch.float32,), (m,), device)
+    _check_tensor("wscales", wscales, (torch.float32,), (w.shape[0],), device)
+    _check_tensor("bias", bias, (out_dtype,), (w.shape[0],), device, optional=True)
+
+
+def fp8_gemm(a: torch.Tensor, ascales: torch.Tensor, w: torch.Tensor, wscales: torch.Tensor,
+             bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
+             activation: str = "none") -> torch.Tensor:
+    """FP8 GEMM with fp32 accumulation and a fused epilogue (csrc/include/velodiff/fp8.h).
+
+    y = act((a @ w^T) * (ascales[:, None] * wscales[None, :]) + bias), every product exact.
+
+    Args:
+        a: [M, K] FP8 codes (torch.float8_e4m3fn or torch.float8_e5m2), from :func:`quantize_fp8`.
+        ascales: float32 [M].
+        w: [N, K] FP8 codes (either format), e.g. quantize_fp8 of a linear layer's weight.
+        wscales: float32 [N].
+        bias: None or out_dtype [N].
+        out_dtype: torch.float32 | torch.float16 | torch.bfloat16, the dtype of y.
+        activation: "none", "gelu" (erf), "gelu_tanh" or "silu".
+    All tensors contiguous and on one device.
+    Returns:
+        y: out_dtype [M, N].
+    """
+    check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation)
+    return native_op("fp8_gemm")(a, ascales, w, wscales, bias, out_dtype, reference.QACTIVATIONS[activation])
