@@ -29,14 +29,16 @@ from velodiff.eval import evaluate  # noqa: E402
 from velodiff.eval.harness import DEFAULT_PROMPT, generation_step, image_seeds  # noqa: E402
 
 GUIDANCE = {"digits": 3.0, "digits-dit": 1.5}
-VARIANTS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("bf16+w8a8", torch.bfloat16, "w8a8"))
+#: (row name, dtype, quantizer config or None); the first row of each model is the PSNR reference
+VARIANTS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+            ("bf16+w8a8", torch.bfloat16, vd.quant.W8A8()))
 
 
-def load(model: str, dtype: torch.dtype, method):
+def load(model: str, dtype: torch.dtype, config):
     pipe = vd.Pipeline.from_pretrained(model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    if method is not None:
-        vd.quant.quantize(pipe, vd.quant.QuantConfig(method=method, rank=0), progress=False)
+    if config is not None:
+        vd.quant.quantize(pipe, config, progress=False)
     return pipe
 
 
@@ -50,6 +52,28 @@ def sample_images(pipe, guidance: float, per_class: int) -> np.ndarray:
     return np.asarray(images, dtype=np.float64)
 
 
+def quality_rows(models, variants, per_class: int, psnr_images: int):
+    """One row per (model, variant): accuracy and FD with 95% intervals (velodiff.eval, ``per_class`` images per
+    digit, 20 steps of dpmpp_2m, seed 0, the guidance of GUIDANCE) and the PSNR of ``psnr_images`` images per class
+    against the model's first variant from the same seeds."""
+    rows = []
+    for model in models:
+        reference = None
+        for name, dtype, config in variants:
+            pipe = load(model, dtype, config)
+            r = evaluate(pipe, sampler="dpmpp_2m", steps=20, guidance=GUIDANCE[model], per_class=per_class,
+                         seed=0, n_boot=1000, fd_boot=200)
+            images = sample_images(pipe, GUIDANCE[model], psnr_images)
+            reference = images if reference is None else reference
+            rows.append({"model": model, "precision": name, "guidance": GUIDANCE[model], "images": r["num_images"],
+                         "accuracy": r["conditional_accuracy"], "accuracy_ci": r["conditional_accuracy_ci"],
+                         "fd": r["frechet_distance"], "fd_ci": r["frechet_distance_ci"],
+                         "psnr_vs_fp32_db": round(float(psnr(images, reference)), 2),
+                         "s_per_image": r["seconds_per_image"]})
+            print({k: v for k, v in rows[-1].items()}, flush=True)
+    return rows
+
+
 def main():
     ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--models", nargs="+", default=sorted(GUIDANCE), choices=sorted(GUIDANCE))
@@ -61,21 +85,8 @@ def main():
         if not 1 <= value <= 100:
             print(f"bench_precision_quality.py: {flag}: must be from 1 to 100, got {value}", file=sys.stderr)
             sys.exit(2)
-    load_start, rows = load_average(), []
-    for model in args.models:
-        reference = None
-        for name, dtype, method in VARIANTS:
-            pipe = load(model, dtype, method)
-            r = evaluate(pipe, sampler="dpmpp_2m", steps=20, guidance=GUIDANCE[model], per_class=args.per_class,
-                         seed=0, n_boot=1000, fd_boot=200)
-            images = sample_images(pipe, GUIDANCE[model], args.psnr_images)
-            reference = images if reference is None else reference
-            rows.append({"model": model, "precision": name, "guidance": GUIDANCE[model], "images": r["num_images"],
-                         "accuracy": r["conditional_accuracy"], "accuracy_ci": r["conditional_accuracy_ci"],
-                         "fd": r["frechet_distance"], "fd_ci": r["frechet_distance_ci"],
-                         "psnr_vs_fp32_db": round(float(psnr(images, reference)), 2),
-                         "s_per_image": r["seconds_per_image"]})
-            print({k: v for k, v in rows[-1].items()}, flush=True)
+    load_start = load_average()
+    rows = quality_rows(args.models, VARIANTS, args.per_class, args.psnr_images)
     note = (f"velodiff.eval: {args.per_class} images per digit, 20 steps of dpmpp_2m, seed 0, 95% intervals "
             "(bootstrap); the judge was fitted on digits the models never saw. psnr_vs_fp32_db: "
             f"{args.psnr_images} images of each class against fp32's from the same seeds (pixels in [0, 1]; inf = "

@@ -18,30 +18,16 @@ import torch
 from velodiff.ops import fp8_gemm, quantize_fp8
 from velodiff.ops import reference as ref
 
+from fixtures import FP8_SPEC as SPEC, fp8_finite_values as finite_values, fp8_special_inputs as special_inputs
 from test_qgemm import activate64, one_thread, qgemm_error_bound
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = ["e4m3", "e5m2"]
 ACTIVATIONS = list(ref.QACTIVATIONS)
-SPEC = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15)}  # exponent bits, mantissa bits, bias
 
 
 # --- the oracle -------------------------------------------------------------------------------------------------
-
-def finite_values(fmt):
-    """{code: float64 value} of every finite non-negative code of the format, from its bit fields."""
-    e_bits, m_bits, bias = SPEC[fmt]
-    out = {}
-    for code in range(128):
-        e, m = code >> m_bits, code & ((1 << m_bits) - 1)
-        if fmt == "e4m3" and e == 15 and m == 7:
-            continue  # NaN
-        if fmt == "e5m2" and e == 31:
-            continue  # inf / NaN
-        out[code] = (m / 2 ** m_bits) * 2.0 ** (1 - bias) if e == 0 else (1 + m / 2 ** m_bits) * 2.0 ** (e - bias)
-    return out
-
 
 def oracle_code(v: float, fmt: str) -> int:
     """The code of float v by the stated rule, by search over every finite value."""
@@ -58,21 +44,6 @@ def oracle_code(v: float, fmt: str) -> int:
         return sign | top
     best = min(table, key=lambda c: (abs(table[c] - a), c & 1))  # nearest, ties to the even code
     return sign | best
-
-
-def special_inputs(fmt):
-    """float32 values: every finite value, every midpoint between neighbours (exact ties) and its neighbours one
-    float32 ulp away, the boundaries below the smallest subnormal, beyond the largest value, zeros, inf, NaN."""
-    vals = sorted(finite_values(fmt).values())
-    mids = [(a + b) / 2 for a, b in zip(vals, vals[1:])]
-    mids.append(vals[-1] + (vals[-1] - vals[-2]) / 2)
-    pts = torch.tensor(vals + mids, dtype=torch.float32)
-    near = torch.cat([pts, torch.nextafter(pts, torch.tensor(math.inf)), torch.nextafter(pts, torch.tensor(0.0))])
-    tiny = vals[1] / 2  # half the smallest subnormal: a tie between 0 and it, which goes to 0 (even)
-    extra = torch.tensor([0.0, tiny, tiny * 1.0001, tiny * 0.9999, 1e-30, 1e30, 3.4e38, math.inf, math.nan],
-                         dtype=torch.float32)
-    allv = torch.cat([near, extra])
-    return torch.cat([allv, -allv])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

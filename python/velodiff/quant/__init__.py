@@ -32,12 +32,17 @@ from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError,
                                        is_quantized_folder)
 from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
 from velodiff.quant.linear import METHODS as INT_METHODS, QuantizedLinear
+from velodiff.quant.lowbit_fp import FpFormat, LowbitFpLinear, quantize_linear as lowbit_linear
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
 from velodiff.quant.rank_budget import rank_for_budget
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
 
-#: every quantization method: the integer ones (QuantizedLinear) and the FP8 ones (Fp8Linear)
-METHODS = INT_METHODS + FP8_METHODS
+#: fake-quantized low-bit formats (LowbitFpLinear): float formats searched per layer, or INT of the same widths
+LOWBIT_METHODS = ("lowbit-fp", "lowbit-int")
+#: every quantization method: the integer ones (QuantizedLinear), the FP8 ones (Fp8Linear), the low-bit ones
+METHODS = INT_METHODS + FP8_METHODS + LOWBIT_METHODS
+#: the methods that calibrate on the model's own sampling trajectory
+CALIBRATED = ("svdquant",) + LOWBIT_METHODS
 
 _BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
                   "ff.net.0.proj", "ff.net.2")
@@ -71,6 +76,10 @@ class QuantConfig:
     (int8 per group of 64), "fp8" (FP8 weights per output channel and activations per token, FP8 GEMM) or
     "fp8-weight-only" (FP8 weights decoded for a 16-bit GEMM); the FP8 methods take linear layers only.
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
+    "lowbit-fp": weights in a ``w_bits`` float format chosen per layer with its clipping range (and rounding
+    learned with ``learn_rounding``), activations per token in ``a_bits`` (8: e4m3; fewer: a format searched per
+    layer; None: not quantized); fake-quantized (Chen et al. 2024, :mod:`velodiff.quant.lowbit_fp`). "lowbit-int":
+    the same with symmetric INT formats, the equal-bits baseline. Both calibrate like SVDQuant.
     fp8_format: the FP8 methods' code format, "e4m3" (the default, what inference uses) or "e5m2".
     clip_percentile: FP8 methods: each weight row's scale from this percentile of its |w| instead of the maximum
     (values beyond it saturate); None: the maximum.
@@ -103,6 +112,10 @@ class QuantConfig:
     fuse_activations: bool = True
     fp8_format: str = "e4m3"
     clip_percentile: Optional[float] = None
+    w_bits: int = 4
+    a_bits: Optional[int] = 8
+    learn_rounding: bool = False
+    rounding_iters: int = 300
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -121,6 +134,13 @@ class QuantConfig:
                 raise ValueError(f"memory_budget applies to svdquant only, not {self.method!r}")
             if not isinstance(self.memory_budget, (int, float)) or not 0 < self.memory_budget:
                 raise ValueError(f"memory_budget must be a fraction > 0 of the fp16 bytes, got {self.memory_budget!r}")
+        if self.method in LOWBIT_METHODS:
+            if self.w_bits not in range(2, 9):
+                raise ValueError(f"w_bits must be from 2 to 8, got {self.w_bits!r}")
+            if self.a_bits is not None and self.a_bits not in range(2, 9):
+                raise ValueError(f"a_bits must be from 2 to 8 or None, got {self.a_bits!r}")
+            if self.method == "lowbit-int" and self.learn_rounding:
+                raise ValueError("learn_rounding applies to lowbit-fp")
         if self.layers not in LAYER_PRESETS:
             raise ValueError(f"layers must be one of {tuple(LAYER_PRESETS)}, got {self.layers!r}")
         if self.calibration_images < 1 or self.calibration_steps < 1:
@@ -153,6 +173,27 @@ def W8A8(**kwargs) -> QuantConfig:
 
 def FP8(weight_only: bool = False, **kwargs) -> QuantConfig:
     return QuantConfig("fp8-weight-only" if weight_only else "fp8", rank=0, **kwargs)
+
+
+def LowbitFP(w_bits: int = 4, a_bits: Optional[int] = 8, learn_rounding: bool = False, **kwargs) -> QuantConfig:
+    return QuantConfig("lowbit-fp", rank=0, w_bits=w_bits, a_bits=a_bits, learn_rounding=learn_rounding, **kwargs)
+
+
+def LowbitINT(w_bits: int = 4, a_bits: Optional[int] = 8, **kwargs) -> QuantConfig:
+    return QuantConfig("lowbit-int", rank=0, w_bits=w_bits, a_bits=a_bits, **kwargs)
+
+
+def _activation_format(config: QuantConfig, sample: Optional[torch.Tensor]) -> Optional[FpFormat]:
+    """The per-token activation format of a low-bit layer: None (a_bits None), INT for lowbit-int, e4m3 at 8 bits,
+    else the a_bits float format with the least error on the layer's calibration rows."""
+    from velodiff.quant.lowbit_fp import formats_of, quantize_rows
+    if config.a_bits is None:
+        return None
+    if config.method == "lowbit-int":
+        return FpFormat(0, config.a_bits - 1)
+    if config.a_bits == 8:
+        return FpFormat(4, 3)
+    return min(formats_of(config.a_bits), key=lambda f: float((quantize_rows(sample, f)[0] - sample).square().sum()))
 
 
 def denoiser_of(pipe) -> Tuple[str, nn.Module]:
@@ -230,7 +271,7 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     component, model = denoiser_of(pipe)
     layers = select_layers(model, config.include, config.skip, config.layers)
     fp8 = config.method in FP8_METHODS
-    if fp8:
+    if fp8 or config.method in LOWBIT_METHODS:
         convs = [name for name, m in layers.items() if isinstance(m, nn.Conv2d) and not _is_token_conv(model, name, m)]
         if convs:
             raise ValueError(f"method {config.method!r} quantizes linear layers only; the selection holds "
@@ -251,7 +292,7 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     if config.memory_budget is not None:  # decided before the calibration runs: the bytes are known up front
         rank = rank_for_budget(layers, config.rank, config.memory_budget, model_fp16, before)
     stats: Dict[str, Optional[LayerStats]] = {name: None for name in layers}
-    if config.method == "svdquant":
+    if config.method in CALIBRATED:
         prompts = config.calibration_prompts or default_prompts(pipe)
         stats = calibrate(pipe, layers, prompts, images=config.calibration_images,
                           steps=config.calibration_steps, guidance=config.calibration_guidance,
@@ -267,6 +308,11 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     for name, linear in iterator:
         if fp8:
             q = Fp8Linear.from_linear(linear, config.method, config.fp8_format, config.clip_percentile)
+        elif config.method in LOWBIT_METHODS:
+            sample = stats[name].sample
+            q = lowbit_linear(linear, config.w_bits, _activation_format(config, sample), sample,
+                              learn=config.learn_rounding, iters=config.rounding_iters,
+                              int_weights=config.method == "lowbit-int")
         else:
             q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
                                stats[name], rank=rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
@@ -291,7 +337,7 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                       "mean": round(sum(ranks.values()) / max(1, len(ranks)), 2)}}
 
 
-__all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "FP8", "Fp8Linear", "METHODS",
-           "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
+__all__ = ["ALL_LAYERS", "DEFAULT_LAYERS", "LAYER_PRESETS", "FORMAT_VERSION", "FP8", "Fp8Linear", "FpFormat",
+           "LowbitFP", "LowbitFpLinear", "LowbitINT", "METHODS", "NaiveW4A4", "QuantConfig", "QuantizedCheckpointError",
            "QuantizedConv2d", "QuantizedLinear", "SVDQuant", "W8A8", "add_lora", "denoiser_of", "install_layer", "is_quantized_folder", "load_quantized",
            "quantize", "remove_lora", "save_quantized", "select_layers", "set_lora_strength"]

@@ -124,6 +124,9 @@ def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16, force: bo
     quant = getattr(pipe, "quantization", None)
     if not quant:
         raise ValueError("the pipeline is not quantized; run velodiff.quant.quantize(pipe, config) first")
+    if quant["method"] in ("lowbit-fp", "lowbit-int"):
+        raise ValueError(f"method {quant['method']!r} is fake-quantized (no kernel, no packed format yet), so it has "
+                         "no checkpoint; quantize the model after loading it instead")
     source = getattr(pipe, "name_or_path", None)
     if not source or not os.path.isfile(os.path.join(source, "model_index.json")):
         raise ValueError(f"save_quantized copies the unquantized components from the pipeline's folder, and this "
