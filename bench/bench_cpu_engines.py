@@ -35,10 +35,12 @@ fp32's time over the engine's, per round, median (min-max) over the rounds. Open
 Tables (--group), one process each (all engines at once need more than this machine's 24 GiB): float (the
 fp32 and bf16 engines), 8bit (8- and 4-bit weights, bf16 activations) and 8bit_fp32 (fp32 activations), the latter
 two beside the same engines without quantization for reference, sdcpp and sdcpp_bf16 (stable-diffusion.cpp's f32 and
-q8_0, then f16 and q4_0 weights, beside our rows with fp32, then bf16 activations) and sdxl (SDXL's UNet, bf16).
+q8_0, then f16 and q4_0 weights, beside our rows with fp32, then bf16 activations), sdxl and sdxl_8bit (SDXL's UNet,
+bf16 activations, timed against diffusers bf16: its fp32 weights and an engine's copy fill this machine).
 
-  python bench/bench_cpu_engines.py [--group float|8bit|8bit_fp32|sdcpp|sdcpp_bf16|sdxl] [--latent 32] [--batch 2] [--rounds 4]
-                                    [--threads N] [--sdcpp-steps 4] [--out bench/results]
+  python bench/bench_cpu_engines.py [--group float|8bit|8bit_fp32|sdcpp|sdcpp_bf16|sdxl|sdxl_8bit]
+                                    [--latent 32] [--batch 2] [--rounds 4] [--threads N] [--sdcpp-steps 4]
+                                    [--out bench/results]
 Writes <out>/cpu_engines[_<px>px][_<group>][_<n>threads].{md,json} (the suffixes when not 256 px / float /
 2 threads).
 """
@@ -81,14 +83,16 @@ def openvino_engines(theirs, args, names, threads: int):
         except ImportError as e:
             return {}, f"openvino_int8w: nncf not installed ({e})"
 
-    class Wrapped(torch.nn.Module):  # positional inputs, a plain tensor out (what convert_model traces)
+    class Wrapped(torch.nn.Module):  # positional fp32 inputs, a plain fp32 tensor out (what convert_model traces)
         def __init__(self, unet):
             super().__init__()
             self.unet = unet
+            self.dtype = next(unet.parameters()).dtype  # bf16 weights (SDXL): the inputs are cast in the graph
 
         def forward(self, sample, timestep, encoder_hidden_states, *sdxl):
-            added = dict(zip(("text_embeds", "time_ids"), sdxl)) or None
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+            added = dict(zip(("text_embeds", "time_ids"), (t.to(self.dtype) for t in sdxl))) or None
+            return self.unet(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype),
+                             added_cond_kwargs=added, return_dict=False)[0].float()
 
     with torch.no_grad():
         model = ov.convert_model(Wrapped(theirs), example_input=tuple(args))
@@ -134,11 +138,13 @@ GROUPS = {
     "sdcpp": ("velodiff_packed fp32", "velodiff_w8a8 fp32", "sdcpp f32", "sdcpp q8_0"),
     "sdcpp_bf16": ("velodiff_packed bf16", "velodiff_w8a8 bf16", "velodiff_w4a4 bf16", "sdcpp f16", "sdcpp q4_0"),
     # SDXL's fp32 weights (10 GB) and a second copy for every engine do not fit 24 GiB: bf16 engines only, timed
-    # against diffusers bf16; errors still against one diffusers fp32 forward made before the cast
-    "sdxl": ("velodiff_packed bf16", "velodiff_w8a8 bf16", "openvino bf16"),
+    # against diffusers bf16, two engines a table; errors still against one diffusers fp32 forward made before
+    # the cast
+    "sdxl": ("velodiff_packed bf16", "openvino bf16"),
+    "sdxl_8bit": ("velodiff_w8a8 bf16", "openvino_int8w bf16"),
 }
 #: The model of each group and the engine its times are divided by.
-MODEL = {"sdxl": (SDXL, "diffusers bf16")}
+MODEL = {"sdxl": (SDXL, "diffusers bf16"), "sdxl_8bit": (SDXL, "diffusers bf16")}
 DEFAULT_MODEL = (SD15, BASELINE)
 
 
@@ -263,7 +269,7 @@ def main():
         with torch.inference_mode():
             rows, res = time_engines(engines, baseline, args.rounds, opaque=sd_engines, ref=ref, ref_name=BASELINE)
     rows += sdcpp_engines.step_rows(res, baseline, args.sdcpp_steps, sd_images)
-    model = "SDXL" if args.group == "sdxl" else "SD 1.5"
+    model = "SDXL" if args.group.startswith("sdxl") else "SD 1.5"
     tag = baseline.replace(" ", "_")
     note = (f"One {model} UNet forward, random weights shared by every engine, {args.latent}x{args.latent} latent "
             f"({8 * args.latent} px), batch {args.batch}, {args.threads} threads, inference mode. Each cell is median "

@@ -3,7 +3,10 @@
 For ``digits`` (UNet) and ``digits-dit``, fp32 and the quantizers as ``vd.quant.quantize`` applies them to the
 denoiser's transformer-block linears (default layers; for digits-dit also all of its linear layers): FP8 W8A8 e4m3
 (weights per output channel, activations per token at run time, velodiff::fp8_gemm), the same in e5m2, FP8 weight
-only, and for reference INT W8A8 (per group of 64) and SVDQuant W4A4 rank 8. Conditional accuracy and Frechet
+only, and for reference INT W8A8 (per group of 64) and SVDQuant W4A4 rank 8; then the low-bit formats
+(fake-quantized, velodiff.quant.lowbit_fp): W4A8 with a 4-bit float weight format and clip searched per layer,
+with and without learned rounding, against INT4 weights per channel (the same search over clips), and W4A4 both
+ways (activations per token: a 4-bit float format searched per layer, or INT4). Conditional accuracy and Frechet
 distance with 95% intervals (the judge fitted on digits the models never saw), and the PSNR of the same seeds'
 images against fp32 (bench_precision_quality.py's table and code).
 
@@ -28,7 +31,11 @@ F32 = torch.float32
 VARIANTS = (("fp32", F32, None), ("fp8 w8a8 e4m3", F32, vd.quant.FP8()),
             ("fp8 w8a8 e5m2", F32, vd.quant.FP8(fp8_format="e5m2")),
             ("fp8 weight-only", F32, vd.quant.FP8(weight_only=True)),
-            ("int w8a8", F32, vd.quant.W8A8()), ("svdquant w4a4 r8", F32, vd.quant.SVDQuant(8)))
+            ("int w8a8", F32, vd.quant.W8A8()), ("svdquant w4a4 r8", F32, vd.quant.SVDQuant(8)),
+            ("lowbit-fp w4a8", F32, vd.quant.LowbitFP(4, 8)),
+            ("lowbit-fp w4a8 + learned rounding", F32, vd.quant.LowbitFP(4, 8, learn_rounding=True)),
+            ("lowbit-int w4a8", F32, vd.quant.LowbitINT(4, 8)),
+            ("lowbit-fp w4a4", F32, vd.quant.LowbitFP(4, 4)), ("lowbit-int w4a4", F32, vd.quant.LowbitINT(4, 4)))
 #: digits-dit's "all" preset is linear layers only (FP8 takes no convolutions yet)
 ALL_LAYERS = (("fp8 w8a8 e4m3, all layers", F32, vd.quant.FP8(layers="all")),
               ("int w8a8, all layers", F32, vd.quant.W8A8(layers="all")))
@@ -54,8 +61,9 @@ def main():
             f"{args.psnr_images} images of each class against fp32's from the same seeds (pixels in [0, 1]). "
             "Quantized: the transformer blocks' linear layers (velodiff.quant.DEFAULT_LAYERS), 'all layers': "
             "velodiff.quant.ALL_LAYERS. FP8: max-abs scales, no calibration (activations are scaled per token at "
-            "run time); SVDQuant calibrated on 16 generated images x 20 steps. CPU kernels; s_per_image on this "
-            "2-core CPU.")
+            "run time); SVDQuant and the low-bit methods calibrated on 16 generated images x 20 steps (256 input "
+            "rows kept per layer; learned rounding: 300 Adam steps per layer). FP8 and INT W8A8 run their CPU "
+            "kernels, the low-bit rows fake-quantized; s_per_image on this 2-core CPU.")
     path = write_results("fp8_quality_digits", rows,
                          ["model", "precision", "guidance", "images", "accuracy", "accuracy_ci", "fd", "fd_ci",
                           "psnr_vs_fp32_db", "s_per_image"], args.out, note=note,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one call, sized for a short lease: build for the local GPU only, count the tensor-core
-# instructions per kernel in the SASS (bench/sass_summary.sh), run the `cuda` tests, the
-# CUDA GEMM benchmark, the `cuda` tests again under compute-sanitizer (memcheck), then the sampler benchmarks and
-# the cache-gate benchmark (the cache_gate `cuda` tests run with tests/ops).
+# instructions per kernel in the SASS (bench/sass_summary.sh), run the `cuda` tests, the CUDA GEMM benchmarks
+# (qgemm, then fp8_gemm against cuBLASLt FP8), the `cuda` tests again under compute-sanitizer (memcheck), then the
+# sampler benchmarks and the cache-gate benchmark (the cache_gate `cuda` tests run with tests/ops).
 # Steps run in that order (most valuable first), each under its own time cap, and the whole suite stops
 # starting steps once BUDGET seconds (default 500) have passed, so that it returns inside a 10-minute command
 # limit with whatever it finished. Everything it finds goes to OUTDIR; with ARCHIVE given, OUTDIR is packed
@@ -60,6 +60,7 @@ cat "$out/info.json"
 step sass 30 bash bench/sass_summary.sh
 step cuda_tests 150 $py -m pytest -q -p no:cacheprovider -m cuda tests/ops tests/quant tests/sampling
 step bench_qgemm_cuda 150 $py bench/bench_qgemm_cuda.py --out "$out"
+step bench_fp8_cuda 60 $py bench/bench_fp8_cuda.py --quick --out "$out"
 step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops \
   -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16) or (every_element_counts and bf16) or large_grids or cuda_graph_capture or (awkward_head_dims and fp16)"
