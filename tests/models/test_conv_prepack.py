@@ -110,8 +110,26 @@ def test_packed_linear_gives_linear_bits_in_bf16(shape, out_features, bias):
             assert torch.equal(packed(x), plain(x))
 
 
+@pytest.mark.parametrize("rows,k,n", [(5, 24, 12), (77, 320, 320), (2048, 64, 300), (1, 1000, 7)])
+def test_packed_linear_fp32_within_fp32_rounding(rows, k, n):
+    """In fp32 oneDNN sums in another order than MKL: every element within the bound of fp32 summation of the
+    float64 product (k + 2 roundings of the absolute terms)."""
+    from velodiff.models.conv_prepack import prepack_linears
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n))
+    prepack_linears(model)
+    x = torch.randn(rows, k)
+    with torch.no_grad():
+        y = model(x)
+        w, b = model[0].weight.double(), model[0].bias.double()
+        exact = x.double() @ w.T + b
+        mag = x.double().abs() @ w.abs().T + b.abs()
+    assert hasattr(model[0], "_packed")  # the packed path ran
+    assert bool(((y.double() - exact).abs() <= (k + 2) * 2.0 ** -24 * mag).all())
+
+
 def test_packed_linear_other_inputs_take_the_plain_path():
-    """fp32, autograd and empty inputs run nn.Linear itself; unprepack restores the class."""
+    """fp16, mixed-dtype, autograd and empty inputs run nn.Linear itself; unprepack restores the class."""
     from velodiff.models.conv_prepack import PackedLinear, prepack_linears, unprepack_linears
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(24, 12))
@@ -119,8 +137,11 @@ def test_packed_linear_other_inputs_take_the_plain_path():
     prepack_linears(model)
     x = torch.randn(5, 24)
     with torch.no_grad():
-        assert torch.equal(model(x), ref(x))
         assert model(torch.randn(0, 24)).shape == (0, 12)
+        half = copy.deepcopy(model).half()
+        assert torch.equal(half(x.half()), ref.half()(x.half()))
+        with pytest.raises(RuntimeError):
+            model(x.bfloat16())  # nn.Linear's own error for a dtype mismatch
     x.requires_grad_(True)
     model(x).sum().backward()
     assert x.grad is not None and not hasattr(model[0], "_packed")

@@ -127,7 +127,7 @@ def test_cpu_loads_the_unet_in_its_fastest_layout(tmp_path):
     bf16 = vd.Pipeline.from_pretrained("digits", dtype=torch.bfloat16)
     assert set(convs(bf16)) == {PackedConv2d}
     linears = lambda p: {type(m) for m in p.unet.modules() if isinstance(m, nn.Linear)}  # noqa: E731
-    assert linears(bf16) == {PackedLinear} and linears(fast) == {nn.Linear}  # packed linears: bf16 only
+    assert linears(bf16) == {PackedLinear} and linears(fast) == {PackedLinear} and linears(plain) == {nn.Linear}
     assert set(convs(vd.Pipeline.from_pretrained("digits", dtype=torch.float16))) == {nn.Conv2d}
     run = lambda p: p(["a handwritten 4"], num_inference_steps=3, output_type="np",  # noqa: E731
                       generator=torch.Generator().manual_seed(0)).images
