@@ -39,6 +39,21 @@ def activations(rows: int, k: int, gen: torch.Generator, channel_scale: torch.Te
     return torch.randn(rows, k, generator=gen) * channel_scale
 
 
+def layer_cases(widths, types, calibration_rows: int, tokens: int):
+    """For each width and layer type of ``types(width)``: (width, name, K, N, a seeded nn.Linear(K, N), calibration
+    rows, test rows), the activations log-normal per channel with 1 % outlier channels x20."""
+    for c in widths:
+        for name, k, n in types(c):
+            gen = torch.Generator().manual_seed(1000 * c + k + n)
+            torch.manual_seed(1000 * c + k + n)
+            linear = torch.nn.Linear(k, n)
+            scale = torch.exp(torch.randn(k, generator=gen))
+            outliers = torch.randperm(k, generator=gen)[: max(1, k // 100)]
+            scale[outliers] *= 20.0
+            yield (c, name, k, n, linear, activations(calibration_rows, k, gen, scale),
+                   activations(tokens, k, gen, scale))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", type=int, nargs="+", default=[320, 640, 1280])
@@ -48,29 +63,21 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     rows = []
-    for c in args.widths:
-        for name, k, n in layer_types(c):
-            gen = torch.Generator().manual_seed(1000 * c + k + n)
-            torch.manual_seed(1000 * c + k + n)
-            linear = torch.nn.Linear(k, n)
-            scale = torch.exp(torch.randn(k, generator=gen))
-            outliers = torch.randperm(k, generator=gen)[: max(1, k // 100)]
-            scale[outliers] *= 20.0
-            cal = activations(args.calibration_rows, k, gen, scale)
-            test = activations(args.tokens, k, gen, scale)
-            stats = LayerStats(absmax=cal.abs().amax(0), sample=cal)
+    for c, name, k, n, linear, cal, test in layer_cases(args.widths, layer_types, args.calibration_rows,
+                                                        args.tokens):
+        stats = LayerStats(absmax=cal.abs().amax(0), sample=cal)
+        with torch.no_grad():
+            ref = linear(test).double()
+        row = {"width": c, "layer": name, "K": k, "N": n}
+        for method in ("svdquant", "naive-w4a4", "w8a8"):
+            t0 = time.time()
+            q = quantize_layer(linear.weight, linear.bias, method, stats, rank=args.rank, alphas=ALPHAS)
             with torch.no_grad():
-                ref = linear(test).double()
-            row = {"width": c, "layer": name, "K": k, "N": n}
-            for method in ("svdquant", "naive-w4a4", "w8a8"):
-                t0 = time.time()
-                q = quantize_layer(linear.weight, linear.bias, method, stats, rank=args.rank, alphas=ALPHAS)
-                with torch.no_grad():
-                    err = float((q(test).double() - ref).norm() / ref.norm())
-                row[method] = round(err, 5)
-                row[f"{method}_quantize_s"] = round(time.time() - t0, 2)
-            rows.append(row)
-            print(row, flush=True)
+                err = float((q(test).double() - ref).norm() / ref.norm())
+            row[method] = round(err, 5)
+            row[f"{method}_quantize_s"] = round(time.time() - t0, 2)
+        rows.append(row)
+        print(row, flush=True)
     write_results("quant_layers_sd15", rows,
                   ["width", "layer", "K", "N", "svdquant", "naive-w4a4", "w8a8", "svdquant_quantize_s"], args.out,
                   note=f"Relative output error vs the fp32 layer on {args.tokens} synthetic test rows "

@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
                         "by lowering the branch ranks where they matter least")
     p.add_argument("--calibration-images", metavar="N", type=A.positive_int, default=16, help="(default: %(default)s)")
     p.add_argument("--calibration-steps", metavar="N", type=A.positive_int, default=20, help="(default: %(default)s)")
+    p.add_argument("--calibration-timesteps", choices=["all", "qdiffusion", "ptq4dm"], default="all",
+                   help="which steps of the calibration trajectories to sample: all, Q-Diffusion's uniformly spaced "
+                        "half, or PTQ4DM's normal weighting (default: %(default)s)")
     p.add_argument("--seed", metavar="S", type=A.nonnegative_int, default=0, help="(default: %(default)s)")
     A.add_device_dtype(p, dtype_default="fp16", device_default="cpu",
                        dtype_help="dtype of the stored floating parts (scales, low-rank branch, unquantized layers; "
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         config = quant.QuantConfig(args.method, rank=rank, layers=args.layers, memory_budget=args.memory_budget,
                                    calibration_images=args.calibration_images,
                                    calibration_steps=args.calibration_steps, seed=args.seed,
-                                   fp8_format=args.fp8_format, clip_percentile=args.clip_percentile)
+                                   fp8_format=args.fp8_format, clip_percentile=args.clip_percentile,
+                                   calibration_timesteps=args.calibration_timesteps)
         report = quant.quantize(pipe, config, progress=sys.stderr.isatty())
     with step(f"--out {args.out}"):
         quant.save_quantized(pipe, args.out, dtype=getattr(torch, A.DTYPES[args.dtype]), force=args.force)

@@ -91,7 +91,9 @@ class QuantConfig:
     include / skip: fnmatch patterns of qualified module names (``include`` overrides ``layers``).
     fuse_activations: compute a feed-forward GELU in the GEMM epilogue of the layer before it.
     calibration: number of images generated for calibration, their steps, guidance and sampler (None: the
-    pipeline's defaults), prompts (None: :func:`velodiff.quant.calibrate.default_prompts`), rows kept per layer.
+    pipeline's defaults), prompts (None: :func:`velodiff.quant.calibrate.default_prompts`), rows kept per layer,
+    and which timesteps they come from (``calibration_timesteps``: "all" steps of the trajectory, "qdiffusion"'s
+    uniformly spaced half, or "ptq4dm"'s normal weighting; :mod:`velodiff.quant.calibrate`).
     """
 
     method: str = "svdquant"
@@ -112,6 +114,7 @@ class QuantConfig:
     fuse_activations: bool = True
     fp8_format: str = "e4m3"
     clip_percentile: Optional[float] = None
+    calibration_timesteps: str = "all"
     w_bits: int = 4
     a_bits: Optional[int] = 8
     learn_rounding: bool = False
@@ -141,6 +144,10 @@ class QuantConfig:
                 raise ValueError(f"a_bits must be from 2 to 8 or None, got {self.a_bits!r}")
             if self.method == "lowbit-int" and self.learn_rounding:
                 raise ValueError("learn_rounding applies to lowbit-fp")
+        from velodiff.quant.calibrate import TIMESTEP_MODES
+        if self.calibration_timesteps not in TIMESTEP_MODES:
+            raise ValueError(f"calibration_timesteps must be one of {TIMESTEP_MODES}, got "
+                             f"{self.calibration_timesteps!r}")
         if self.layers not in LAYER_PRESETS:
             raise ValueError(f"layers must be one of {tuple(LAYER_PRESETS)}, got {self.layers!r}")
         if self.calibration_images < 1 or self.calibration_steps < 1:
@@ -296,7 +303,8 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
         prompts = config.calibration_prompts or default_prompts(pipe)
         stats = calibrate(pipe, layers, prompts, images=config.calibration_images,
                           steps=config.calibration_steps, guidance=config.calibration_guidance,
-                          sampler=config.calibration_sampler, rows=config.calibration_rows, seed=config.seed)
+                          sampler=config.calibration_sampler, rows=config.calibration_rows, seed=config.seed,
+                          timesteps=config.calibration_timesteps)
     t_cal = time.time() - t0
 
     iterator = layers.items()
