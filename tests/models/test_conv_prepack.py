@@ -166,3 +166,28 @@ def test_packed_modules_run_on_weights_made_in_inference_mode():
         packed[1].weight = torch.nn.Parameter(torch.randn(20, 6).to(torch.bfloat16))
         plain[1].weight = torch.nn.Parameter(packed[1].weight.clone())
         assert torch.equal(packed[1](h), plain[1](h))
+
+
+def test_packed_1x1_conv_runs_tokens_as_a_packed_linear():
+    """A UNet transformer's proj_in / proj_out (1x1 convs applied to tokens): token_linear is oneDNN's packed GEMM,
+    nn.Linear's bits in bf16 and within fp32 rounding in fp32; other inputs take F.linear."""
+    from velodiff.models.conv_prepack import prepack_convs
+    torch.manual_seed(4)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(48, 40, 1))
+    prepack_convs(conv)
+    weight = conv[0].weight.view(40, 48)
+    with torch.no_grad():
+        tokens = torch.randn(2, 77, 48)
+        y = conv[0].token_linear(tokens)
+        exact = tokens.double() @ weight.double().T + conv[0].bias.double()
+        mag = tokens.double().abs() @ weight.double().abs().T + conv[0].bias.double().abs()
+        assert "_token_packed" in conv[0].__dict__
+        assert bool(((y.double() - exact).abs() <= 50 * 2.0 ** -24 * mag).all())
+        conv16 = copy.deepcopy(conv).to(torch.bfloat16)  # a used packed module copies (without its packs)
+        assert "_token_packed" not in conv16[0].__dict__
+        t16 = tokens.to(torch.bfloat16)
+        assert torch.equal(conv16[0].token_linear(t16),
+                           torch.nn.functional.linear(t16, conv16[0].weight.view(40, 48), conv16[0].bias))
+        half = copy.deepcopy(conv).half()
+        assert torch.equal(half[0].token_linear(tokens.half()),
+                           torch.nn.functional.linear(tokens.half(), half[0].weight.view(40, 48), half[0].bias))

@@ -37,9 +37,52 @@ def _weight_key(w: torch.Tensor, *extra) -> tuple:
     return (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, *extra)
 
 
-class PackedConv2d(nn.Conv2d):
+#: attributes holding packed copies (and their keys): never copied or pickled, rebuilt on the next call
+_PACK_ATTRS = ("_packed", "_pack_key", "_packed_key", "_token_packed", "_token_packed_key")
+
+
+class _DropsPacks:
+    """copy.deepcopy / pickle of a packed module leave its packed copies behind (oneDNN's opaque tensors cannot
+    be copied; the copy packs again on its first call)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in _PACK_ATTRS}
+
+
+def _linear_usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
+    """Whether oneDNN's packed linear can run ``x`` [..., in_features]: CPU fp32 / bf16 inference, x in the weight's
+    dtype, at least one row."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype
+            and x.dim() >= 2 and x.shape[-1] == in_features and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _packed_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, slot: str) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T + bias through oneDNN on a copy of ``weight`` reordered once per row count
+    (kept on ``module`` under the attribute names ``slot`` and ``slot + '_key'``)."""
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    rows = x.numel() // in_features
+    key = _weight_key(weight, rows)  # oneDNN picks the packed layout for the row count
+    if module.__dict__.get(slot + "_key") != key:
+        module.__dict__[slot] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        module.__dict__[slot + "_key"] = key
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, in_features), module.__dict__[slot], bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class PackedConv2d(_DropsPacks, nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters and state-dict names) that runs CPU inference on a prepacked weight.
-    Input [B, Cin, H, W] -> [B, Cout, H', W'], as ``nn.Conv2d``."""
+    Input [B, Cin, H, W] -> [B, Cout, H', W'], as ``nn.Conv2d``. A 1x1 convolution applied to tokens (a UNet
+    transformer's proj_in / proj_out) runs as a packed linear layer through :meth:`token_linear`."""
+
+    def token_linear(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This 1x1 convolution as a linear layer on tokens [..., Cin] -> [..., Cout] (oneDNN's GEMM on a weight
+        packed once, as :class:`PackedLinear`; F.linear where that cannot run)."""
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        if not _linear_usable(tokens, weight, self.in_channels) or not _linear_available():
+            return nn.functional.linear(tokens, weight, self.bias)
+        return _packed_linear(self, tokens, weight, self.bias, "_token_packed")
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -68,29 +111,15 @@ def _linear_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(_DropsPacks, nn.Linear):
     """An ``nn.Linear`` (same parameters and state-dict names) that runs fp32 and bf16 CPU inference on a weight
     reordered once for oneDNN. Input [..., in_features] -> [..., out_features], as ``nn.Linear``; any other input
     (fp16, CUDA, autograd, no rows, a dtype other than the weight's) takes the ordinary path."""
 
-    def _packed_weight(self, rows: int) -> torch.Tensor:
-        w = self.weight
-        key = _weight_key(w, rows)  # oneDNN picks the packed layout for the row count
-        if getattr(self, "_pack_key", None) != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
-            self._pack_key = key
-        return self._packed
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        usable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == self.weight.dtype
-                  and x.dim() >= 2 and x.shape[-1] == self.in_features and x.numel() > 0
-                  and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-        if not usable:
+        if not _linear_usable(x, self.weight, self.in_features):
             return super().forward(x)
-        rows = x.numel() // self.in_features
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self._packed_weight(rows),
-                                                self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return _packed_linear(self, x, self.weight, self.bias, "_packed")
 
 
 def _switch_class(model: nn.Module, old: type, new: type) -> int:
@@ -100,7 +129,7 @@ def _switch_class(model: nn.Module, old: type, new: type) -> int:
     for module in model.modules():
         if type(module) is old:
             module.__class__ = new
-            for attr in ("_packed", "_pack_key"):
+            for attr in _PACK_ATTRS:
                 module.__dict__.pop(attr, None)
             n += 1
     return n

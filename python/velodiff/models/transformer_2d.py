@@ -105,6 +105,8 @@ class Transformer2DModel(nn.Module):
     def _token_linear(tokens: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """A 1x1 Conv2d applied as the equivalent Linear, or a Linear (or any module on tokens, such as a quantized
         replacement), on [B, L, Cin] -> [B, L, Cout]."""
+        if hasattr(layer, "token_linear"):  # a packed 1x1 conv (velodiff.models.conv_prepack.PackedConv2d)
+            return layer.token_linear(tokens)
         if isinstance(layer, nn.Conv2d):
             weight = layer.weight
             return F.linear(tokens, weight.view(weight.shape[0], weight.shape[1]), layer.bias)
