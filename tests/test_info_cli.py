@@ -28,10 +28,12 @@ def test_cli_entry_point_runs():
 def test_info_lists_the_cpu_kernel_paths(monkeypatch):
     """The code path of each CPU kernel family, as chosen now: VELODIFF_CPU_ISA caps attention's."""
     paths = velodiff.info()["cpu_kernel_paths"]
-    assert set(paths) == {"attention", "qgemm", "linear_attention"}
+    assert set(paths) == {"attention", "qgemm", "linear_attention", "fp8_gemm"}
     assert paths["attention"] in ("portable", "avx2", "avx512", "avx512bf16")
+    assert paths["fp8_gemm"] in ("portable", "avx512bf16")
     monkeypatch.setenv("VELODIFF_CPU_ISA", "portable")
     assert velodiff.info()["cpu_kernel_paths"]["attention"] == "portable"
+    assert velodiff.info()["cpu_kernel_paths"]["fp8_gemm"] == "portable"
     monkeypatch.setenv("VELODIFF_CPU_ISA", "avx2")
     assert velodiff.info()["cpu_kernel_paths"]["attention"] in ("portable", "avx2")
     assert velodiff.info()["cpu_kernel_paths"]["qgemm"] in ("portable", "avx2")

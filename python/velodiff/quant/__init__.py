@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from velodiff.models.feedforward import GELU
-from velodiff.quant.calibrate import calibrate, default_prompts
+from velodiff.quant.calibrate import TIMESTEP_MODES, calibrate, default_prompts
 from velodiff.quant.conv import QuantizedConv2d, conv_is_supported
 from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized,
                                        is_quantized_folder)
@@ -75,11 +75,12 @@ class QuantConfig:
     method: "svdquant" (smoothing + rank-``rank`` 16-bit branch + int4 residual, W4A4), "naive-w4a4", "w8a8"
     (int8 per group of 64), "fp8" (FP8 weights per output channel and activations per token, FP8 GEMM) or
     "fp8-weight-only" (FP8 weights decoded for a 16-bit GEMM); the FP8 methods take linear layers only.
-    rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
     "lowbit-fp": weights in a ``w_bits`` float format chosen per layer with its clipping range (and rounding
-    learned with ``learn_rounding``), activations per token in ``a_bits`` (8: e4m3; fewer: a format searched per
-    layer; None: not quantized); fake-quantized (Chen et al. 2024, :mod:`velodiff.quant.lowbit_fp`). "lowbit-int":
-    the same with symmetric INT formats, the equal-bits baseline. Both calibrate like SVDQuant.
+    learned with ``learn_rounding``, ``rounding_iters`` Adam steps), activations per token in ``a_bits`` (8: e4m3;
+    fewer: a format searched per layer; None: not quantized); fake-quantized (Chen et al. 2024,
+    :mod:`velodiff.quant.lowbit_fp`). "lowbit-int": the same with symmetric INT formats, the equal-bits baseline.
+    Both calibrate like SVDQuant and take linear layers only.
+    rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).
     fp8_format: the FP8 methods' code format, "e4m3" (the default, what inference uses) or "e5m2".
     clip_percentile: FP8 methods: each weight row's scale from this percentile of its |w| instead of the maximum
     (values beyond it saturate); None: the maximum.
@@ -144,7 +145,6 @@ class QuantConfig:
                 raise ValueError(f"a_bits must be from 2 to 8 or None, got {self.a_bits!r}")
             if self.method == "lowbit-int" and self.learn_rounding:
                 raise ValueError("learn_rounding applies to lowbit-fp")
-        from velodiff.quant.calibrate import TIMESTEP_MODES
         if self.calibration_timesteps not in TIMESTEP_MODES:
             raise ValueError(f"calibration_timesteps must be one of {TIMESTEP_MODES}, got "
                              f"{self.calibration_timesteps!r}")
