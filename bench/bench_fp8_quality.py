@@ -13,8 +13,12 @@ images against fp32 (bench_precision_quality.py's table and code).
 With --timesteps: SVDQuant W4A4 r8 and lowbit-fp W4A8 with learned rounding, each calibrated on all steps, on
 Q-Diffusion's uniformly spaced half and with PTQ4DM's normal weighting (velodiff.quant.calibrate).
 
-  python bench/bench_fp8_quality.py [--models digits digits-dit] [--per-class 100] [--psnr-images 4] [--timesteps]
-Writes <out>/fp8_quality_digits.{json,md} (--timesteps: fp8_quality_timesteps_digits).
+With --attention: FP8 W8A8 with and without FP8 attention (Q, K, P, V in e4m3, the fake-quantized "fp8" backend).
+
+  python bench/bench_fp8_quality.py [--models digits digits-dit] [--per-class 100] [--psnr-images 4]
+                                    [--timesteps | --attention]
+Writes <out>/fp8_quality_digits.{json,md} (--timesteps: fp8_quality_timesteps_digits; --attention:
+fp8_quality_attention_digits).
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ TIMESTEP_VARIANTS = (("fp32", F32, None),) + tuple(
                         ("lowbit-fp w4a8 + learned rounding",
                          lambda m: vd.quant.LowbitFP(4, 8, learn_rounding=True, calibration_timesteps=m)))
     for mode in ("all", "qdiffusion", "ptq4dm"))
+#: --attention: FP8 W8A8 with and without FP8 attention (the fake-quantized "fp8" attention backend)
+ATTENTION_VARIANTS = (("fp32", F32, None), ("fp8 w8a8 e4m3", F32, vd.quant.FP8()),
+                      ("fp8 w8a8 e4m3 + fp8 attention", F32, vd.quant.FP8(fp8_attention=True)))
 #: digits-dit's "all" preset is linear layers only (FP8 takes no convolutions yet)
 ALL_LAYERS = (("fp8 w8a8 e4m3, all layers", F32, vd.quant.FP8(layers="all")),
               ("int w8a8, all layers", F32, vd.quant.W8A8(layers="all")))
@@ -59,6 +66,8 @@ def main():
     ap.add_argument("--psnr-images", type=int, default=4, help="images per class for the PSNR to fp32")
     ap.add_argument("--timesteps", action="store_true",
                     help="instead: the calibrated methods under each timestep sampling (fp8_quality_timesteps_digits)")
+    ap.add_argument("--attention", action="store_true",
+                    help="instead: FP8 W8A8 with and without FP8 attention (fp8_quality_attention_digits)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     for flag, value in (("--per-class", args.per_class), ("--psnr-images", args.psnr_images)):
@@ -67,7 +76,8 @@ def main():
             sys.exit(2)
     load_start, rows = load_average(), []
     for model in args.models:
-        variants = TIMESTEP_VARIANTS if args.timesteps else VARIANTS + (ALL_LAYERS if model == "digits-dit" else ())
+        variants = (TIMESTEP_VARIANTS if args.timesteps else ATTENTION_VARIANTS if args.attention
+                    else VARIANTS + (ALL_LAYERS if model == "digits-dit" else ()))
         rows += quality_rows([model], variants, args.per_class, args.psnr_images)
     note = (f"velodiff.eval: {args.per_class} images per digit, 20 steps of dpmpp_2m, seed 0, 95% intervals "
             "(bootstrap); the judge was fitted on digits the models never saw. psnr_vs_fp32_db: "
@@ -77,7 +87,9 @@ def main():
             "run time); SVDQuant and the low-bit methods calibrated on 16 generated images x 20 steps (256 input "
             "rows kept per layer; learned rounding: 300 Adam steps per layer). FP8 and INT W8A8 run their CPU "
             "kernels, the low-bit rows fake-quantized; s_per_image on this 2-core CPU.")
-    path = write_results("fp8_quality_timesteps_digits" if args.timesteps else "fp8_quality_digits", rows,
+    name = ("fp8_quality_timesteps_digits" if args.timesteps else "fp8_quality_attention_digits" if args.attention
+            else "fp8_quality_digits")
+    path = write_results(name, rows,
                          ["model", "precision", "guidance", "images", "accuracy", "accuracy_ci", "fd", "fd_ci",
                           "psnr_vs_fp32_db", "s_per_image"], args.out, note=note,
                          extra={"load_start": load_start, "load_end": load_average()})

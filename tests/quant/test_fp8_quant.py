@@ -229,3 +229,19 @@ def test_lowbit_config_validation():
         LowbitFP(a_bits=1)
     with pytest.raises(ValueError, match="learn_rounding"):
         QuantConfig("lowbit-int", rank=0, learn_rounding=True)
+
+
+def test_fp8_attention_option_sets_and_restores_the_backend():
+    from velodiff.models.attention import Attention
+    pipe = vd.Pipeline.from_pretrained("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    undo = QuantConfig("fp8", rank=0, fp8_attention=True).apply(pipe)
+    backends = {m.backend for m in pipe.transformer.modules() if isinstance(m, Attention)}
+    assert backends == {"fp8"} and pipe.quantization["fp8_attention"] is True
+    out = pipe(class_labels=[3], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    assert torch.isfinite(out).all()
+    undo()
+    assert {m.backend for m in pipe.transformer.modules() if isinstance(m, Attention)} == {"auto"}
+    with pytest.raises(ValueError, match="fp8_attention goes with method 'fp8'"):
+        QuantConfig("w8a8", rank=0, fp8_attention=True)

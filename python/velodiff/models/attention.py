@@ -99,6 +99,17 @@ register_backend(AttentionBackend(
                 "masks (a fully masked query gives zeros)"))
 
 
+def _fp8(q, k, v, mask, scale):
+    from velodiff.ops.reference import fp8_attention
+    return fp8_attention(q, k, v, mask, scale)
+
+
+register_backend(AttentionBackend(
+    "fp8", _fp8,
+    description="FP8 attention, fake-quantized: Q, K per token, P (scale 1/448) and V per channel in e4m3, fp32 "
+                "accumulation (velodiff.ops.reference.fp8_attention; no kernel yet)"))
+
+
 def auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
     """The backend ``"auto"`` runs: ``"velodiff"`` for CPU inputs that it takes (fp32 / fp16 / bf16, no mask or a
     bool key-padding mask) and that need no gradient (the op has no autograd), else ``"sdpa"``. On this project's

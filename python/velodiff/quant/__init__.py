@@ -84,6 +84,9 @@ class QuantConfig:
     fp8_format: the FP8 methods' code format, "e4m3" (the default, what inference uses) or "e5m2".
     clip_percentile: FP8 methods: each weight row's scale from this percentile of its |w| instead of the maximum
     (values beyond it saturate); None: the maximum.
+    fp8_attention: with "fp8", every attention layer of the denoiser also runs in FP8 (the "fp8" attention
+    backend: Q, K, P, V in e4m3, fake-quantized until it has a kernel; a checkpoint does not record it: set it
+    again after loading with ``velodiff.models.attention.set_attention_backend(unet, "fp8")``).
     memory_budget: SVDQuant only: the whole denoiser's weight bytes (16-bit storage) at most this fraction of its
     fp16 bytes, met with the largest uniform rank <= ``rank`` that fits (:mod:`velodiff.quant.rank_budget`; 0
     means smoothing alone); None: every layer gets ``rank``.
@@ -115,6 +118,7 @@ class QuantConfig:
     fuse_activations: bool = True
     fp8_format: str = "e4m3"
     clip_percentile: Optional[float] = None
+    fp8_attention: bool = False
     calibration_timesteps: str = "all"
     w_bits: int = 4
     a_bits: Optional[int] = 8
@@ -126,6 +130,8 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.fp8_format not in ("e4m3", "e5m2"):
             raise ValueError(f"fp8_format must be 'e4m3' or 'e5m2', got {self.fp8_format!r}")
+        if self.fp8_attention and self.method != "fp8":
+            raise ValueError(f"fp8_attention goes with method 'fp8', not {self.method!r}")
         if self.clip_percentile is not None:
             if self.method not in FP8_METHODS:
                 raise ValueError(f"clip_percentile applies to the FP8 methods only, not {self.method!r}")
@@ -155,13 +161,17 @@ class QuantConfig:
 
     def apply(self, pipe) -> Callable[[], None]:
         """``velodiff.optimize`` hook: quantize in place; the returned function puts the original layers back."""
+        from velodiff.models.attention import Attention
         originals: Dict[str, nn.Module] = {}
-        quantize(pipe, self, _originals=originals)
         denoiser = denoiser_of(pipe)[1]
+        backends = {m: m.backend for m in denoiser.modules() if isinstance(m, Attention)}
+        quantize(pipe, self, _originals=originals)
 
         def undo() -> None:
             for name, module in originals.items():
                 _set_module(denoiser, name, module)
+            for module, backend in backends.items():
+                module.backend = backend
             pipe.quantization = None
         return undo
 
@@ -336,7 +346,11 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     pipe.quantization = {"format_version": FORMAT_VERSION, "method": config.method, "rank": rank,
                          "memory_budget": config.memory_budget, "component": component, "layers": sorted(layers)}
     if fp8:
-        pipe.quantization.update(fp8_format=config.fp8_format, clip_percentile=config.clip_percentile)
+        pipe.quantization.update(fp8_format=config.fp8_format, clip_percentile=config.clip_percentile,
+                                 fp8_attention=config.fp8_attention)
+    if config.fp8_attention:
+        from velodiff.models.attention import set_attention_backend
+        set_attention_backend(model, "fp8")
     return {"method": config.method, "rank": rank, "component": component, "layers": len(layers),
             "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
             "layer_bytes_before": before, "layer_bytes_after": after,
