@@ -239,3 +239,20 @@ def test_native_op_checks_too():
                                     torch.float32, 0)
     with pytest.raises(ValueError, match="quantize_fp8: format"):
         torch.ops.velodiff.quantize_fp8(torch.randn(2, 2), "e2m1")
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx512"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_encoding_matches_the_oracle(monkeypatch, isa, fmt, dtype):
+    """The kernels' own encoder on every tie, subnormal and boundary of the format: a row whose maximum is the
+    format's largest value has scale 1, so its codes are encode(x) itself (both CPU paths; the second falls back to
+    the first on a CPU without AVX-512). Values not representable in ``dtype`` are rounded to it first."""
+    monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
+    v = special_inputs(fmt)
+    v = v[torch.isfinite(v) & (v.abs() <= ref.FP8_MAX[fmt])].to(dtype)
+    row = torch.cat([torch.tensor([ref.FP8_MAX[fmt]], dtype=dtype), v])[None]
+    codes, scales = quantize_fp8(row, fmt)
+    assert float(scales[0]) == 1.0
+    want = [oracle_code(float(x), fmt) for x in row[0].float().tolist()]
+    assert codes[0].view(torch.uint8).tolist() == want
