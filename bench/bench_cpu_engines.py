@@ -8,7 +8,7 @@ tokens, inference mode. Engines (each a callable doing one UNet forward; all tim
   diffusers bf16                       the same weights cast to bf16
   velodiff fp32 / bf16                 our UNet as loaded (NCHW)
   velodiff_packed fp32 / bf16          what from_pretrained loads on the CPU: channels-last, oneDNN conv weights
-                                       packed once, in bf16 the linear weights too (fastest_cpu_layout)
+                                       and linear weights packed once (fastest_cpu_layout)
   velodiff_w8a8 fp32 / bf16            velodiff_packed with the transformer blocks' linears quantized W8A8
                                        (vd.quant.quantize, method w8a8, layers "default": int8 weights per
                                        (channel, group of 64), activations per (token, group) at run time;
