@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qgemm_cpu import QUICK, SHAPES  # noqa: E402
-from common import compare, load_average, summarise_ratios, write_results  # noqa: E402
+from common import check_ranges, compare, load_average, summarise_ratios, write_results  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -63,10 +63,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="three shapes only")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    for flag, value, most in (("--threads", args.threads, os.cpu_count() or 1), ("--rounds", args.rounds, 100)):
-        if not 1 <= value <= most:
-            print(f"bench_fp8_cpu.py: {flag}: must be from 1 to {most}, got {value}", file=sys.stderr)
-            sys.exit(2)
+    check_ranges("bench_fp8_cpu.py", (("--threads", args.threads, 1, os.cpu_count() or 1),
+                                      ("--rounds", args.rounds, 1, 100)))
     torch.set_num_threads(args.threads)
     load_start, rows, timings = load_average(), [], {}
     path = velodiff.info()["cpu_kernel_paths"].get("fp8_gemm", "?")

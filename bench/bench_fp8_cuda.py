@@ -17,7 +17,6 @@ Writes <out>/fp8_cuda_<gpu>.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,9 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qgemm_cuda import gpu_time, rel, shapes  # noqa: E402
 from common import write_results  # noqa: E402
 
+from velodiff.commands.args import Parser  # noqa: E402
+
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quant_layers import layer_cases  # noqa: E402
-from common import write_results  # noqa: E402
+from common import check_ranges, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -50,10 +50,8 @@ def main():
     ap.add_argument("--learn", action="store_true", help="also lowbit-fp W4A8 with learned rounding")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    for flag, value in (("--tokens", args.tokens), ("--calibration-rows", args.calibration_rows)):
-        if not 1 <= value <= 65536:
-            print(f"bench_fp8_layers.py: {flag}: must be from 1 to 65536, got {value}", file=sys.stderr)
-            sys.exit(2)
+    check_ranges("bench_fp8_layers.py", (("--tokens", args.tokens, 1, 65536),
+                                         ("--calibration-rows", args.calibration_rows, 1, 65536)))
     methods = {
         "int w8a8": lambda lin, cal: quantize_layer(lin.weight, lin.bias, "w8a8", None, rank=0),
         "fp8 w8a8": lambda lin, cal: Fp8Linear.from_linear(lin, "fp8"),

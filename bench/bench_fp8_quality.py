@@ -26,13 +26,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_precision_quality import GUIDANCE, quality_rows  # noqa: E402
+from bench_precision_quality import quality_parser, quality_rows  # noqa: E402
 from common import load_average, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
 import velodiff as vd  # noqa: E402
-from velodiff.commands.args import Parser  # noqa: E402
 
 F32 = torch.float32
 VARIANTS = (("fp32", F32, None), ("fp8 w8a8 e4m3", F32, vd.quant.FP8()),
@@ -60,20 +59,14 @@ ALL_LAYERS = (("fp8 w8a8 e4m3, all layers", F32, vd.quant.FP8(layers="all")),
 
 
 def main():
-    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
-    ap.add_argument("--models", nargs="+", default=sorted(GUIDANCE), choices=sorted(GUIDANCE))
-    ap.add_argument("--per-class", type=int, default=100)
-    ap.add_argument("--psnr-images", type=int, default=4, help="images per class for the PSNR to fp32")
-    ap.add_argument("--timesteps", action="store_true",
-                    help="instead: the calibrated methods under each timestep sampling (fp8_quality_timesteps_digits)")
-    ap.add_argument("--attention", action="store_true",
-                    help="instead: FP8 W8A8 with and without FP8 attention (fp8_quality_attention_digits)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = ap.parse_args()
-    for flag, value in (("--per-class", args.per_class), ("--psnr-images", args.psnr_images)):
-        if not 1 <= value <= 100:
-            print(f"bench_fp8_quality.py: {flag}: must be from 1 to 100, got {value}", file=sys.stderr)
-            sys.exit(2)
+    ap = quality_parser(__doc__.split("\n\n")[0], "bench_fp8_quality.py")
+    table = ap.add_mutually_exclusive_group()
+    table.add_argument("--timesteps", action="store_true",
+                       help="instead: the calibrated methods under each timestep sampling "
+                            "(fp8_quality_timesteps_digits)")
+    table.add_argument("--attention", action="store_true",
+                       help="instead: FP8 W8A8 with and without FP8 attention (fp8_quality_attention_digits)")
+    args = ap.parse()
     load_start, rows = load_average(), []
     for model in args.models:
         variants = (TIMESTEP_VARIANTS if args.timesteps else ATTENTION_VARIANTS if args.attention

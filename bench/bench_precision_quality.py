@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_average, write_results  # noqa: E402
+from common import check_ranges, load_average, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -74,17 +74,25 @@ def quality_rows(models, variants, per_class: int, psnr_images: int):
     return rows
 
 
-def main():
-    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
+def quality_parser(description: str, script: str):
+    """The flags both quality benches take (--models, --per-class, --psnr-images, --out); ``parse(argv)`` of the
+    returned parser also checks their ranges (one line, exit 2)."""
+    ap = Parser(description=description)  # one-line errors, exit 2
     ap.add_argument("--models", nargs="+", default=sorted(GUIDANCE), choices=sorted(GUIDANCE))
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--psnr-images", type=int, default=4, help="images per class for the PSNR to fp32")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = ap.parse_args()
-    for flag, value in (("--per-class", args.per_class), ("--psnr-images", args.psnr_images)):
-        if not 1 <= value <= 100:
-            print(f"bench_precision_quality.py: {flag}: must be from 1 to 100, got {value}", file=sys.stderr)
-            sys.exit(2)
+
+    def parse(argv=None):
+        args = ap.parse_args(argv)
+        check_ranges(script, (("--per-class", args.per_class, 1, 100), ("--psnr-images", args.psnr_images, 1, 100)))
+        return args
+    ap.parse = parse
+    return ap
+
+
+def main():
+    args = quality_parser(__doc__.split("\n\n")[0], "bench_precision_quality.py").parse()
     load_start = load_average()
     rows = quality_rows(args.models, VARIANTS, args.per_class, args.psnr_images)
     note = (f"velodiff.eval: {args.per_class} images per digit, 20 steps of dpmpp_2m, seed 0, 95% intervals "

@@ -18,6 +18,16 @@ from velodiff.timing import Comparison, compare, load_average, spread  # noqa: F
 import torch
 
 
+def check_ranges(script: str, checks) -> None:
+    """Exit with one line and status 2 (as the CLI does) when a flag is out of range: ``checks`` holds
+    (flag, value, lowest, highest)."""
+    import sys
+    for flag, value, lo, hi in checks:
+        if not lo <= value <= hi:
+            print(f"{script}: {flag}: must be from {lo} to {hi}, got {value}", file=sys.stderr)
+            sys.exit(2)
+
+
 def machine() -> Dict[str, str]:
     from velodiff.info import cpu_model
     info = {"cpu": cpu_model(), "cpu_threads": str(torch.get_num_threads()), "torch": torch.__version__,

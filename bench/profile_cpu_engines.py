@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_unet import SD15, build_pair, diffusers_twin, inputs, share_weights  # noqa: E402
-from common import load_average, write_results  # noqa: E402
+from common import check_ranges, load_average, write_results  # noqa: E402
 
 from velodiff.commands.args import Parser  # noqa: E402
 from velodiff.models.conv_prepack import fastest_cpu_layout  # noqa: E402
@@ -99,10 +99,8 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    for flag, value, most in (("--steps", args.steps, 100), ("--threads", args.threads, os.cpu_count() or 1)):
-        if not 1 <= value <= most:
-            print(f"profile_cpu_engines.py: {flag}: must be from 1 to {most}, got {value}", file=sys.stderr)
-            sys.exit(2)
+    check_ranges("profile_cpu_engines.py", (("--steps", args.steps, 1, 100),
+                                            ("--threads", args.threads, 1, os.cpu_count() or 1)))
     torch.set_num_threads(args.threads)
     load_start = load_average()
     theirs, _ = build_pair(SD15)

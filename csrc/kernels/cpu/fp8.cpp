@@ -195,19 +195,23 @@ void gemm_bf16(const Fp8GemmArgs& a) {
 // codes and scales, which the tests check against the reference on either path.
 // ---------------------------------------------------------------------------------------------------------------
 
+// Row m's scale from its absolute maximum, stored; a zero row gets zero codes here. Returns the scale.
+float store_scale(const QuantizeFp8Args& a, int64_t m, float amax) {
+  const float s = amax / fp8_max(a.format);
+  a.scales[m] = s;
+  if (s == 0.f) std::memset(a.codes + m * a.K, 0, static_cast<size_t>(a.K));
+  return s;
+}
+
 void quantize_row_portable(const QuantizeFp8Args& a, int64_t m) {
   float amax = 0.f;
   for (int64_t k = 0; k < a.K; ++k) {
     const float v = std::fabs(load_elem(a.dtype, a.x, m * a.K + k));
     amax = (v > amax || v != v) && amax == amax ? v : amax;  // a NaN, once seen, stays
   }
-  const float s = amax / fp8_max(a.format);
-  a.scales[m] = s;
+  const float s = store_scale(a, m, amax);
+  if (s == 0.f) return;
   uint8_t* row = a.codes + m * a.K;
-  if (s == 0.f) {
-    std::memset(row, 0, static_cast<size_t>(a.K));
-    return;
-  }
   for (int64_t k = 0; k < a.K; ++k) row[k] = encode_fp8(load_elem(a.dtype, a.x, m * a.K + k) / s, a.format);
 }
 
@@ -265,14 +269,9 @@ VD_AVX512 void quantize_row_avx512(const QuantizeFp8Args& a, int64_t m) {
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vmax = _mm512_max_ps(vmax, v);
   }
-  const float amax = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
-  const float s = amax / fp8_max(a.format);
-  a.scales[m] = s;
+  const float s = store_scale(a, m, nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax));
+  if (s == 0.f) return;
   uint8_t* row = a.codes + m * a.K;
-  if (s == 0.f) {
-    std::memset(row, 0, static_cast<size_t>(a.K));
-    return;
-  }
   const __m512 vs = _mm512_set1_ps(s);
   for (int64_t k = 0; k < a.K; k += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, a.K - k));

@@ -21,10 +21,13 @@ where MKL's sgemm lags (OpenVINO's fp32 layers run MLAS for the same reason; MKL
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
+@functools.lru_cache(maxsize=None)  # the torch build does not change: looked up once, not per call
 def _available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
@@ -106,6 +109,7 @@ class PackedConv2d(_DropsPacks, nn.Conv2d):
             self.groups, "none", [], "")
 
 
+@functools.lru_cache(maxsize=None)
 def _linear_available() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))

@@ -48,3 +48,15 @@ def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Optional[Tu
         raise ValueError(f"{name} is on {t.device} but {f'{like} is on' if like else 'must be on'} {device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous())")
+
+
+def check_rows(name: str, t, dtypes: Sequence[torch.dtype]) -> None:
+    """``t`` must be a contiguous 2-D [M, K] tensor of a dtype in ``dtypes`` (the activations a quantizer takes)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {dtype_names(dtypes)}, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, K] (flatten leading dimensions), got shape {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous())")

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from velodiff.ops import reference
-from velodiff.ops._checks import check_tensor as _check_tensor, dtype_names as _dtype_names
+from velodiff.ops._checks import check_rows as _check_rows, check_tensor as _check_tensor, dtype_names as _dtype_names
 from velodiff.ops._native import native_op
 
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,14 +20,7 @@ FP8_DTYPES = tuple(reference.FP8_DTYPES.values())
 
 def check_quantize_fp8_args(x, format) -> None:
     """Raise a TypeError/ValueError naming the offending argument; shared by the wrapper and the tests."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in MODEL_DTYPES:
-        raise TypeError(f"x must be {_dtype_names(MODEL_DTYPES)}, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K] (flatten leading dimensions), got shape {list(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (call .contiguous())")
+    _check_rows("x", x, MODEL_DTYPES)
     if not isinstance(format, str):
         raise TypeError(f"format must be a str ('e4m3' or 'e5m2'), got {type(format).__name__}")
     if format not in reference.FP8_DTYPES:

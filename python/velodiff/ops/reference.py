@@ -213,12 +213,15 @@ def encode_fp8(v: torch.Tensor, fmt: str) -> torch.Tensor:
     return codes.view(FP8_DTYPES[fmt])
 
 
-def quantize_fp8(x: torch.Tensor, fmt: str = "e4m3") -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(x: torch.Tensor, fmt: str = "e4m3", amax: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``velodiff::quantize_fp8``: x [M, K] -> (codes [M, K] FP8_DTYPES[fmt], scales float32 [M]),
     scales[m] = max_k |x[m, k]| / FP8_MAX (NaN if the row holds one), codes = encode(x / scale) (0 where scale = 0).
-    """
+    ``amax`` [M]: the row maxima to scale by instead (a clipping range; values beyond it saturate)."""
     xf = x.float()
-    scales = xf.abs().amax(dim=1) / FP8_MAX[fmt] if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    if amax is None:
+        amax = xf.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    scales = amax.float() / FP8_MAX[fmt]
     zero = scales == 0
     safe = torch.where(zero, torch.ones_like(scales), scales)
     codes = encode_fp8(torch.where(zero[:, None], torch.zeros_like(xf), xf / safe[:, None]), fmt)

@@ -32,7 +32,8 @@ from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError,
                                        is_quantized_folder)
 from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
 from velodiff.quant.linear import METHODS as INT_METHODS, QuantizedLinear
-from velodiff.quant.lowbit_fp import FpFormat, LowbitFpLinear, quantize_linear as lowbit_linear
+from velodiff.quant.lowbit_fp import (FpFormat, LowbitFpLinear, formats_of, quantize_linear as lowbit_linear,
+                                      quantize_rows)
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
 from velodiff.quant.rank_budget import rank_for_budget
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
@@ -203,7 +204,6 @@ def LowbitINT(w_bits: int = 4, a_bits: Optional[int] = 8, **kwargs) -> QuantConf
 def _activation_format(config: QuantConfig, sample: Optional[torch.Tensor]) -> Optional[FpFormat]:
     """The per-token activation format of a low-bit layer: None (a_bits None), INT for lowbit-int, e4m3 at 8 bits,
     else the a_bits float format with the least error on the layer's calibration rows."""
-    from velodiff.quant.lowbit_fp import formats_of, quantize_rows
     if config.a_bits is None:
         return None
     if config.method == "lowbit-int":

@@ -122,7 +122,4 @@ def quantize_weight(w: torch.Tensor, format: str = "e4m3", clip_percentile: Opti
         raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile!r}")
     absw = w.float().abs()
     limit = torch.quantile(absw, clip_percentile / 100.0, dim=1) if absw.shape[1] else absw.new_zeros(absw.shape[0])
-    scales = limit / reference.FP8_MAX[format]
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    codes = reference.encode_fp8(torch.where((scales == 0)[:, None], 0.0, w.float() / safe[:, None]), format)
-    return codes, scales
+    return reference.quantize_fp8(w, format, amax=limit)

@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from velodiff.ops.reference import QACTIVATIONS, _activation
+
 
 @dataclass(frozen=True)
 class FpFormat:
@@ -197,7 +199,6 @@ class LowbitFpLinear(nn.Module):
             x = q.to(x.dtype).reshape(*lead, self.in_features)
         y = nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
         if self.fused_activation != "none":
-            from velodiff.ops.reference import QACTIVATIONS, _activation
             y = _activation(y, QACTIVATIONS[self.fused_activation])
         return y
 
