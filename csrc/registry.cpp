@@ -28,10 +28,11 @@ TORCH_LIBRARY(velodiff, m) {
   m.def("qgemm_pack(Tensor qw, Tensor wscales, Tensor? bias, Tensor? lora_up, int bits) -> Tensor");
   // FP8 W8A8 GEMM family; format, rounding and the GEMM formula in csrc/include/velodiff/fp8.h.
   // quantize_fp8 -> (codes [M, K] float8_e4m3fn | float8_e5m2, scales float32 [M]): dynamic per-row scales.
+  // fp8_gemm with w_table (float8_e4m3fn [16]): w is uint8 [N, ceil(K/2)], 4-bit indices into the table (W4A8).
   m.def("quantize_fp8(Tensor x, str format=\"e4m3\") -> (Tensor, Tensor)");
   m.def(
       "fp8_gemm(Tensor a, Tensor ascales, Tensor w, Tensor wscales, Tensor? bias, ScalarType out_dtype, "
-      "int activation=0) -> Tensor");
+      "int activation=0, Tensor? w_table=None) -> Tensor");
   // Cache gate: relative-L1 distance of a probe to the stored one, rescale, accumulation, decision; stored and
   // state are updated in place, the decision is returned as int32 [1]; format in csrc/include/velodiff/cache_gate.h.
   m.def(

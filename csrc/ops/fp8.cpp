@@ -17,9 +17,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu_op(const at::Tensor& x, c10:
 
 at::Tensor fp8_gemm_cpu_op(const at::Tensor& a, const at::Tensor& ascales, const at::Tensor& w,
                            const at::Tensor& wscales, const std::optional<at::Tensor>& bias,
-                           at::ScalarType out_dtype, int64_t activation) {
+                           at::ScalarType out_dtype, int64_t activation,
+                           const std::optional<at::Tensor>& w_table) {
   at::Tensor y;
-  const Fp8GemmArgs g = prepare_fp8_gemm(a, ascales, w, wscales, bias, out_dtype, activation, y);
+  const Fp8GemmArgs g = prepare_fp8_gemm(a, ascales, w, wscales, bias, out_dtype, activation, w_table, y);
   char error[256] = {0};
   TORCH_CHECK(fp8_gemm_cpu(g, error), error);
   return y;

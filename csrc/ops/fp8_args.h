@@ -50,21 +50,33 @@ inline QuantizeFp8Args prepare_quantize_fp8(const at::Tensor& x, const std::stri
   return a;
 }
 
-// velodiff::fp8_gemm. a [M, K] and w [N, K] FP8 codes (either format each); ascales float32 [M], wscales float32
-// [N]; bias None or out_dtype [N]; out_dtype float32 | float16 | bfloat16; activation 0 none, 1 gelu, 2 gelu_tanh,
-// 3 silu; everything contiguous and on a's device. Allocates y out_dtype [M, N]; returns the filled args.
+// velodiff::fp8_gemm. a [M, K] FP8 codes; w [N, K] FP8 codes (either format each), or with w_table (float8_e4m3fn
+// [16]) uint8 [N, ceil(K / 2)] 4-bit indices into it; ascales float32 [M], wscales float32 [N]; bias None or
+// out_dtype [N]; out_dtype float32 | float16 | bfloat16; activation 0 none, 1 gelu, 2 gelu_tanh, 3 silu; everything
+// contiguous and on a's device. Allocates y out_dtype [M, N]; returns the filled args.
 inline Fp8GemmArgs prepare_fp8_gemm(const at::Tensor& a, const at::Tensor& ascales, const at::Tensor& w,
                                     const at::Tensor& wscales, const std::optional<at::Tensor>& bias,
-                                    at::ScalarType out_dtype, int64_t activation, at::Tensor& y) {
+                                    at::ScalarType out_dtype, int64_t activation,
+                                    const std::optional<at::Tensor>& w_table, at::Tensor& y) {
   const char* op = "fp8_gemm";
   const at::Device dev = a.device();
-  const Fp8Format af = fp8_format_of(op, "a", a), wf = fp8_format_of(op, "w", w);
+  const Fp8Format af = fp8_format_of(op, "a", a);
   TORCH_CHECK_VALUE(a.dim() == 2, op, ": a must be 2-D [M, K], got shape ", a.sizes());
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == a.size(1), op, ": w must have shape [N, ", a.size(1),
-                    "] (K = a.shape[1]), got ", w.sizes());
-  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  const int64_t M = a.size(0), K = a.size(1), N = w.dim() == 2 ? w.size(0) : -1;
+  Fp8Format wf = Fp8Format::kE4M3;
+  if (w_table.has_value()) {
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (4-bit indices) when w_table is given, got ",
+                     qdtype_name(w.scalar_type()));
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == (K + 1) / 2, op, ": w must have shape [N, ", (K + 1) / 2,
+                      "] (two 4-bit indices per byte, K = a.shape[1]), got ", w.sizes());
+    check_qtensor(op, "w_table", *w_table, at::kFloat8_e4m3fn, {16}, dev);
+  } else {
+    wf = fp8_format_of(op, "w", w);
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == K, op, ": w must have shape [N, ", K, "] (K = a.shape[1]), got ",
+                      w.sizes());
+  }
   check_qtensor(op, "a", a, a.scalar_type(), {M, K}, dev);
-  check_qtensor(op, "w", w, w.scalar_type(), {N, K}, dev);
+  check_qtensor(op, "w", w, w.scalar_type(), {N, w.size(1)}, dev);
   check_qtensor(op, "ascales", ascales, at::kFloat, {M}, dev);
   check_qtensor(op, "wscales", wscales, at::kFloat, {N}, dev);
   TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16, op,
@@ -88,6 +100,7 @@ inline Fp8GemmArgs prepare_fp8_gemm(const at::Tensor& a, const at::Tensor& ascal
   g.M = M;
   g.N = N;
   g.K = K;
+  g.w_table = w_table.has_value() ? static_cast<const uint8_t*>(w_table->data_ptr()) : nullptr;
   return g;
 }
 

@@ -26,11 +26,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda_op(const at::Tensor& x, c10
 
 at::Tensor fp8_gemm_cuda_op(const at::Tensor& a, const at::Tensor& ascales, const at::Tensor& w,
                             const at::Tensor& wscales, const std::optional<at::Tensor>& bias,
-                            at::ScalarType out_dtype, int64_t activation) {
+                            at::ScalarType out_dtype, int64_t activation,
+                            const std::optional<at::Tensor>& w_table) {
   TORCH_CHECK_VALUE(a.is_cuda(), "fp8_gemm: a is on ", a.device(), " but other arguments are on CUDA");
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor y;
-  const Fp8GemmArgs g = prepare_fp8_gemm(a, ascales, w, wscales, bias, out_dtype, activation, y);
+  const Fp8GemmArgs g = prepare_fp8_gemm(a, ascales, w, wscales, bias, out_dtype, activation, w_table, y);
   check_launch("fp8_gemm", fp8_gemm_cuda(g, c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

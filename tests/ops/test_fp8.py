@@ -205,6 +205,92 @@ def test_gemm_nan_rows_propagate():
     assert bool((y[1] == 0).all()) and bool(y[[0, 4, 5]].isfinite().all())
 
 
+# --- fp8_gemm with 4-bit weights (W4A8: indices into a 16-entry e4m3 table) ------------------------------------
+
+def make_w4_gemm(m, k, n, out_dtype, seed=0):
+    """Activation codes as make_gemm; weights as 4-bit indices into a random table of 16 finite e4m3 codes (any
+    table works, not only a format's), packed two per byte; ``decoded`` holds the weight codes for the bound."""
+    g = torch.Generator().manual_seed(seed)
+    args = make_gemm(m, k, n, "e4m3", "e4m3", out_dtype, seed=seed)
+    table = ref.encode_fp8(torch.randn(16, generator=g) * 4, "e4m3")
+    indices = torch.randint(0, 16, (n, k), generator=g)
+    wscales = torch.rand(n, generator=g) / max(k, 1) ** 0.5 + 1e-3
+    args.update(w=ref.pack_nibbles(indices), wscales=wscales, w_table=table)
+    return args, table.float()[indices]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 31, 17), (13, 64, 16), (12, 130, 40), (77, 257, 33)])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_w4_gemm_matches_the_decoded_product(device, m, k, n, out_dtype):
+    args, decoded = make_w4_gemm(m, k, n, out_dtype, seed=m + k + n)
+    y = fp8_gemm(**{key: None if t is None else t.to(device) for key, t in args.items()}, out_dtype=out_dtype)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    assert_gemm_within_bound(y, dict(args, w=decoded), "none", device, str((m, k, n)))
+    # the reference decodes the same way
+    want = ref.fp8_gemm(args["a"], args["ascales"], args["w"], args["wscales"], args["bias"], torch.float64, 0,
+                        args["w_table"])
+    assert_gemm_within_bound(want, dict(args, w=decoded), "none", "cpu", "reference")
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx512bf16"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_w4_gemm_paths(monkeypatch, isa, activation):
+    monkeypatch.setenv("VELODIFF_CPU_ISA", isa)
+    args, decoded = make_w4_gemm(30, 1001, 45, torch.bfloat16, seed=5)
+    y = fp8_gemm(**args, out_dtype=torch.bfloat16, activation=activation)
+    assert_gemm_within_bound(y, dict(args, w=decoded), activation, "cpu", isa)
+
+
+def test_w4_gemm_equals_the_fp8_gemm_of_its_decoded_weight():
+    """Decoding through the table then multiplying is the same arithmetic as FP8 codes (same kernel path): equal."""
+    args, decoded = make_w4_gemm(20, 96, 24, torch.float32, seed=9)
+    y4 = fp8_gemm(**args, out_dtype=torch.float32)
+    y8 = fp8_gemm(**dict(args, w=ref.encode_fp8(decoded, "e4m3"), w_table=None), out_dtype=torch.float32)
+    assert torch.equal(y4, y8)
+
+
+def test_w4_gemm_bad_arguments():
+    args, _ = make_w4_gemm(4, 9, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"w must have shape \[N, 5\]"):
+        fp8_gemm(**dict(args, w=args["w"][:, :4].contiguous()))
+    with pytest.raises(TypeError, match="w must be uint8"):
+        fp8_gemm(**dict(args, w=args["w"].view(torch.float8_e4m3fn)))
+    with pytest.raises(ValueError, match="w_table must have shape"):
+        fp8_gemm(**dict(args, w_table=args["w_table"][:8]))
+    with pytest.raises(TypeError, match="w_table must be"):
+        fp8_gemm(**dict(args, w_table=args["w_table"].float()))
+    a = args
+    with pytest.raises(ValueError, match=r"fp8_gemm: w must have shape \[N, 5\]"):
+        torch.ops.velodiff.fp8_gemm(a["a"], a["ascales"], a["w"][:, :4].contiguous(), a["wscales"], None,
+                                    torch.float32, 0, a["w_table"])
+    with pytest.raises(TypeError, match="fp8_gemm: w_table must be"):
+        torch.ops.velodiff.fp8_gemm(a["a"], a["ascales"], a["w"], a["wscales"], None, torch.float32, 0,
+                                    a["w_table"].view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """Schemas, fake (meta) implementations and autograd registration agree with the kernels (torch.compile and
+    CUDA graphs see through the ops)."""
+    x = make_x(5, 70, torch.bfloat16, seed=4).to(device)
+    # test_schema compares tensors with a multiplication torch lacks for float8 (inputs and outputs here); the rest
+    # runs
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.velodiff.quantize_fp8.default, (x, "e4m3"), test_utils=no_schema)
+    torch.library.opcheck(torch.ops.velodiff.quantize_fp8.default, (x, "e5m2"), test_utils=no_schema)
+    args = {k: None if t is None else t.to(device) for k, t in make_gemm(5, 70, 9, "e4m3", "e5m2", torch.float16,
+                                                                           seed=4).items()}
+    torch.library.opcheck(torch.ops.velodiff.fp8_gemm.default,
+                          (args["a"], args["ascales"], args["w"], args["wscales"], args["bias"], torch.float16, 3),
+                          test_utils=no_schema)
+    w4, _ = make_w4_gemm(5, 71, 9, torch.bfloat16, seed=4)
+    w4 = {k: None if t is None else t.to(device) for k, t in w4.items()}
+    torch.library.opcheck(torch.ops.velodiff.fp8_gemm.default,
+                          (w4["a"], w4["ascales"], w4["w"], w4["wscales"], None, torch.bfloat16, 0, w4["w_table"]),
+                          test_utils=no_schema)
+
+
 # --- bad input --------------------------------------------------------------------------------------------------
 
 def test_bad_arguments_name_the_argument():

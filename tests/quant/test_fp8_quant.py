@@ -161,7 +161,8 @@ def test_cli_quantize_fp8_and_errors(tmp_path, capsys):
 # --- low-bit float formats (fake-quantized) ---------------------------------------------------------------------
 
 from velodiff.quant import FpFormat, LowbitFP, LowbitINT, LowbitFpLinear  # noqa: E402
-from velodiff.quant.lowbit_fp import formats_of, learn_rounding, quantize_rows, round_to_format  # noqa: E402
+from velodiff.quant.lowbit_fp import (format_table, formats_of, grid_rows, grid_step, learn_rounding,  # noqa: E402
+                                      magnitudes, quantize_rows, round_to_format)
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
@@ -195,12 +196,13 @@ def test_learned_rounding_beats_nearest_on_the_layer_output():
     x = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3, 64)  # uneven channels: rounding choices matter
     fmt = FpFormat.parse("e2m1")
     nearest, _ = quantize_rows(w, fmt)
-    learned = learn_rounding(w, x, fmt, 1.0, iters=300)
+    grid, scales = learn_rounding(w, x, fmt, 1.0, iters=300)
+    learned = grid * scales[:, None]
     err = lambda q: float((x @ (q - w).T).square().sum())  # noqa: E731
     assert err(learned) < 0.9 * err(nearest)
-    # still on the grid, with the same scales: every value is the grid value below or above the weight
-    scale = (w.abs().amax(1) / fmt.max)[:, None]
-    assert torch.equal(round_to_format(learned / scale, fmt) * scale, learned)
+    # on the grid, with the same scales as nearest rounding, each value the grid value below or above the weight
+    assert torch.equal(scales, w.abs().amax(1) / fmt.max) and torch.equal(round_to_format(grid, fmt), grid)
+    assert bool(((grid - w / scales[:, None]).abs() <= grid_step(w / scales[:, None], fmt)).all())
 
 
 def test_lowbit_quantize_digits_fp_vs_int():
@@ -218,8 +220,8 @@ def test_lowbit_quantize_digits_fp_vs_int():
         assert all(m.a_format.name == ("e4m3" if label == "fp" else "int8") for m in layers)
         results[label] = float((_latents(pipe) - reference).norm() / reference.norm())
         assert 0 < results[label] < 0.5
-        with pytest.raises(ValueError, match="fake-quantized"):
-            vd.quant.save_quantized(pipe, "unused")
+        # 4-bit weights are packed; e4m3 activations put the FP layers on the FP8 GEMM, int8 ones stay fake
+        assert all(m.qweight is not None and m.uses_kernel == (label == "fp") for m in layers)
 
 
 def test_lowbit_config_validation():
@@ -245,3 +247,90 @@ def test_fp8_attention_option_sets_and_restores_the_backend():
     assert {m.backend for m in pipe.transformer.modules() if isinstance(m, Attention)} == {"auto"}
     with pytest.raises(ValueError, match="fp8_attention goes with method 'fp8'"):
         QuantConfig("w8a8", rank=0, fp8_attention=True)
+
+
+# --- low-bit layers on the FP8 GEMM, and their checkpoints --------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["e1m2", "e2m1", "e3m0", "int4", "e4m3", "e5m2"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_lowbit_layer_is_the_fake_quantized_product(name, bias):
+    """A packed weight decodes exactly to grid x scale, and the FP8 GEMM (e4m3 activations) gives the fake-quantized
+    product to fp32 summation error."""
+    fmt = FpFormat.parse(name)
+    lin = linear(k=301, n=37, bias=bias)
+    grid, scales = grid_rows(lin.weight.detach(), fmt, clip=0.8)
+    layer = LowbitFpLinear(301, 37, fmt, FpFormat.parse("e4m3"), bias=bias)
+    layer.set_weight(grid, scales)
+    if bias:
+        layer.bias = lin.bias.detach().clone()
+    assert layer.uses_kernel and layer.qweight.dtype == (torch.uint8 if fmt.bits == 4 else ref.FP8_DTYPES[name])
+    assert torch.equal(layer.dequantized_weight(), grid * scales[:, None])
+    x = torch.randn(4, 9, 301, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 4, 301)
+    y = layer(x).reshape(-1, 37).double()
+    xq = quantize_rows(x.reshape(-1, 301), FpFormat.parse("e4m3"))[0].double()
+    want = xq @ layer.dequantized_weight().double().T + (lin.bias.detach().double() if bias else 0)
+    mag = xq.abs() @ layer.dequantized_weight().double().abs().T
+    assert bool(((y - want).abs() <= 301 * 2 ** -23 * mag + 1e-6).all())
+
+
+def test_format_tables_hold_every_value():
+    for fmt in (*formats_of(4), FpFormat.parse("int4")):
+        table = format_table(fmt).float()
+        mags = magnitudes(fmt).float()
+        assert len(mags) == 8 and float(mags[-1]) == fmt.max
+        assert torch.equal(table[:8], mags) and torch.equal(table[8:], -mags)
+    with pytest.raises(ValueError, match="4-bit"):
+        format_table(FpFormat.parse("e4m3"))
+
+
+def test_lowbit_dtype_moves_keep_codes_tables_and_scales():
+    fmt = FpFormat.parse("e2m1")
+    layer = LowbitFpLinear(96, 40, fmt, FpFormat.parse("e4m3"))
+    layer.set_weight(*grid_rows(linear().weight.detach(), fmt))
+    codes, table, scales = layer.qweight.clone(), layer.w_table.clone(), layer.wscales.clone()
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.qweight, codes) and layer.w_table.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.w_table.view(torch.uint8), table.view(torch.uint8)) and torch.equal(layer.wscales, scales)
+    assert layer(torch.randn(3, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_lowbit_checkpoint_round_trip_and_refusals(tmp_path):
+    pipe = vd.Pipeline.from_pretrained("digits")
+    pipe.set_progress_bar_config(disable=True)
+    vd.quant.quantize(pipe, LowbitFP(4, 8, calibration_images=2, calibration_steps=4), progress=False)
+    out = str(tmp_path / "lowbit")
+    vd.quant.save_quantized(pipe, out, dtype=torch.float32)
+    loaded = vd.Pipeline.from_pretrained(out, dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    mine = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, LowbitFpLinear)}
+    theirs = {n: m for n, m in loaded.unet.named_modules() if isinstance(m, LowbitFpLinear)}
+    assert mine.keys() == theirs.keys() and len(mine) == 32
+    assert all(m.w_format == theirs[n].w_format and m.a_format == theirs[n].a_format for n, m in mine.items())
+    assert torch.equal(_latents(loaded), _latents(pipe))  # float32 storage: the same model exactly
+    # a weight format without a packed form has no checkpoint
+    pipe3 = vd.Pipeline.from_pretrained("digits")
+    pipe3.set_progress_bar_config(disable=True)
+    vd.quant.quantize(pipe3, LowbitFP(3, 8, calibration_images=1, calibration_steps=2), progress=False)
+    with pytest.raises(ValueError, match="without a packed form"):
+        vd.quant.save_quantized(pipe3, str(tmp_path / "three"))
+
+
+@pytest.mark.parametrize("model", ["digits", "digits-dit"])
+def test_cli_quantize_lowbit(tmp_path, capsys, model):
+    out = str(tmp_path / "lb")
+    code, stdout, _ = run_cli(["quantize", "--model", model, "--method", "lowbit-fp", "--learn-rounding",
+                               "--rounding-iters", "5", "--calibration-images", "1", "--calibration-steps", "2",
+                               "--out", out], capsys)
+    assert code == 0 and "with lowbit-fp" in stdout, stdout
+    loaded = vd.Pipeline.from_pretrained(out)
+    layers = [m for m in vd.quant.denoiser_of(loaded)[1].modules() if isinstance(m, LowbitFpLinear)]
+    assert layers and all(m.learned_rounding and m.w_format.bits == 4 and m.uses_kernel for m in layers)
+
+
+def test_cli_lowbit_flag_errors(tmp_path, capsys):
+    for extra, flag in ((["--method", "fp8", "--a-bits", "4"], "--a-bits"),
+                        (["--method", "lowbit-fp", "--a-bits", "9"], "--a-bits"),
+                        (["--method", "lowbit-int", "--learn-rounding"], "--learn-rounding"),
+                        (["--method", "lowbit-fp", "--rounding-iters", "7"], "--rounding-iters")):
+        code, _, err = run_cli(["quantize", "--model", "digits", "--out", str(tmp_path / "x"), *extra], capsys)
+        assert code == 2 and err.strip().count("\n") == 0 and flag in err, err

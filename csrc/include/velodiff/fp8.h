@@ -33,6 +33,12 @@
 //   acc[m,n] = dot[m,n] * (ascales[m] * wscales[n]) + float(bias[n])
 //   y[m,n]   = T(act(acc[m,n]))   T = out_dtype (float32 | float16 | bfloat16, round to nearest even);
 //                                 act: 0 none, 1 GELU (erf), 2 GELU (tanh approximation), 3 SiLU (qgemm's codes)
+//
+// 4-bit weights (W4A8, velodiff.quant.lowbit_fp): with a decode table w_table (16 e4m3 codes), w is uint8
+// [N, ceil(K / 2)], two 4-bit indices per byte (element 2j in the low nibble of byte j, as qgemm's 4-bit storage;
+// the last high nibble of an odd K is unused), and weight element (n, k) is the e4m3 code w_table[index]. A 4-bit
+// float format of any exponent / mantissa split (e1m2, e2m1, e3m0) or int4 maps its 16 codes to values that are all
+// exact in e4m3, so the table holds them exactly and the GEMM above is unchanged (w_format = e4m3).
 // ---------------------------------------------------------------------------------------------------------
 #pragma once
 
@@ -112,6 +118,14 @@ struct Fp8GemmArgs {
   Fp8Format a_format = Fp8Format::kE4M3, w_format = Fp8Format::kE4M3;
   QActivation activation = QActivation::kNone;
   int64_t M = 0, N = 0, K = 0;
+  const uint8_t* w_table = nullptr;  // 16 e4m3 codes: w holds 4-bit indices into it, or null (w holds codes)
 };
+
+// The FP8 code (in w_format) of weight element (n, k), with or without a 4-bit decode table.
+VELODIFF_HD uint8_t fp8_weight_code(const Fp8GemmArgs& a, int64_t n, int64_t k) {
+  if (a.w_table == nullptr) return a.w[n * a.K + k];
+  const uint8_t byte = a.w[n * ((a.K + 1) / 2) + k / 2];
+  return a.w_table[(k & 1) ? byte >> 4 : byte & 15];
+}
 
 }  // namespace velodiff

@@ -12,6 +12,7 @@
 //    cannot occur here: products are multiples of 2^-32 (e5m2) or 2^-18 (e4m3), so is every partial sum.
 //  * portable: the same panels in float32, a 4-row x 16-column tile in plain C++ (the compiler vectorises the
 //    columns for whatever the baseline build targets).
+// 4-bit weights (a w_table) are decoded into the same panels through the table (fp8_weight_code).
 // The paths sum in different orders (pairs vs single products), so their last bits may differ (velodiff/fp8.h);
 // each is within fp32 summation error of the exact product, which the tests check against float64.
 // The epilogue scales, adds the bias, applies the activation and rounds to the output dtype (elem_io.h).
@@ -107,7 +108,7 @@ void gemm_portable(const Fp8GemmArgs& a) {
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * kNR, cols = std::min(kNR, N - n0);
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < kNR; ++j) panel[k * kNR + j] = j < cols ? wt[a.w[(n0 + j) * K + k]] : 0.f;
+        for (int64_t j = 0; j < kNR; ++j) panel[k * kNR + j] = j < cols ? wt[fp8_weight_code(a, n0 + j, k)] : 0.f;
       for (int64_t m0 = 0; m0 < M; m0 += kMRP) {
         const int64_t rows = std::min(kMRP, M - m0);
         float acc[kMRP][kNR] = {};
@@ -171,10 +172,9 @@ void gemm_bf16(const Fp8GemmArgs& a) {
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t n0 = p * kNR, cols = std::min(kNR, N - n0);
       for (int64_t j = 0; j < kNR; ++j) {
-        const uint8_t* wrow = a.w + (n0 + j) * K;
         for (int64_t k = 0; k < K2; ++k) {
-          const uint32_t lo = j < cols ? wt[wrow[2 * k]] : 0u;
-          const uint32_t hi = j < cols && 2 * k + 1 < K ? wt[wrow[2 * k + 1]] : 0u;
+          const uint32_t lo = j < cols ? wt[fp8_weight_code(a, n0 + j, 2 * k)] : 0u;
+          const uint32_t hi = j < cols && 2 * k + 1 < K ? wt[fp8_weight_code(a, n0 + j, 2 * k + 1)] : 0u;
           panel[k * kNR + j] = lo | (hi << 16);
         }
       }

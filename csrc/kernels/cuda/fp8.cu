@@ -6,7 +6,8 @@
 //    encoded with encode_fp8 after an IEEE division (__fdiv_rn: the build uses --use_fast_math), the arithmetic of
 //    the CPU kernel and the reference, so all three give the same codes and scales.
 //  * fp8_gemm: 64 x 64 output tiles, 256 threads of 4 x 4 outputs; K in steps of 32, the codes of both operands
-//    decoded (exactly, decode_fp8) into fp32 shared-memory tiles; fp32 FMAs; the epilogue as on the CPU.
+//    decoded (exactly, decode_fp8; 4-bit weights through their table) into fp32 shared-memory tiles; fp32 FMAs;
+//    the epilogue as on the CPU.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(kGThreads) fp8_gemm_kernel(Fp8GemmArgs p) {
       const int r = i / kBK, k = i % kBK;
       const int64_t gm = m0 + r, gn = n0 + r, gk = k0 + k;
       as[k][r] = gm < p.M && gk < p.K ? decode_fp8(p.a[gm * p.K + gk], p.a_format) : 0.f;
-      ws[k][r] = gn < p.N && gk < p.K ? decode_fp8(p.w[gn * p.K + gk], p.w_format) : 0.f;
+      ws[k][r] = gn < p.N && gk < p.K ? decode_fp8(fp8_weight_code(p, gn, gk), p.w_format) : 0.f;
     }
     __syncthreads();
 #pragma unroll 8

@@ -11,15 +11,25 @@ from velodiff.commands.errors import UsageError, step
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8, FP8) into a loadable folder",
+        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8, FP8, low-bit FP) into a loadable "
+             "folder",
         description="Calibrate on the model's own sampling trajectory, quantize the linear layers of the "
                     "denoiser's transformer blocks and write a pipeline folder that generate and eval load (with "
                     "the source folder's settings, e.g. its default guidance). An existing --out is refused "
                     "unless --force.")
     A.add_model(p, "a diffusers pipeline folder")
-    p.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8", "fp8", "fp8-weight-only"], required=True,
+    p.add_argument("--method", choices=["svdquant", "naive-w4a4", "w8a8", "fp8", "fp8-weight-only", "lowbit-fp",
+                                        "lowbit-int"], required=True,
                    help="the quantizer (fp8: e4m3 weights per channel and activations per token; fp8-weight-only: "
-                        "FP8 storage, 16-bit GEMMs)")
+                        "FP8 storage, 16-bit GEMMs; lowbit-fp: 4-bit float weights, their format (e1m2, e2m1, "
+                        "e3m0) and clipping searched per layer; lowbit-int: int4 weights, the same search)")
+    p.add_argument("--a-bits", type=_a_bits, default=8, metavar="{2..8,none}",
+                   help="lowbit methods: activation bits per token (8: e4m3, on the FP8 GEMM; fewer: a float "
+                        "format searched per layer, fake-quantized; none: unquantized; default: %(default)s)")
+    p.add_argument("--learn-rounding", action="store_true",
+                   help="lowbit-fp: learn each weight's rounding direction on the calibration data (AdaRound)")
+    p.add_argument("--rounding-iters", type=A.positive_int, default=300, metavar="N",
+                   help="lowbit-fp with --learn-rounding: Adam steps per layer (default: %(default)s)")
     p.add_argument("--fp8-format", choices=["e4m3", "e5m2"], default="e4m3",
                    help="fp8 methods: the code format (default: %(default)s)")
     p.add_argument("--clip-percentile", type=float, default=None, metavar="P",
@@ -46,6 +56,18 @@ def add_parser(sub) -> None:
                        dtype_help="dtype of the stored floating parts (scales, low-rank branch, unquantized layers; "
                                   "default: %(default)s); the quantizer itself computes in fp32")
     p.set_defaults(func=run)
+
+
+def _a_bits(text: str):
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be 2 to 8 or none, got {text!r}")
+    return value
 
 
 def _rank_text(rank: int, ranks: dict) -> str:
@@ -76,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--clip-percentile: must be in (0, 100], got {args.clip_percentile}")
     if args.fp8_format != "e4m3" and not args.method.startswith("fp8"):
         raise UsageError("--fp8-format: only for --method fp8 or fp8-weight-only")
+    lowbit = args.method.startswith("lowbit")
+    if args.a_bits != 8 and not lowbit:
+        raise UsageError("--a-bits: only for --method lowbit-fp or lowbit-int")
+    if args.learn_rounding and args.method != "lowbit-fp":
+        raise UsageError("--learn-rounding: only for --method lowbit-fp")
+    if args.rounding_iters != 300 and not args.learn_rounding:
+        raise UsageError("--rounding-iters: only with --learn-rounding")
 
     import torch
 
@@ -95,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
                                    calibration_images=args.calibration_images,
                                    calibration_steps=args.calibration_steps, seed=args.seed,
                                    fp8_format=args.fp8_format, clip_percentile=args.clip_percentile,
-                                   calibration_timesteps=args.calibration_timesteps)
+                                   calibration_timesteps=args.calibration_timesteps, w_bits=4,
+                                   a_bits=args.a_bits if lowbit else 8, learn_rounding=args.learn_rounding,
+                                   rounding_iters=args.rounding_iters)
         report = quant.quantize(pipe, config, progress=sys.stderr.isatty())
     with step(f"--out {args.out}"):
         quant.save_quantized(pipe, args.out, dtype=getattr(torch, A.DTYPES[args.dtype]), force=args.force)

@@ -67,7 +67,7 @@ if _C is not None:
         return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("velodiff::fp8_gemm")
-    def _fp8_gemm_fake(a, ascales, w, wscales, bias, out_dtype, activation=0):
+    def _fp8_gemm_fake(a, ascales, w, wscales, bias, out_dtype, activation=0, w_table=None):
         return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake("velodiff::cache_gate")

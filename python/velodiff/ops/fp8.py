@@ -43,7 +43,7 @@ def quantize_fp8(x: torch.Tensor, format: str = "e4m3") -> Tuple[torch.Tensor, t
     return native_op("quantize_fp8")(x, format)
 
 
-def check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation) -> None:
+def check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation, w_table=None) -> None:
     """Raise a TypeError/ValueError naming the offending argument; shared by the wrapper and the tests."""
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a str (one of {sorted(reference.QACTIVATIONS)}), "
@@ -52,19 +52,24 @@ def check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation) -> 
         raise ValueError(f"activation must be one of {sorted(reference.QACTIVATIONS)}, got {activation!r}")
     if out_dtype not in MODEL_DTYPES:
         raise TypeError(f"out_dtype must be {_dtype_names(MODEL_DTYPES)}, got {out_dtype}")
-    for name, t in (("a", a), ("w", w)):
+    w_dtypes = (torch.uint8,) if w_table is not None else FP8_DTYPES
+    for name, t, dtypes in (("a", a, FP8_DTYPES), ("w", w, w_dtypes)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FP8_DTYPES:
-            raise TypeError(f"{name} must be {_dtype_names(FP8_DTYPES)} (FP8 codes from quantize_fp8), got {t.dtype}")
+        if t.dtype not in dtypes:
+            what = "4-bit indices, as w_table is given" if w_table is not None else "FP8 codes from quantize_fp8"
+            raise TypeError(f"{name} must be {_dtype_names(dtypes)} ({what}), got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [{'M' if name == 'a' else 'N'}, K], got shape {list(t.shape)}")
     m, k = a.shape
-    if w.shape[1] != k:
-        raise ValueError(f"w must have shape [N, {k}] (K = a.shape[1]), got {list(w.shape)}")
+    wk = (k + 1) // 2 if w_table is not None else k
+    if w.shape[1] != wk:
+        detail = "two 4-bit indices per byte, K = a.shape[1]" if w_table is not None else "K = a.shape[1]"
+        raise ValueError(f"w must have shape [N, {wk}] ({detail}), got {list(w.shape)}")
     device = a.device
     _check_tensor("a", a, FP8_DTYPES, None, None)
-    _check_tensor("w", w, FP8_DTYPES, None, device)
+    _check_tensor("w", w, w_dtypes, None, device)
+    _check_tensor("w_table", w_table, (torch.float8_e4m3fn,), (16,), device, optional=True)
     _check_tensor("ascales", ascales, (torch.float32,), (m,), device)
     _check_tensor("wscales", wscales, (torch.float32,), (w.shape[0],), device)
     _check_tensor("bias", bias, (out_dtype,), (w.shape[0],), device, optional=True)
@@ -72,22 +77,26 @@ def check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation) -> 
 
 def fp8_gemm(a: torch.Tensor, ascales: torch.Tensor, w: torch.Tensor, wscales: torch.Tensor,
              bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.float32,
-             activation: str = "none") -> torch.Tensor:
-    """FP8 GEMM with fp32 accumulation and a fused epilogue (csrc/include/velodiff/fp8.h).
+             activation: str = "none", w_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FP8 GEMM with fp32 accumulation and a fused epilogue (csrc/include/velodiff/fp8.h); W4A8 with ``w_table``.
 
     y = act((a @ w^T) * (ascales[:, None] * wscales[None, :]) + bias), every product exact.
 
     Args:
         a: [M, K] FP8 codes (torch.float8_e4m3fn or torch.float8_e5m2), from :func:`quantize_fp8`.
         ascales: float32 [M].
-        w: [N, K] FP8 codes (either format), e.g. quantize_fp8 of a linear layer's weight.
+        w: [N, K] FP8 codes (either format), e.g. quantize_fp8 of a linear layer's weight; with ``w_table``,
+            uint8 [N, ceil(K / 2)] 4-bit indices (element 2j in the low nibble of byte j) into the table.
         wscales: float32 [N].
         bias: None or out_dtype [N].
         out_dtype: torch.float32 | torch.float16 | torch.bfloat16, the dtype of y.
         activation: "none", "gelu" (erf), "gelu_tanh" or "silu".
+        w_table: None, or float8_e4m3fn [16]: the values of a 4-bit weight format (e2m1, e3m0, int4, ...; see
+            :func:`velodiff.quant.lowbit_fp.format_table`).
     All tensors contiguous and on one device.
     Returns:
         y: out_dtype [M, N].
     """
-    check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation)
-    return native_op("fp8_gemm")(a, ascales, w, wscales, bias, out_dtype, reference.QACTIVATIONS[activation])
+    check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation, w_table)
+    return native_op("fp8_gemm")(a, ascales, w, wscales, bias, out_dtype, reference.QACTIVATIONS[activation],
+                                 w_table)

@@ -228,10 +228,29 @@ def quantize_fp8(x: torch.Tensor, fmt: str = "e4m3", amax: Optional[torch.Tensor
     return codes, scales
 
 
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [rows, ceil(k / 2)] -> int64 indices [rows, k] in [0, 15]: element 2j in the low nibble of byte j."""
+    p = packed.to(torch.int64)
+    return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def pack_nibbles(indices: torch.Tensor) -> torch.Tensor:
+    """Indices [rows, k] in [0, 15] -> uint8 [rows, ceil(k / 2)] (inverse of :func:`unpack_nibbles`; an odd k's last
+    high nibble is 0)."""
+    i = indices.to(torch.int16)
+    if i.shape[1] % 2:
+        i = torch.cat([i, i.new_zeros(i.shape[0], 1)], dim=1)
+    return (i[:, 0::2] | (i[:, 1::2] << 4)).to(torch.uint8)
+
+
 def fp8_gemm(a: torch.Tensor, ascales: torch.Tensor, w: torch.Tensor, wscales: torch.Tensor,
-             bias: Optional[torch.Tensor], out_dtype: torch.dtype, activation: int = 0) -> torch.Tensor:
+             bias: Optional[torch.Tensor], out_dtype: torch.dtype, activation: int = 0,
+             w_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference of ``velodiff::fp8_gemm`` (float64 accumulation of the exactly decoded codes):
-    y = act((a @ w^T) * (ascales[m] * wscales[n]) + bias) -> [M, N] in ``out_dtype``."""
+    y = act((a @ w^T) * (ascales[m] * wscales[n]) + bias) -> [M, N] in ``out_dtype``. With ``w_table``
+    (float8_e4m3fn [16]), w is uint8 [N, ceil(K / 2)] of 4-bit indices into it (W4A8)."""
+    if w_table is not None:
+        w = w_table.float()[unpack_nibbles(w, a.shape[1])]
     acc = (a.double() @ w.double().T) * (ascales.double()[:, None] * wscales.double()[None, :])
     if bias is not None:
         acc = acc + bias.double()[None, :]

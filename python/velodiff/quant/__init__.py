@@ -32,14 +32,12 @@ from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError,
                                        is_quantized_folder)
 from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
 from velodiff.quant.linear import METHODS as INT_METHODS, QuantizedLinear
-from velodiff.quant.lowbit_fp import (FpFormat, LowbitFpLinear, formats_of, quantize_linear as lowbit_linear,
-                                      quantize_rows)
+from velodiff.quant.lowbit_fp import (LOWBIT_METHODS, FpFormat, LowbitFpLinear, formats_of,
+                                      quantize_linear as lowbit_linear, quantize_rows)
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
 from velodiff.quant.rank_budget import rank_for_budget
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
 
-#: fake-quantized low-bit formats (LowbitFpLinear): float formats searched per layer, or INT of the same widths
-LOWBIT_METHODS = ("lowbit-fp", "lowbit-int")
 #: every quantization method: the integer ones (QuantizedLinear), the FP8 ones (Fp8Linear), the low-bit ones
 METHODS = INT_METHODS + FP8_METHODS + LOWBIT_METHODS
 #: the methods that calibrate on the model's own sampling trajectory
@@ -78,7 +76,8 @@ class QuantConfig:
     "fp8-weight-only" (FP8 weights decoded for a 16-bit GEMM); the FP8 methods take linear layers only.
     "lowbit-fp": weights in a ``w_bits`` float format chosen per layer with its clipping range (and rounding
     learned with ``learn_rounding``, ``rounding_iters`` Adam steps), activations per token in ``a_bits`` (8: e4m3;
-    fewer: a format searched per layer; None: not quantized); fake-quantized (Chen et al. 2024,
+    fewer: a format searched per layer; None: not quantized); 4-bit and e4m3 / e5m2 weights with e4m3 / e5m2
+    activations run on the FP8 GEMM (W4A8, W8A8), other combinations are fake-quantized (Chen et al. 2024,
     :mod:`velodiff.quant.lowbit_fp`). "lowbit-int": the same with symmetric INT formats, the equal-bits baseline.
     Both calibrate like SVDQuant and take linear layers only.
     rank: the low-rank branch's rank (SVDQuant only; capped at min(N, K) per layer).

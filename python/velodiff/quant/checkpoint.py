@@ -6,7 +6,7 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
 :mod:`velodiff.quant.linear`) in place of its ``weight`` and ``bias``. Its metadata:
 
     velodiff_quant_format   "1" (:data:`FORMAT_VERSION`); another value is refused with a clear message
-    method                  "svdquant" | "naive-w4a4" | "w8a8" | "fp8" | "fp8-weight-only"
+    method                  "svdquant" | "naive-w4a4" | "w8a8" | "fp8" | "fp8-weight-only" | "lowbit-fp" | "lowbit-int"
     model_class             the diffusers class of the denoiser, e.g. "UNet2DConditionModel"
     model_config            JSON of the denoiser's config (a checkpoint only loads into an identical model)
     layers                  JSON {qualified name: {"in", "out", "bits", "rank", "smooth", "bias", "method",
@@ -14,7 +14,12 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
                             1x1 convolution that the model applies to tokens, quantized as a linear layer};
                             FP8 layers (:mod:`velodiff.quant.fp8`): {"in", "out", "bias", "method", "format",
                             "fused_activation"[, "token_conv"]}, their codes stored as F8_E4M3 / F8_E5M2 and
-                            their scales in float32 whatever the model dtype}
+                            their scales in float32 whatever the model dtype; low-bit layers
+                            (:mod:`velodiff.quant.lowbit_fp`, methods "lowbit-fp" / "lowbit-int", weight formats with
+                            a packed form only): {"in", "out", "bias", "method", "w_format", "a_format" (a format name
+                            or null), "learned_rounding", "fused_activation"[, "token_conv"]}, their ``qweight``
+                            (uint8 4-bit indices or FP8 codes), ``w_table`` (F8_E4M3 [16], 4-bit formats) and
+                            float32 ``wscales``}
 
 ``Pipeline.from_pretrained`` loads such a folder like any other: importing this module registers
 :func:`load_quantized_model` with :mod:`velodiff.loading.registry` (which imports this module by name on its first
@@ -40,9 +45,10 @@ from velodiff.models.registry import model_class_for
 from velodiff.quant.conv import QuantizedConv2d, conv_geometry
 from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
 from velodiff.quant.linear import QuantizedLinear
+from velodiff.quant.lowbit_fp import LOWBIT_METHODS, FpFormat, LowbitFpLinear
 
 #: the layer classes a quantized checkpoint holds
-QUANTIZED_LAYERS = (QuantizedLinear, Fp8Linear)
+QUANTIZED_LAYERS = (QuantizedLinear, Fp8Linear, LowbitFpLinear)
 
 FORMAT_VERSION = "1"
 QUANTIZED_FILE = "velodiff_quantized.safetensors"
@@ -73,6 +79,11 @@ def _layer_spec(module: nn.Module) -> Dict[str, Any]:
     if isinstance(module, Fp8Linear):
         return {**spec, "in": module.in_features, "out": module.out_features, "bias": module.bias is not None,
                 "method": module.method, "format": module.format, "fused_activation": module.fused_activation}
+    if isinstance(module, LowbitFpLinear):
+        return {**spec, "in": module.in_features, "out": module.out_features, "bias": module.bias is not None,
+                "method": module.method, "w_format": module.w_format.name,
+                "a_format": module.a_format.name if module.a_format else None,
+                "learned_rounding": module.learned_rounding, "fused_activation": module.fused_activation}
     return {**spec, "in": module.in_features, "out": module.out_features, "bits": module.bits,
             "rank": 0 if module.lora_down is None else module.lora_down.shape[1],
             "smooth": module.smooth is not None, "bias": module.bias is not None, "method": module.method,
@@ -85,6 +96,12 @@ def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
     if not layers:
         raise ValueError("the model has no quantized layers; run velodiff.quant.quantize first")
+    fake = [f"{name} ({m.w_format.name})" for name, m in layers.items()
+            if isinstance(m, LowbitFpLinear) and m.qweight is None]
+    if fake:
+        raise ValueError(f"{len(fake)} low-bit layers have weight formats without a packed form (only 4-bit formats, "
+                         f"e4m3 and e5m2 have one), e.g. {fake[0]}; they are fake-quantized and have no checkpoint: "
+                         "quantize the model after loading it instead")
     with_lora = [name for name, m in layers.items() if getattr(m, "loras", None)]
     if with_lora:
         raise ValueError(f"remove the LoRAs from {with_lora[:3]} before saving (a checkpoint stores the quantizer's "
@@ -100,11 +117,13 @@ def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.
 
 
 def _fixed_dtype_keys(layers: Dict[str, Any]) -> set:
-    """State-dict keys of quantized layers that keep their dtype whatever the model's: FP8 layers' scales (their
-    codes are FP8, never cast); ``layers`` maps names to modules or to checkpoint specs."""
-    def is_fp8(m):
-        return isinstance(m, Fp8Linear) or (isinstance(m, dict) and m.get("method") in FP8_METHODS)
-    return {f"{name}.wscales" for name, m in layers.items() if is_fp8(m)}
+    """State-dict keys of quantized layers that keep their dtype whatever the model's: FP8 and low-bit layers'
+    float32 scales (their codes and tables are FP8 or uint8, never cast); ``layers`` maps names to modules or to
+    checkpoint specs."""
+    def per_channel(m):
+        return isinstance(m, (Fp8Linear, LowbitFpLinear)) or (
+            isinstance(m, dict) and m.get("method") in FP8_METHODS + LOWBIT_METHODS)
+    return {f"{name}.wscales" for name, m in layers.items() if per_channel(m)}
 
 
 def _model_dtype_tensor(key: str, t: torch.Tensor, keep: set) -> bool:
@@ -124,9 +143,6 @@ def save_quantized(pipe, out: str, dtype: torch.dtype = torch.float16, force: bo
     quant = getattr(pipe, "quantization", None)
     if not quant:
         raise ValueError("the pipeline is not quantized; run velodiff.quant.quantize(pipe, config) first")
-    if quant["method"] in ("lowbit-fp", "lowbit-int"):
-        raise ValueError(f"method {quant['method']!r} is fake-quantized (no kernel, no packed format yet), so it has "
-                         "no checkpoint; quantize the model after loading it instead")
     source = getattr(pipe, "name_or_path", None)
     if not source or not os.path.isfile(os.path.join(source, "model_index.json")):
         raise ValueError(f"save_quantized copies the unquantized components from the pipeline's folder, and this "
@@ -181,10 +197,9 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
             raise QuantizedCheckpointError(
                 f"{path}: layer {name!r} is a {'conv' if conv else 'linear'} [{spec['out']}, {spec['in']}] in the "
                 f"checkpoint but {type(old).__name__}{tuple(getattr(old, 'weight', torch.empty(0)).shape)} here")
-        if spec.get("method") in FP8_METHODS:
+        if spec.get("method") in FP8_METHODS + LOWBIT_METHODS:
             with torch.device("meta"):
-                shell = Fp8Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, method=spec["method"],
-                                  format=spec["format"], fused_activation=spec.get("fused_activation", "none"))
+                shell = _per_channel_shell(spec, dtype, path)
             shell.token_conv = bool(spec.get("token_conv", False))
             _set_module(model, name, shell)
             continue
@@ -196,6 +211,22 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
                      QuantizedLinear(spec["in"], spec["out"], **options))
         shell.token_conv = bool(spec.get("token_conv", False))
         _set_module(model, name, shell)
+
+
+def _per_channel_shell(spec: Dict[str, Any], dtype: torch.dtype, path: str) -> nn.Module:
+    """An empty Fp8Linear or LowbitFpLinear for a checkpoint's layer spec."""
+    fused = spec.get("fused_activation", "none")
+    if spec["method"] in FP8_METHODS:
+        return Fp8Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype, method=spec["method"],
+                         format=spec["format"], fused_activation=fused)
+    try:
+        w_format = FpFormat.parse(spec["w_format"])
+        a_format = FpFormat.parse(spec["a_format"]) if spec.get("a_format") else None
+    except (KeyError, ValueError) as exc:
+        raise QuantizedCheckpointError(f"{path}: damaged low-bit layer spec {spec} ({exc})") from None
+    return LowbitFpLinear(spec["in"], spec["out"], w_format, a_format, bias=spec["bias"], dtype=dtype,
+                          learned_rounding=bool(spec.get("learned_rounding")), method=spec["method"],
+                          fused_activation=fused)
 
 
 def _read_state(path: str, dtype: torch.dtype, device, layers: Dict[str, Dict[str, Any]]) -> Dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ rounding rule of fp8.h.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,8 +31,33 @@ from velodiff.ops._native import native_op
 FP8_METHODS = ("fp8", "fp8-weight-only")
 
 
-class Fp8Linear(nn.Module):
+class KeepsCodeDtypes:
+    """Mixin of quantized linear layers whose codes, decode tables and float32 scales (the buffers named in
+    ``_FIXED_BUFFERS``) keep their dtype: ``.to(dtype)`` / ``.half()`` change the model dtype (the bias, the output)
+    only (torch counts float8 as a floating dtype and would convert the codes); devices move every buffer."""
+
+    _FIXED_BUFFERS: Tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self._FIXED_BUFFERS if getattr(self, name, None) is not None}
+        out = super()._apply(fn, recurse)
+        for name, t in kept.items():
+            setattr(self, name, t.to(getattr(self, name).device))
+        probe = fn(torch.zeros((), dtype=self._dtype))
+        if probe.is_floating_point():
+            self._dtype = probe.dtype
+        return out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype: the bias's, the output's."""
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+
+class Fp8Linear(KeepsCodeDtypes, nn.Module):
     """A linear layer with FP8 weights (see the module docstring for the buffers and the two modes)."""
+
+    _FIXED_BUFFERS = ("qweight", "wscales")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
                  device=None, method: str = "fp8", format: str = "e4m3", fused_activation: str = "none"):
@@ -70,22 +95,6 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
                 f"format={self.format}, fused_activation={self.fused_activation}")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.bias.dtype if self.bias is not None else self._dtype
-
-    def _apply(self, fn, recurse=True):
-        """``.to(dtype)`` / ``.half()`` change the model dtype (the bias, the output) but never the codes or their
-        float32 scales (torch counts float8 as a floating dtype and would convert them); devices move all."""
-        codes, scales = self.qweight, self.wscales
-        out = super()._apply(fn, recurse)
-        self.qweight = codes.to(self.qweight.device)
-        self.wscales = scales.to(self.wscales.device)
-        probe = fn(torch.zeros((), dtype=self._dtype))
-        if probe.is_floating_point():
-            self._dtype = probe.dtype
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
