@@ -46,6 +46,10 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-budget", type=A.nonnegative_float, default=None, metavar="FRACTION",
                    help="svdquant: the denoiser's weight bytes at most FRACTION of its fp16 bytes (e.g. 0.3), met "
                         "by lowering the branch ranks where they matter least")
+    p.add_argument("--split-shortcut", action="store_true",
+                   help="svdquant, naive-w4a4, w8a8 with --layers all: quantize each UNet up-block resnet's conv1 / "
+                        "conv_shortcut as two convolutions, one per part of its cat([hidden, skip]) input "
+                        "(Q-Diffusion's split shortcut)")
     p.add_argument("--calibration-images", metavar="N", type=A.positive_int, default=16, help="(default: %(default)s)")
     p.add_argument("--calibration-steps", metavar="N", type=A.positive_int, default=20, help="(default: %(default)s)")
     p.add_argument("--calibration-timesteps", choices=["all", "qdiffusion", "ptq4dm"], default="all",
@@ -98,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--clip-percentile: must be in (0, 100], got {args.clip_percentile}")
     if args.fp8_format != "e4m3" and not args.method.startswith("fp8"):
         raise UsageError("--fp8-format: only for --method fp8 or fp8-weight-only")
+    if args.split_shortcut and (args.method not in ("svdquant", "naive-w4a4", "w8a8") or args.layers != "all"):
+        raise UsageError("--split-shortcut: only for --method svdquant, naive-w4a4 or w8a8 with --layers all (the "
+                         "split layers are convolutions)")
     lowbit = args.method.startswith("lowbit")
     if args.a_bits != 8 and not lowbit:
         raise UsageError("--a-bits: only for --method lowbit-fp or lowbit-int")
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                                    fp8_format=args.fp8_format, clip_percentile=args.clip_percentile,
                                    calibration_timesteps=args.calibration_timesteps, w_bits=4,
                                    a_bits=args.a_bits if lowbit else 8, learn_rounding=args.learn_rounding,
-                                   rounding_iters=args.rounding_iters)
+                                   rounding_iters=args.rounding_iters, split_shortcut=args.split_shortcut)
         report = quant.quantize(pipe, config, progress=sys.stderr.isatty())
     with step(f"--out {args.out}"):
         quant.save_quantized(pipe, args.out, dtype=getattr(torch, A.DTYPES[args.dtype]), force=args.force)

@@ -165,6 +165,14 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return hidden_states
 
 
+def _mark_concat_split(resnets: nn.ModuleList, prev_output_channel: int, out_channels: int) -> None:
+    """Record on each up-block resnet where its input, cat([hidden_states, skip], channels), switches from the
+    hidden states to the skip (``concat_split`` channels come first): the quantizer's split shortcut option
+    (Q-Diffusion) quantizes the two parts of conv1's and conv_shortcut's input separately."""
+    for i, resnet in enumerate(resnets):
+        resnet.concat_split = prev_output_channel if i == 0 else out_channels
+
+
 class UpBlock2D(nn.Module):
     """(concat a skip -> ``resnets.i``) x num_layers, then an optional nearest-2x ``upsamplers.0`` (to
     ``upsample_size`` when given, so odd skip sizes line up)."""
@@ -181,6 +189,7 @@ class UpBlock2D(nn.Module):
                           temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
                           output_scale_factor=output_scale_factor)
             for i in range(num_layers)])
+        _mark_concat_split(self.resnets, prev_output_channel, out_channels)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
 
     def layer(self, i: int, hidden_states: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor,
@@ -221,6 +230,7 @@ class CrossAttnUpBlock2D(nn.Module):
                           temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
                           output_scale_factor=output_scale_factor)
             for i in range(num_layers)])
+        _mark_concat_split(self.resnets, prev_output_channel, out_channels)
         self.attentions = nn.ModuleList([
             _transformer(out_channels, num_attention_heads, layers[i], cross_attention_dim, resnet_groups,
                          use_linear_projection, only_cross_attention, upcast_attention)

@@ -27,7 +27,7 @@ from torch import nn
 
 from velodiff.models.feedforward import GELU
 from velodiff.quant.calibrate import TIMESTEP_MODES, calibrate, default_prompts
-from velodiff.quant.conv import QuantizedConv2d, conv_is_supported
+from velodiff.quant.conv import QuantizedConv2d, SplitConv2d, conv_is_supported
 from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized,
                                        is_quantized_folder)
 from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
@@ -98,6 +98,9 @@ class QuantConfig:
     pipeline's defaults), prompts (None: :func:`velodiff.quant.calibrate.default_prompts`), rows kept per layer,
     and which timesteps they come from (``calibration_timesteps``: "all" steps of the trajectory, "qdiffusion"'s
     uniformly spaced half, or "ptq4dm"'s normal weighting; :mod:`velodiff.quant.calibrate`).
+    split_shortcut: Q-Diffusion's split quantization of the UNet up blocks' skip concatenation: conv1 and
+    conv_shortcut of each up-block resnet (selected with layers="all") become two quantized convolutions, one per
+    part of their cat([hidden_states, skip]) input (:class:`velodiff.quant.conv.SplitConv2d`); INT methods only.
     """
 
     method: str = "svdquant"
@@ -124,6 +127,7 @@ class QuantConfig:
     a_bits: Optional[int] = 8
     learn_rounding: bool = False
     rounding_iters: int = 300
+    split_shortcut: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -151,6 +155,9 @@ class QuantConfig:
                 raise ValueError(f"a_bits must be from 2 to 8 or None, got {self.a_bits!r}")
             if self.method == "lowbit-int" and self.learn_rounding:
                 raise ValueError("learn_rounding applies to lowbit-fp")
+        if self.split_shortcut and self.method not in INT_METHODS:
+            raise ValueError(f"split_shortcut applies to the methods that quantize convolutions {INT_METHODS}, not "
+                             f"{self.method!r}")
         if self.calibration_timesteps not in TIMESTEP_MODES:
             raise ValueError(f"calibration_timesteps must be one of {TIMESTEP_MODES}, got "
                              f"{self.calibration_timesteps!r}")
@@ -276,6 +283,38 @@ def install_layer(model: nn.Module, name: str, layer: QuantizedLinear, fuse_acti
     _set_module(model, name, layer)
 
 
+def _int_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: Optional[LayerStats], config: QuantConfig,
+               rank: int) -> QuantizedLinear:
+    return quantize_layer(weight, bias, config.method, stats, rank=rank, alphas=config.alphas,
+                          lowrank_iters=config.lowrank_iters, dtype=weight.dtype)
+
+
+def _concat_split(model: nn.Module, name: str, module: nn.Module) -> Optional[int]:
+    """The channel where a UNet up-block resnet's conv1 / conv_shortcut input switches from the hidden states to the
+    skip (None for any other layer)."""
+    if not isinstance(module, nn.Conv2d) or name.rpartition(".")[2] not in ("conv1", "conv_shortcut"):
+        return None
+    return getattr(_parent(model, name), "concat_split", None)
+
+
+def _split_conv(conv: nn.Conv2d, split: int, stats: Optional[LayerStats], config: QuantConfig,
+                rank: int) -> SplitConv2d:
+    """``conv`` quantized as two convolutions over input channels [0, split) and [split, Cin), each calibrated on
+    its own part of the input (im2col rows are channel major: a part is a contiguous column range)."""
+    kh, kw = conv.kernel_size
+    cut = split * kh * kw
+    w = conv.weight.reshape(conv.out_channels, -1)
+    parts = []
+    for cols, bias, channels in ((slice(0, cut), conv.bias, split), (slice(cut, None), None, conv.in_channels - split)):
+        part_stats = None if stats is None else LayerStats(absmax=stats.absmax[cols], sample=stats.sample[:, cols])
+        q = _int_layer(w[:, cols], bias, part_stats, config, rank)
+        with torch.device("meta"):
+            shape = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, bias=False)
+        parts.append(QuantizedConv2d.from_linear(q, shape))
+    return SplitConv2d(parts[0], parts[1], split)
+
+
 @torch.no_grad()
 def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
              _originals: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Any]:
@@ -330,11 +369,11 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
             q = lowbit_linear(linear, config.w_bits, _activation_format(config, sample), sample,
                               learn=config.learn_rounding, iters=config.rounding_iters,
                               int_weights=config.method == "lowbit-int")
+        elif config.split_shortcut and _concat_split(model, name, linear) is not None:
+            q = _split_conv(linear, _concat_split(model, name, linear), stats[name], config, rank)
         else:
-            q = quantize_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, config.method,
-                               stats[name], rank=rank, alphas=config.alphas, lowrank_iters=config.lowrank_iters,
-                               dtype=linear.weight.dtype)
-        if isinstance(linear, nn.Conv2d):
+            q = _int_layer(linear.weight.reshape(linear.weight.shape[0], -1), linear.bias, stats[name], config, rank)
+        if isinstance(linear, nn.Conv2d) and not isinstance(q, SplitConv2d):
             q = QuantizedConv2d.from_linear(q, linear)
         q.token_conv = name in token_convs
         if _originals is not None:

@@ -19,7 +19,8 @@ The safetensors file holds the whole denoiser state dict, with every quantized l
                             a packed form only): {"in", "out", "bias", "method", "w_format", "a_format" (a format name
                             or null), "learned_rounding", "fused_activation"[, "token_conv"]}, their ``qweight``
                             (uint8 4-bit indices or FP8 codes), ``w_table`` (F8_E4M3 [16], 4-bit formats) and
-                            float32 ``wscales``}
+                            float32 ``wscales``}; the two parts of a split convolution (``split_shortcut``) are
+                            layers ``<conv>.first`` / ``<conv>.second`` with "split_of": the channel they split at
 
 ``Pipeline.from_pretrained`` loads such a folder like any other: importing this module registers
 :func:`load_quantized_model` with :mod:`velodiff.loading.registry` (which imports this module by name on its first
@@ -42,7 +43,7 @@ from velodiff.loading.registry import register_folder_loader
 from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 from velodiff.loading.state_dict import load_state_dict_into
 from velodiff.models.registry import model_class_for
-from velodiff.quant.conv import QuantizedConv2d, conv_geometry
+from velodiff.quant.conv import QuantizedConv2d, SplitConv2d, conv_geometry
 from velodiff.quant.fp8 import FP8_METHODS, Fp8Linear
 from velodiff.quant.linear import QuantizedLinear
 from velodiff.quant.lowbit_fp import LOWBIT_METHODS, FpFormat, LowbitFpLinear
@@ -106,9 +107,13 @@ def save_quantized_model(model: nn.Module, path: str, method: str, dtype: torch.
     if with_lora:
         raise ValueError(f"remove the LoRAs from {with_lora[:3]} before saving (a checkpoint stores the quantizer's "
                          "branch only)")
+    specs = {name: _layer_spec(m) for name, m in layers.items()}
+    for name, m in model.named_modules():
+        if isinstance(m, SplitConv2d):  # its two parts are listed as layers `name.first` and `name.second`
+            for part in ("first", "second"):
+                specs[f"{name}.{part}"]["split_of"] = m.split
     metadata = {"velodiff_quant_format": FORMAT_VERSION, "method": method, "model_class": type(model).__name__,
-                "model_config": _jsonable(_config_dict(model)),
-                "layers": json.dumps({name: _layer_spec(m) for name, m in layers.items()})}
+                "model_config": _jsonable(_config_dict(model)), "layers": json.dumps(specs)}
     state = model.state_dict()
     if dtype is not None:
         keep = _fixed_dtype_keys(layers)
@@ -180,6 +185,9 @@ def _read_metadata(path: str) -> Dict[str, Any]:
 def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: torch.dtype, path: str) -> None:
     from velodiff.quant import _set_module
     for name, spec in layers.items():
+        if "split_of" in spec:
+            _install_split_part(model, name, spec, dtype, path)
+            continue
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -203,14 +211,41 @@ def _install_shells(model: nn.Module, layers: Dict[str, Dict[str, Any]], dtype: 
             shell.token_conv = bool(spec.get("token_conv", False))
             _set_module(model, name, shell)
             continue
-        options = dict(bits=spec["bits"], rank=spec["rank"], smooth=spec["smooth"], bias=spec["bias"], dtype=dtype,
-                       method=spec["method"], fused_activation=spec.get("fused_activation", "none"))
-        with torch.device("meta"):
-            shell = (QuantizedConv2d(conv["in_channels"], spec["out"], conv["kernel_size"], conv["stride"],
-                                     conv["padding"], conv["dilation"], **options) if conv is not None else
-                     QuantizedLinear(spec["in"], spec["out"], **options))
+        shell = _int_shell(spec, dtype)
         shell.token_conv = bool(spec.get("token_conv", False))
         _set_module(model, name, shell)
+
+
+def _install_split_part(model: nn.Module, name: str, spec: Dict[str, Any], dtype: torch.dtype, path: str) -> None:
+    """Install one part (``conv.first`` / ``conv.second``) of a split convolution: the unquantized conv becomes a
+    SplitConv2d on its first part, then each part gets its QuantizedConv2d shell."""
+    from velodiff.quant import _set_module
+    conv_name, _, part = name.rpartition(".")
+    try:
+        conv = model.get_submodule(conv_name)
+    except AttributeError:
+        raise QuantizedCheckpointError(f"{path}: split layer {conv_name!r} does not exist in this "
+                                       f"{type(model).__name__}") from None
+    if not isinstance(conv, SplitConv2d):
+        if not (isinstance(conv, nn.Conv2d) and conv.out_channels == spec["out"] and part in ("first", "second")
+                and 0 < spec["split_of"] < conv.in_channels):
+            raise QuantizedCheckpointError(f"{path}: layer {name!r} is part of a split convolution in the checkpoint "
+                                           f"but {conv_name!r} is a {type(conv).__name__} here")
+        conv = SplitConv2d(None, None, spec["split_of"])
+        _set_module(model, conv_name, conv)
+    setattr(conv, part, _int_shell(spec, dtype))
+
+
+def _int_shell(spec: Dict[str, Any], dtype: torch.dtype) -> QuantizedLinear:
+    """An empty QuantizedLinear or QuantizedConv2d (on the meta device) for a checkpoint's layer spec."""
+    options = dict(bits=spec["bits"], rank=spec["rank"], smooth=spec["smooth"], bias=spec["bias"], dtype=dtype,
+                   method=spec["method"], fused_activation=spec.get("fused_activation", "none"))
+    g = spec.get("conv")
+    with torch.device("meta"):
+        if g is not None:
+            return QuantizedConv2d(g["in_channels"], spec["out"], g["kernel_size"], g["stride"], g["padding"],
+                                   g["dilation"], **options)
+        return QuantizedLinear(spec["in"], spec["out"], **options)
 
 
 def _per_channel_shell(spec: Dict[str, Any], dtype: torch.dtype, path: str) -> nn.Module:

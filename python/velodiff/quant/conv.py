@@ -9,7 +9,7 @@ forward(x [B, Cin, H, W] in T) -> [B, Cout, Ho, Wo] in T.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,3 +78,26 @@ class QuantizedConv2d(QuantizedLinear):
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         y = super().forward(conv_patches(x.to(self.dtype), g))  # [B * Ho * Wo, Cout]
         return y.reshape(b, ho * wo, self.out_features).transpose(1, 2).reshape(b, self.out_features, ho, wo)
+
+
+class SplitConv2d(nn.Module):
+    """Split shortcut quantization (Li et al., Q-Diffusion, 2023, sec. 4.2): a convolution whose input concatenates
+    two tensors of different ranges along channels (a UNet up block's hidden states and skip), computed as the sum
+    of two quantized convolutions, one per part, so each part gets its own activation scales:
+    conv(cat([h, s])) = conv_first(h) + conv_second(s) (the bias in ``first``).
+
+    forward(x [B, split + C2, H, W]) -> [B, Cout, Ho, Wo].
+    """
+
+    def __init__(self, first: Optional[nn.Module], second: Optional[nn.Module], split: int):
+        super().__init__()
+        self.first, self.second, self.split = first, second, int(split)
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x[:, :self.split]) + self.second(x[:, self.split:])
+
+    def weight_bytes(self, float_bytes: int = None) -> int:
+        return self.first.weight_bytes(float_bytes) + self.second.weight_bytes(float_bytes)
