@@ -50,6 +50,10 @@ def add_parser(sub) -> None:
                    help="svdquant, naive-w4a4, w8a8 with --layers all: quantize each UNet up-block resnet's conv1 / "
                         "conv_shortcut as two convolutions, one per part of its cat([hidden, skip]) input "
                         "(Q-Diffusion's split shortcut)")
+    p.add_argument("--tfmq-temporal", action="store_true",
+                   help="svdquant and lowbit methods: also quantize the temporal layers (timestep embedding MLP, a "
+                        "UNet's time_emb_proj) with TFMQ-DM's treatment: calibrated on every training timestep, in "
+                        "order, reconstructing the full-precision temporal features")
     p.add_argument("--calibration-images", metavar="N", type=A.positive_int, default=16, help="(default: %(default)s)")
     p.add_argument("--calibration-steps", metavar="N", type=A.positive_int, default=20, help="(default: %(default)s)")
     p.add_argument("--calibration-timesteps", choices=["all", "qdiffusion", "ptq4dm"], default="all",
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.split_shortcut and (args.method not in ("svdquant", "naive-w4a4", "w8a8") or args.layers != "all"):
         raise UsageError("--split-shortcut: only for --method svdquant, naive-w4a4 or w8a8 with --layers all (the "
                          "split layers are convolutions)")
+    if args.tfmq_temporal and args.method not in ("svdquant", "lowbit-fp", "lowbit-int"):
+        raise UsageError("--tfmq-temporal: only for --method svdquant, lowbit-fp or lowbit-int (the calibrated ones)")
     lowbit = args.method.startswith("lowbit")
     if args.a_bits != 8 and not lowbit:
         raise UsageError("--a-bits: only for --method lowbit-fp or lowbit-int")
@@ -133,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                                    fp8_format=args.fp8_format, clip_percentile=args.clip_percentile,
                                    calibration_timesteps=args.calibration_timesteps, w_bits=4,
                                    a_bits=args.a_bits if lowbit else 8, learn_rounding=args.learn_rounding,
-                                   rounding_iters=args.rounding_iters, split_shortcut=args.split_shortcut)
+                                   rounding_iters=args.rounding_iters, split_shortcut=args.split_shortcut,
+                                   tfmq_temporal=args.tfmq_temporal)
         report = quant.quantize(pipe, config, progress=sys.stderr.isatty())
     with step(f"--out {args.out}"):
         quant.save_quantized(pipe, args.out, dtype=getattr(torch, A.DTYPES[args.dtype]), force=args.force)

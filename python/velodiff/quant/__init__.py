@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from velodiff.models.feedforward import GELU
-from velodiff.quant.calibrate import TIMESTEP_MODES, calibrate, default_prompts
+from velodiff.quant.calibrate import TIMESTEP_MODES, calibrate, default_prompts, train_timesteps
 from velodiff.quant.conv import QuantizedConv2d, SplitConv2d, conv_is_supported
 from velodiff.quant.checkpoint import (FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized,
                                        is_quantized_folder)
@@ -37,6 +37,7 @@ from velodiff.quant.lowbit_fp import (LOWBIT_METHODS, FpFormat, LowbitFpLinear, 
 from velodiff.quant.lora import add_lora, remove_lora, set_lora_strength
 from velodiff.quant.rank_budget import rank_for_budget
 from velodiff.quant.svdquant import DEFAULT_ALPHAS, LayerStats, quantize_layer
+from velodiff.quant.temporal import temporal_inputs, temporal_layer_names
 
 #: every quantization method: the integer ones (QuantizedLinear), the FP8 ones (Fp8Linear), the low-bit ones
 METHODS = INT_METHODS + FP8_METHODS + LOWBIT_METHODS
@@ -98,6 +99,9 @@ class QuantConfig:
     pipeline's defaults), prompts (None: :func:`velodiff.quant.calibrate.default_prompts`), rows kept per layer,
     and which timesteps they come from (``calibration_timesteps``: "all" steps of the trajectory, "qdiffusion"'s
     uniformly spaced half, or "ptq4dm"'s normal weighting; :mod:`velodiff.quant.calibrate`).
+    tfmq_temporal: TFMQ-DM's treatment of the temporal layers (the timestep embedding MLP and, in a UNet, the
+    resnets' time_emb_proj; added to a ``layers`` preset, and required in an ``include`` selection): calibrated on their exact inputs at every training timestep, in order, each
+    through the quantized layers before it, reconstructing the full-precision output (:mod:`velodiff.quant.temporal`).
     split_shortcut: Q-Diffusion's split quantization of the UNet up blocks' skip concatenation: conv1 and
     conv_shortcut of each up-block resnet (selected with layers="all") become two quantized convolutions, one per
     part of their cat([hidden_states, skip]) input (:class:`velodiff.quant.conv.SplitConv2d`); INT methods only.
@@ -128,6 +132,7 @@ class QuantConfig:
     learn_rounding: bool = False
     rounding_iters: int = 300
     split_shortcut: bool = False
+    tfmq_temporal: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -158,6 +163,8 @@ class QuantConfig:
         if self.split_shortcut and self.method not in INT_METHODS:
             raise ValueError(f"split_shortcut applies to the methods that quantize convolutions {INT_METHODS}, not "
                              f"{self.method!r}")
+        if self.tfmq_temporal and self.method not in CALIBRATED:
+            raise ValueError(f"tfmq_temporal applies to the calibrated methods {CALIBRATED}, not {self.method!r}")
         if self.calibration_timesteps not in TIMESTEP_MODES:
             raise ValueError(f"calibration_timesteps must be one of {TIMESTEP_MODES}, got "
                              f"{self.calibration_timesteps!r}")
@@ -331,6 +338,15 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
         if convs:
             raise ValueError(f"method {config.method!r} quantizes linear layers only; the selection holds "
                              f"{len(convs)} convolutions (e.g. {convs[0]!r}): use layers='default' or skip them")
+    if config.tfmq_temporal and config.include is None:  # a preset: the temporal layers join it
+        layers.update({n: model.get_submodule(n) for n in temporal_layer_names(model)
+                       if isinstance(model.get_submodule(n), nn.Linear)
+                       and not any(fnmatch.fnmatchcase(n, p) for p in config.skip)})
+    names = [n for n in temporal_layer_names(model) if n in layers] if config.tfmq_temporal else []
+    if config.tfmq_temporal and not names:
+        raise ValueError("tfmq_temporal: no temporal layer is selected (the timestep embedding's linear_1 / linear_2, "
+                         "a UNet's time_emb_proj); add them with include=(..., '*time_emb_proj', "
+                         "'*time_embedding.linear_*', '*timestep_embedder.linear_*')")
     token_convs = set()
     for name, module in list(layers.items()):
         if _is_token_conv(model, name, module):  # a 1x1 conv that its parent applies to tokens: a linear layer
@@ -355,6 +371,13 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
                           timesteps=config.calibration_timesteps)
     t_cal = time.time() - t0
 
+    temporal: Dict[str, torch.Tensor] = {}  # TFMQ-DM: temporal layer -> full-precision inputs over every timestep
+    if config.tfmq_temporal:
+        finite_set = torch.arange(train_timesteps(pipe))
+        fp_inputs = temporal_inputs(model, finite_set)
+        temporal = {n: fp_inputs[n] for n in names}
+        layers = {**{n: layers[n] for n in names}, **{n: m for n, m in layers.items() if n not in temporal}}
+
     iterator = layers.items()
     if progress:
         from tqdm.auto import tqdm
@@ -362,13 +385,18 @@ def quantize(pipe, config: QuantConfig = QuantConfig(), progress: bool = True,
     after = 0
     ranks = {}
     for name, linear in iterator:
+        target = None
+        if name in temporal:  # inputs through the temporal layers quantized so far; target: the fp32 output
+            rows = temporal_inputs(model, finite_set)[name].to(linear.weight.device)
+            stats[name] = LayerStats(absmax=rows.abs().amax(dim=0), sample=rows)
+            target = temporal[name].to(rows.device) @ linear.weight.detach().float().T
         if fp8:
             q = Fp8Linear.from_linear(linear, config.method, config.fp8_format, config.clip_percentile)
         elif config.method in LOWBIT_METHODS:
             sample = stats[name].sample
             q = lowbit_linear(linear, config.w_bits, _activation_format(config, sample), sample,
                               learn=config.learn_rounding, iters=config.rounding_iters,
-                              int_weights=config.method == "lowbit-int")
+                              int_weights=config.method == "lowbit-int", target=target)
         elif config.split_shortcut and _concat_split(model, name, linear) is not None:
             q = _split_conv(linear, _concat_split(model, name, linear), stats[name], config, rank)
         else:

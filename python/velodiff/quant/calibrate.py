@@ -33,6 +33,12 @@ GENERIC_PROMPTS = ("a photograph of an astronaut riding a horse", "a red fox in 
 TIMESTEP_MODES = ("all", "qdiffusion", "ptq4dm")
 
 
+def train_timesteps(pipe) -> int:
+    """The number of training timesteps of ``pipe``'s scheduler (1000 when it does not say)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    return int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
+
+
 class _Steps:
     """Forward pre-hook of the denoiser: the index of the current model call within one generation and its
     normalised timestep t / T; ``weight()`` is the current step's calibration weight under ``mode``."""
@@ -112,9 +118,7 @@ def calibrate(pipe, layers: Dict[str, nn.Linear], prompts: Sequence = None, imag
     gen = torch.Generator().manual_seed(seed)
     from velodiff.quant import denoiser_of
     denoiser = denoiser_of(pipe)[1]
-    scheduler = getattr(pipe, "scheduler", None)
-    train = int(getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000)
-    tracker = _Steps(timesteps, steps, train)
+    tracker = _Steps(timesteps, steps, train_timesteps(pipe))
     weight = None if timesteps == "all" else tracker.weight
     recorders = {name: _Recorder(rows, gen, _patch_rows(module), weight) for name, module in layers.items()}
     handles = [module.register_forward_pre_hook(recorders[name]) for name, module in layers.items()]

@@ -175,27 +175,36 @@ def table_indices(grid: torch.Tensor, fmt: FpFormat) -> torch.Tensor:
 
 
 def search_format(w: torch.Tensor, x: Optional[torch.Tensor], bits: int, clips: Sequence[float],
-                  formats: Optional[Sequence[FpFormat]] = None) -> Tuple[FpFormat, float]:
+                  formats: Optional[Sequence[FpFormat]] = None,
+                  target: Optional[torch.Tensor] = None) -> Tuple[FpFormat, float]:
     """The (format, clip) of ``bits``-bit float formats and clipping ratios that minimises the layer's output error
-    ||x W^T - x Q(W)^T||^2 on calibration rows ``x`` [S, K] (the weight error when ``x`` is None)."""
+    ||x W^T - x Q(W)^T||^2 on calibration rows ``x`` [S, K] (the weight error when ``x`` is None), or
+    ||target - x Q(W)^T||^2 with a ``target`` [S, N] (TFMQ-DM's reconstruction of the full-precision output)."""
     best = None
     for fmt in formats or formats_of(bits):
         for clip in clips:
             q, _ = quantize_rows(w, fmt, clip)
-            err = float(((q - w.float()) @ x.float().T).square().sum()) if x is not None else \
-                float((q - w.float()).square().sum())
+            if x is None:
+                err = float((q - w.float()).square().sum())
+            elif target is None:
+                err = float(((q - w.float()) @ x.float().T).square().sum())
+            else:
+                err = float((x.float() @ q.T - target.float()).square().sum())
             if best is None or err < best[0]:
                 best = (err, fmt, clip)
     return best[1], best[2]
 
 
 def learn_rounding(w: torch.Tensor, x: torch.Tensor, fmt: FpFormat, clip: float, iters: int = 500,
-                   lr: float = 1e-2, reg: float = 0.01, seed: int = 0) -> torch.Tensor:
+                   lr: float = 1e-2, reg: float = 0.01, seed: int = 0,
+                   target: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """AdaRound on the float grid: each weight goes to the grid value below or above it (not only the nearest),
     chosen to minimise ||x W^T - x Q(W)^T||^2 over calibration rows ``x`` [S, K]. A soft choice h = rectified
     sigmoid(V) in [0, 1] per weight (Nagel et al. 2020, eq. 23) is learned with Adam under the regulariser
     reg * sum(1 - |2h - 1|^beta), beta annealed from 20 to 2 (their eq. 24-25), then rounded to 0 / 1.
-    Returns (grid values [N, K] float32, scales [N]) as :func:`grid_rows` does, the weight ~= grid * scales."""
+    ``target`` [S, N]: the output to reconstruct instead of x W^T (TFMQ-DM: the full-precision output when ``x``
+    comes through quantized layers). Returns (grid values [N, K] float32, scales [N]) as :func:`grid_rows` does,
+    the weight ~= grid * scales."""
     w = w.float()
     scale, safe = row_scales(w, fmt, clip)
     safe = safe[:, None]
@@ -208,7 +217,7 @@ def learn_rounding(w: torch.Tensor, x: torch.Tensor, fmt: FpFormat, clip: float,
     param = nn.Parameter(-torch.log((zeta - gamma) / (frac - gamma) - 1))  # h(param) = frac at the start
     opt = torch.optim.Adam([param], lr=lr)
     xf = x.float()
-    target = xf @ w.T
+    target = xf @ w.T if target is None else target.float()  # the full-precision output to reconstruct
 
     def soft():
         return (torch.sigmoid(param) * (zeta - gamma) + gamma).clamp(0, 1)
@@ -329,15 +338,17 @@ class LowbitFpLinear(KeepsCodeDtypes, nn.Module):
 
 def quantize_linear(linear: nn.Linear, w_bits: int, a_format: Optional[FpFormat], x: Optional[torch.Tensor],
                     clips: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), learn: bool = False,
-                    iters: int = 500, int_weights: bool = False) -> LowbitFpLinear:
+                    iters: int = 500, int_weights: bool = False,
+                    target: Optional[torch.Tensor] = None) -> LowbitFpLinear:
     """``linear`` as a LowbitFpLinear: the w_bits format and clip searched on calibration rows ``x`` (float formats,
-    or the INT format of that width with ``int_weights``), then rounding learned when ``learn``."""
+    or the INT format of that width with ``int_weights``), then rounding learned when ``learn``; both reconstruct
+    ``target`` [S, N] (without the bias) when given, else x W^T."""
     w = linear.weight.detach().reshape(linear.out_features, -1).float()
     formats = (FpFormat(0, w_bits - 1),) if int_weights else None
-    fmt, clip = search_format(w, x, w_bits, clips, formats)
+    fmt, clip = search_format(w, x, w_bits, clips, formats, target)
     if learn and x is not None:
         with torch.enable_grad():
-            grid, scales = learn_rounding(w, x, fmt, clip, iters=iters)
+            grid, scales = learn_rounding(w, x, fmt, clip, iters=iters, target=target)
     else:
         grid, scales = grid_rows(w, fmt, clip)
     layer = LowbitFpLinear(linear.in_features, linear.out_features, fmt, a_format, bias=linear.bias is not None,
