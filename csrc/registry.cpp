@@ -42,6 +42,9 @@ TORCH_LIBRARY(velodiff, m) {
   // v [B, H, Lk, Dv], any strides; key_padding_mask bool [B, Lk] (True = attend); scale default 1/sqrt(D);
   // returns [B, H, Lq, Dv] in q's dtype; format in csrc/include/velodiff/attention.h.
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor");
+  // FP8 attention: the arguments and output of attention; Q, K, P, V in e4m3 with fp32 accumulation, semantics in
+  // csrc/include/velodiff/fp8.h.
+  m.def("fp8_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor");
   // Non-causal linear attention, two passes over an fp32 state: q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv],
   // any strides; kind "linfusion" (phi = elu + 1, mean-normalised, eps default 1e-4) or "relu" (SANA's LiteLA:
   // phi = relu, sum-normalised, eps default 1e-8); returns [B, H, Nq, Dv] in q's dtype; format in

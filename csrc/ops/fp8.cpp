@@ -1,4 +1,6 @@
-// CPU implementation of velodiff::quantize_fp8 and velodiff::fp8_gemm (torch glue over csrc/kernels/cpu/fp8.cpp).
+// CPU implementation of velodiff::quantize_fp8, velodiff::fp8_gemm and velodiff::fp8_attention (torch glue over
+// csrc/kernels/cpu/fp8.cpp and fp8_attention.cpp).
+#include "attention_args.h"
 #include "fp8_args.h"
 #include "velodiff/kernels.h"
 
@@ -26,11 +28,22 @@ at::Tensor fp8_gemm_cpu_op(const at::Tensor& a, const at::Tensor& ascales, const
   return y;
 }
 
+at::Tensor fp8_attention_cpu_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& key_padding_mask, std::optional<double> scale) {
+  at::Tensor out;
+  const AttentionArgs a = prepare_attention(q, k, v, key_padding_mask, scale, out, "fp8_attention");
+  if (out.numel() == 0) return out;
+  char error[256] = {0};
+  TORCH_CHECK(fp8_attention_cpu(a, error), error);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(velodiff, CPU, m) {
   m.impl("quantize_fp8", &quantize_fp8_cpu_op);
   m.impl("fp8_gemm", &fp8_gemm_cpu_op);
+  m.impl("fp8_attention", &fp8_attention_cpu_op);
 }
 
 }  // namespace velodiff

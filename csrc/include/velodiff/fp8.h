@@ -39,6 +39,21 @@
 // the last high nibble of an odd K is unused), and weight element (n, k) is the e4m3 code w_table[index]. A 4-bit
 // float format of any exponent / mantissa split (e1m2, e2m1, e3m0) or int4 maps its 16 codes to values that are all
 // exact in e4m3, so the table holds them exactly and the GEMM above is unchanged (w_format = e4m3).
+//
+// FP8 attention (velodiff::fp8_attention; the 8-bit attention line of work: SageAttention, FlashAttention-3's FP8
+// path): q, k, v, key_padding_mask, scale and out exactly as velodiff::attention (velodiff/attention.h: any strides,
+// fp32 | fp16 | bf16, out in q's dtype); per (b, h):
+//   Q codes per row (query i: sq[i] = max_d |q[i,d]| / 448, the quantize_fp8 rule in e4m3), K per row (sk[j]),
+//   V per channel over all Lk keys (sv[c] = max_j |v[j,c]| / 448; the mask does not change it);
+//   A = the attended keys (all without a mask);
+//   t[i,j] = (sum_d dq[i,d] dk[j,d]) * (sq[i] * sk[j]) * scale        (dq, dk, dv: decoded codes, exact)
+//   m[i]   = max_{j in A} t[i,j],   p[i,j] = exp(t[i,j] - m[i]) in (0, 1],   l[i] = sum_{j in A} p[i,j]
+//   pc     = e4m3 code of 448 p[i,j]                                   (P with the fixed scale 1 / 448)
+//   out[i,c] = (sum_{j in A} decode(pc) dv[j,c]) * (sv[c] / (448 l[i])); a query with A empty gets 0.
+// P is quantized before normalisation (its largest value is exactly 1, so it never saturates and the small ones
+// keep e4m3's relative precision longer than the normalised probabilities would). Sums in fp32, in the kernel's
+// order; the CPU and CUDA kernels compute the whole row max first (two passes over the keys), so every p is the
+// reference's up to exp's last bit.
 // ---------------------------------------------------------------------------------------------------------
 #pragma once
 
@@ -126,6 +141,12 @@ VELODIFF_HD uint8_t fp8_weight_code(const Fp8GemmArgs& a, int64_t n, int64_t k) 
   if (a.w_table == nullptr) return a.w[n * a.K + k];
   const uint8_t byte = a.w[n * ((a.K + 1) / 2) + k / 2];
   return a.w_table[(k & 1) ? byte >> 4 : byte & 15];
+}
+
+// The CUDA fp8_attention workspace, in floats: decoded Q [B*H, Lq, D] and K [B*H, Lk, D] codes with their row scales,
+// decoded V codes [B*H, Lk, Dv] with their channel scales [B*H, Dv].
+inline int64_t fp8_attention_cuda_workspace_floats(int64_t bh, int64_t lq, int64_t lk, int64_t d, int64_t dv) {
+  return bh * (lq * (d + 1) + lk * (d + 1) + lk * dv + dv);
 }
 
 }  // namespace velodiff

@@ -30,6 +30,9 @@ bool qgemm_pack_weights_cpu(const QGemmArgs& args, void* out, int64_t bytes, cha
 // invalid arguments.
 bool quantize_fp8_cpu(const QuantizeFp8Args& args, char* error);
 bool fp8_gemm_cpu(const Fp8GemmArgs& args, char* error);
+// velodiff::fp8_attention (csrc/kernels/cpu/fp8_attention.cpp; semantics in velodiff/fp8.h), OpenMP over
+// (b, h, query block).
+bool fp8_attention_cpu(const AttentionArgs& args, char* error);
 
 // Cache gate (csrc/kernels/cpu/cache_gate.cpp; format in velodiff/cache_gate.h), OpenMP over fixed chunks of
 // each sample. Reads and writes args.state and writes *args.decision. Returns false and writes a message to
@@ -79,6 +82,10 @@ int qgemm_cuda_wgmma_built(bool& built);
 // GPU to measure them on). Return the cudaError_t as int (0 = success).
 int quantize_fp8_cuda(const QuantizeFp8Args& args, void* stream);
 int fp8_gemm_cuda(const Fp8GemmArgs& args, void* stream);
+// velodiff::fp8_attention (csrc/kernels/cuda/fp8_attention.cu): Q and K rows and V columns quantized into `workspace`
+// (fp8_attention_cuda_workspace_floats(...) floats, velodiff/fp8.h; no initialisation needed), then one block per
+// (query, b * H + h) in two passes over the keys. Returns the cudaError_t of the launches as int (0 = success).
+int fp8_attention_cuda(const AttentionArgs& args, float* workspace, void* stream);
 
 // Cache gate (csrc/kernels/cuda/cache_gate.cu): a partial-sum kernel (which also copies the probe into the spare
 // buffer) and a one-block finalize kernel; state, the valid index included, is read on the device. `workspace`

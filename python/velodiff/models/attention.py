@@ -100,14 +100,21 @@ register_backend(AttentionBackend(
 
 
 def _fp8(q, k, v, mask, scale):
+    """velodiff::fp8_attention where the op takes the input (a key-padding mask or none), else its reference."""
+    from velodiff.ops._native import native_available
+    from velodiff.ops.attention import attention_unsupported
+    key_padding_mask, problem = _key_padding_mask(mask, q.shape[0], k.shape[2])
+    if problem is None and attention_unsupported(q, k, v) is None and native_available():
+        from velodiff.ops.fp8 import fp8_attention
+        return fp8_attention(q, k, v, key_padding_mask, scale)
     from velodiff.ops.reference import fp8_attention
     return fp8_attention(q, k, v, mask, scale)
 
 
 register_backend(AttentionBackend(
     "fp8", _fp8,
-    description="FP8 attention, fake-quantized: Q, K per token, P (scale 1/448) and V per channel in e4m3, fp32 "
-                "accumulation (velodiff.ops.reference.fp8_attention; no kernel yet)"))
+    description="FP8 attention: Q, K per token, P (scale 1/448, before normalisation) and V per channel in e4m3, "
+                "fp32 accumulation (velodiff::fp8_attention; other masks: velodiff.ops.reference.fp8_attention)"))
 
 
 def auto_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> str:

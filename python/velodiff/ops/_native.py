@@ -80,6 +80,8 @@ if _C is not None:
         # [B, H, Lq, Dv] stored as [B, Lq, H, Dv], as the kernels allocate it
         return q.new_empty((b, lq, h, v.shape[3])).permute(0, 2, 1, 3)
 
+    torch.library.register_fake("velodiff::fp8_attention")(_attention_fake)  # the same arguments and output
+
     @torch.library.register_fake("velodiff::linear_attention")
     def _linear_attention_fake(q, k, v, kind="linfusion", eps=None):
         b, h, nq, _ = q.shape

@@ -1,8 +1,10 @@
-"""Typed wrappers of ``velodiff::quantize_fp8`` and ``velodiff::fp8_gemm``: argument checks, then the native ops.
+"""Typed wrappers of ``velodiff::quantize_fp8``, ``velodiff::fp8_gemm`` and ``velodiff::fp8_attention``: argument
+checks, then the native ops.
 
 The format (OCP FP8 e4m3 / e5m2 codes stored as torch.float8_e4m3fn / torch.float8_e5m2, one float32 scale per row,
 the rounding rule and the GEMM formula) is specified in csrc/include/velodiff/fp8.h; :mod:`velodiff.ops.reference`
-holds the pure-PyTorch specification (``reference.encode_fp8``, ``reference.quantize_fp8``, ``reference.fp8_gemm``).
+holds the pure-PyTorch specification (``reference.encode_fp8``, ``reference.quantize_fp8``, ``reference.fp8_gemm``,
+``reference.fp8_attention``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from velodiff.ops import reference
 from velodiff.ops._checks import check_rows as _check_rows, check_tensor as _check_tensor, dtype_names as _dtype_names
 from velodiff.ops._native import native_op
+from velodiff.ops.attention import attention_unsupported
 
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_DTYPES = tuple(reference.FP8_DTYPES.values())
@@ -100,3 +103,19 @@ def fp8_gemm(a: torch.Tensor, ascales: torch.Tensor, w: torch.Tensor, wscales: t
     check_fp8_gemm_args(a, ascales, w, wscales, bias, out_dtype, activation, w_table)
     return native_op("fp8_gemm")(a, ascales, w, wscales, bias, out_dtype, reference.QACTIVATIONS[activation],
                                  w_table)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """FP8 attention: Q and K per token, P with the fixed scale 1/448 (before normalisation) and V per channel in
+    e4m3, fp32 accumulation (csrc/include/velodiff/fp8.h; :func:`velodiff.ops.reference.fp8_attention`).
+
+    Arguments and result as :func:`velodiff.ops.attention.attention`: q [B, H, Lq, D], k [B, H, Lk, D],
+    v [B, H, Lk, Dv] float32 | float16 | bfloat16 (one dtype), any strides, 1 <= D, Dv <= 512; key_padding_mask
+    bool [B, Lk] (True = attend) or None; scale > 0 or None (1 / sqrt(D)). Returns [B, H, Lq, Dv] in q's dtype
+    (stored as [B, Lq, H, Dv]); a query whose keys are all masked gives zeros.
+    """
+    problem = attention_unsupported(q, k, v, key_padding_mask, scale)
+    if problem is not None:
+        raise problem[0](problem[1])
+    return native_op("fp8_attention")(q, k, v, key_padding_mask, None if scale is None else float(scale))

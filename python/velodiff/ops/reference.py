@@ -259,29 +259,33 @@ def fp8_gemm(a: torch.Tensor, ascales: torch.Tensor, w: torch.Tensor, wscales: t
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> torch.Tensor:
-    """FP8 attention, fake-quantized (the 8-bit attention line of work: Q, K, P and V in e4m3, fp32 accumulation).
+    """Reference of ``velodiff::fp8_attention`` (csrc/include/velodiff/fp8.h), logits and softmax in float64.
 
     q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]; mask broadcastable to [B, H, Lq, Lk] (bool: True = keep;
-    float: added) or None -> [B, H, Lq, Dv] in q's dtype. Q and K are quantized per token (one scale per row of
-    each head, max |row| / 448), the logits are the fp32 products of their decoded codes times both scales and
-    ``scale`` (default D^-1/2), P = softmax in fp32 is quantized with the fixed scale 1 / 448 (P <= 1), V per
-    channel (one scale per head and value dimension, over the keys), and P V is accumulated in fp32."""
+    float: added) or None -> [B, H, Lq, Dv] in q's dtype. Q and K are quantized per token (one e4m3 scale per row
+    of each head, max |row| / 448), V per channel (per head and value dimension, over all keys); the logits are
+    the products of the decoded codes times both scales and ``scale`` (default D^-1/2); p = exp(logit - row max)
+    is quantized with the fixed scale 1 / 448 before the normalisation by l = sum p; a query with every key masked
+    gives zeros (the op's rule)."""
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
-    def per_row(t):  # [..., L, D] -> decoded codes times their row scales, float32
+    def per_row(t):  # [..., L, D] -> decoded codes [..., L, D] float64, row scales [..., L, 1] float64
         flat = t.float().reshape(-1, t.shape[-1])
         codes, s = quantize_fp8(flat, "e4m3")
-        return (codes.float() * s[:, None]).reshape(t.shape)
+        return codes.double().reshape(t.shape), s.double().reshape(*t.shape[:-1], 1)
 
-    qd, kd = per_row(q), per_row(k)
-    vd = per_row(v.transpose(-1, -2)).transpose(-1, -2)  # per channel: rows of V^T
-    logits = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    (qc, qs), (kc, ks) = per_row(q), per_row(k)
+    vc, vs = per_row(v.transpose(-1, -2))  # per channel: rows of V^T
+    logits = torch.matmul(qc, kc.transpose(-1, -2)) * (qs * ks.transpose(-1, -2)) * scale
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-    p = logits.softmax(dim=-1)
-    pq = encode_fp8(torch.nan_to_num(p, nan=0.0) * FP8_MAX["e4m3"], "e4m3").float() / FP8_MAX["e4m3"]
-    return torch.matmul(pq, vd).to(dtype)
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+    m = logits.amax(dim=-1, keepdim=True)
+    p = torch.exp(logits - torch.where(torch.isinf(m), torch.zeros_like(m), m))  # masked keys: exp(-inf) = 0
+    l = p.sum(dim=-1, keepdim=True)
+    pc = encode_fp8(p * FP8_MAX["e4m3"], "e4m3").double()
+    out = torch.matmul(pc, vc.transpose(-1, -2)) * (vs.transpose(-1, -2) / (FP8_MAX["e4m3"] * l))
+    return torch.where(l > 0, out, torch.zeros_like(out)).to(dtype)
 
 
 # Flags and state layout of cache_gate; mirrors csrc/include/velodiff/cache_gate.h.
