@@ -7,6 +7,7 @@ Per shape (M tokens, K in, N out):
                  row-wise scales (sm_89+; absent where torch lacks it)
   fp8_us         velodiff::fp8_gemm on the same codes and scales (bf16 output)
   quant_us       velodiff::quantize_fp8 of the activations (per token)
+  w4a8_us        velodiff::fp8_gemm with 4-bit e2m1 weights (indices into a 16-entry e4m3 table; lowbit-fp W4A8)
   vs_scaled_mm   scaled_mm_us / fp8_us (the issue's goal: >= 0.9 on H100); vs_bf16: bf16_us / fp8_us
   err            relative error of fp8_gemm against the float64 product of the same codes (bf16 output: ~1e-3;
                  above 1e-2 the row says FAILED)
@@ -39,6 +40,8 @@ def main():
         sys.exit(2)
     from velodiff.ops import fp8_gemm, quantize_fp8
     gpu = torch.cuda.get_device_name(0)
+    from velodiff.quant.lowbit_fp import FpFormat, format_table
+    table = format_table(FpFormat.parse("e2m1")).cuda()
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for m, k, n, family in shapes(args.quick):
@@ -50,6 +53,9 @@ def main():
         row["bf16_us"] = gpu_time(lambda i: torch.matmul(x, w.T), 1) * 1e6
         row["fp8_us"] = gpu_time(lambda i: fp8_gemm(a, asc, qw, wsc, out_dtype=torch.bfloat16), 1) * 1e6
         row["quant_us"] = gpu_time(lambda i: quantize_fp8(x), 1) * 1e6
+        w4 = torch.randint(0, 256, (n, (k + 1) // 2), device="cuda", dtype=torch.uint8, generator=g)
+        row["w4a8_us"] = gpu_time(lambda i: fp8_gemm(a, asc, w4, wsc, out_dtype=torch.bfloat16, w_table=table),
+                                  1) * 1e6
         try:
             wt = qw.T  # column-major [K, N], what _scaled_mm takes
             row["scaled_mm_us"] = gpu_time(lambda i: torch._scaled_mm(a, wt, scale_a=asc[:, None],
@@ -65,7 +71,8 @@ def main():
         row["status"] = "ok" if row["err"] < 1e-2 else "FAILED"
         rows.append(row)
         print(row, flush=True)
-    cols = ["M", "K", "N", "family", "bf16_us", "scaled_mm_us", "fp8_us", "quant_us", "vs_scaled_mm", "vs_bf16",
+    cols = ["M", "K", "N", "family", "bf16_us", "scaled_mm_us", "fp8_us", "w4a8_us", "quant_us", "vs_scaled_mm",
+            "vs_bf16",
             "err", "status"]
     write_results(f"fp8_cuda_{gpu.replace(' ', '_')}", rows, cols, args.out,
                   note=f"{gpu}. velodiff::fp8_gemm (e4m3 x e4m3, per-row scales, bf16 out) vs torch._scaled_mm "

@@ -63,7 +63,7 @@ step bench_qgemm_cuda 150 $py bench/bench_qgemm_cuda.py --out "$out"
 step bench_fp8_cuda 60 $py bench/bench_fp8_cuda.py --quick --out "$out"
 step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
   $py -m pytest -q -p no:cacheprovider -m cuda tests/ops \
-  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16) or (every_element_counts and bf16) or large_grids or cuda_graph_capture or (awkward_head_dims and fp16)"
+  -k "matches_reference or guidance_rescale or optional or (qgemm_shapes and float16) or zero_group or (tensor_paths and float16) or cta_tiles or (bit_identical and float16) or (every_element_counts and bf16) or large_grids or cuda_graph_capture or (awkward_head_dims and fp16) or w4_gemm_matches or masks_and_fully_masked"
 step bench_sampler_update 60 $py bench/bench_sampler_update.py --device cuda --out "$out"
 step bench_sampling_loop 60 $py bench/bench_sampling_loop.py --device cuda --out "$out"
 step bench_cache_gate 40 $py bench/bench_cache_gate.py --device cuda --rounds 5 --out "$out"
