@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(kThreads) quantize_lines(Lines p, int64_t bh_c
   for (int64_t bh = blockIdx.y; bh < bh_count; bh += gridDim.y) {
     const int64_t base = (bh / p.heads) * p.stride_b + (bh % p.heads) * p.stride_h + line * p.stride_line;
     float amax = 0.f;
-    for (int64_t e = threadIdx.x; e < p.n; e += kThreads) amax = nan_max(amax, fabsf(load_f<DT>(p.x, base + e * p.stride_elem)));
+    for (int64_t e = threadIdx.x; e < p.n; e += kThreads)
+      amax = nan_max(amax, fabsf(load_f<DT>(p.x, base + e * p.stride_elem)));
     amax = block_reduce<true>(amax, scratch);
     const float s = __fdiv_rn(amax, fp8_max(Fp8Format::kE4M3));
     if (threadIdx.x == 0) p.scales[bh * p.lines + line] = s;

@@ -11,8 +11,8 @@ from velodiff.commands.errors import UsageError, step
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "quantize", help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8, FP8, low-bit FP) into a loadable "
-             "folder",
+        "quantize",
+        help="quantize a model's denoiser (SVDQuant W4A4, naive W4A4, W8A8, FP8, low-bit FP) into a loadable folder",
         description="Calibrate on the model's own sampling trajectory, quantize the linear layers of the "
                     "denoiser's transformer blocks and write a pipeline folder that generate and eval load (with "
                     "the source folder's settings, e.g. its default guidance). An existing --out is refused "

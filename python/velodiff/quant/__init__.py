@@ -100,8 +100,9 @@ class QuantConfig:
     and which timesteps they come from (``calibration_timesteps``: "all" steps of the trajectory, "qdiffusion"'s
     uniformly spaced half, or "ptq4dm"'s normal weighting; :mod:`velodiff.quant.calibrate`).
     tfmq_temporal: TFMQ-DM's treatment of the temporal layers (the timestep embedding MLP and, in a UNet, the
-    resnets' time_emb_proj; added to a ``layers`` preset, and required in an ``include`` selection): calibrated on their exact inputs at every training timestep, in order, each
-    through the quantized layers before it, reconstructing the full-precision output (:mod:`velodiff.quant.temporal`).
+    resnets' time_emb_proj; added to a ``layers`` preset, and required in an ``include`` selection): calibrated on
+    their exact inputs at every training timestep, in order, each through the quantized layers before it,
+    reconstructing the full-precision output (:mod:`velodiff.quant.temporal`); calibrated methods only.
     split_shortcut: Q-Diffusion's split quantization of the UNet up blocks' skip concatenation: conv1 and
     conv_shortcut of each up-block resnet (selected with layers="all") become two quantized convolutions, one per
     part of their cat([hidden_states, skip]) input (:class:`velodiff.quant.conv.SplitConv2d`); INT methods only.
