@@ -75,3 +75,15 @@ def test_bad_mode_is_refused():
     pipe = _pipe()
     with pytest.raises(ValueError, match="timesteps must be one of"):
         calibrate(pipe, select_layers(pipe.unet), ["a"], images=1, steps=2, timesteps="bad")
+
+
+def test_nan_in_calibration_data_is_a_clear_error():
+    """A model whose activations turn NaN during calibration (here a poisoned norm weight) gets a ValueError that
+    names a layer, not a silently NaN quantizer."""
+    pipe = vd.Pipeline.from_pretrained("digits")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.unet.down_blocks[0].attentions[0].norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        vd.quant.quantize(pipe, QuantConfig("svdquant", rank=4, calibration_images=1, calibration_steps=2),
+                          progress=False)

@@ -147,6 +147,11 @@ def calibrate(pipe, layers: Dict[str, nn.Linear], prompts: Sequence = None, imag
     missing = [name for name, r in recorders.items() if r.absmax is None]
     if missing:
         raise RuntimeError(f"calibration never ran layer(s) {missing[:5]}; are they part of the denoiser?")
+    bad = [name for name, r in recorders.items() if not bool(torch.isfinite(r.absmax).all())]
+    if bad:
+        raise ValueError(f"calibration: the inputs of {len(bad)} layer(s), first {bad[0]!r}, hold NaN or inf: the "
+                         "model produced non-finite activations while generating the calibration images; check its "
+                         "weights and dtype (float16 overflows), or calibrate in float32")
     return {name: r.stats() for name, r in recorders.items()}
 
 
