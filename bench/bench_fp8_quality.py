@@ -10,8 +10,9 @@ ways (activations per token: a 4-bit float format searched per layer, or INT4). 
 distance with 95% intervals (the judge fitted on digits the models never saw), and the PSNR of the same seeds'
 images against fp32 (bench_precision_quality.py's table and code).
 
-With --timesteps: SVDQuant W4A4 r8 and lowbit-fp W4A8 with learned rounding, each calibrated on all steps, on
-Q-Diffusion's uniformly spaced half and with PTQ4DM's normal weighting (velodiff.quant.calibrate).
+With --timesteps: the calibrated methods (SVDQuant W4A4 r8, lowbit-fp W4A8 with and without learned rounding,
+lowbit-fp W4A4), each calibrated on all steps, on Q-Diffusion's uniformly spaced half and with PTQ4DM's normal
+weighting (velodiff.quant.calibrate); FP8 and INT W8A8 scale dynamically and calibrate nothing.
 
 With --attention: FP8 W8A8 with and without FP8 attention (Q, K, P, V in e4m3, the fake-quantized "fp8" backend).
 
@@ -51,8 +52,10 @@ VARIANTS = (("fp32", F32, None), ("fp8 w8a8 e4m3", F32, vd.quant.FP8()),
 TIMESTEP_VARIANTS = (("fp32", F32, None),) + tuple(
     (f"{label}, timesteps {mode}", F32, make(mode))
     for label, make in (("svdquant w4a4 r8", lambda m: vd.quant.SVDQuant(8, calibration_timesteps=m)),
+                        ("lowbit-fp w4a8", lambda m: vd.quant.LowbitFP(4, 8, calibration_timesteps=m)),
                         ("lowbit-fp w4a8 + learned rounding",
-                         lambda m: vd.quant.LowbitFP(4, 8, learn_rounding=True, calibration_timesteps=m)))
+                         lambda m: vd.quant.LowbitFP(4, 8, learn_rounding=True, calibration_timesteps=m)),
+                        ("lowbit-fp w4a4", lambda m: vd.quant.LowbitFP(4, 4, calibration_timesteps=m)))
     for mode in ("all", "qdiffusion", "ptq4dm"))
 #: --attention: FP8 W8A8 with and without FP8 attention (the fake-quantized "fp8" attention backend)
 ATTENTION_VARIANTS = (("fp32", F32, None), ("fp8 w8a8 e4m3", F32, vd.quant.FP8()),
