@@ -4,6 +4,7 @@ through the sampling layer, decoding and output conversion."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -276,6 +277,57 @@ class BasePipeline:
         for name, value in components.items():
             if not name.startswith("_") and name != "scheduler":
                 setattr(self, name, value)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every pipeline's ``__call__`` takes ``lora_scales={name: strength}``: those LoRA strengths for this call
+        only (velodiff.lora.lora_strengths)."""
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is None or getattr(call, "_takes_lora_scales", False):
+            return
+
+        @functools.wraps(call)
+        def with_lora_scales(self, *args, lora_scales: Optional[Dict[str, float]] = None, **kwargs):
+            from velodiff.lora import lora_strengths
+            with lora_strengths(self, lora_scales):
+                return call(self, *args, **kwargs)
+        with_lora_scales._takes_lora_scales = True
+        cls.__call__ = with_lora_scales
+
+    # --- LoRA (velodiff.lora) ---------------------------------------------------------------------------------------
+
+    def load_lora(self, source, name: Optional[str] = None, strength: float = 1.0, strict: bool = True) -> str:
+        """Add a LoRA: ``source`` a ``.safetensors`` file (diffusers / PEFT, kohya or LyCORIS LoCon keys, for the
+        denoiser and the text encoders) or a state dict; ``name`` defaults to the file's stem. Several LoRAs can be
+        loaded at once; each changes no module (a branch on the layer; quantized layers: their low-rank branch), so
+        loading, unloading and re-weighting adapters never rebuilds the model. Unknown keys raise an error listing
+        them (``strict=False``: a warning). Returns the name."""
+        from velodiff.lora import load_lora
+        return load_lora(self, source, name, strength, strict)
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        """Re-weight a loaded LoRA (for one call only: ``pipe(..., lora_scales={name: strength})``)."""
+        from velodiff.lora import set_lora_strength
+        set_lora_strength(self, name, strength)
+
+    def unload_lora(self, name: Optional[str] = None) -> None:
+        """Remove a LoRA (None: all of them); the layers are exactly as before it was loaded."""
+        from velodiff.lora import unload_lora
+        unload_lora(self, name)
+
+    def fuse_lora(self) -> None:
+        """Add the loaded LoRAs into the weights (no branch per call); :meth:`unfuse_lora` restores them exactly."""
+        from velodiff.lora import fuse_lora
+        fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        from velodiff.lora import unfuse_lora
+        unfuse_lora(self)
+
+    @property
+    def loras(self) -> Dict[str, float]:
+        """The loaded LoRAs and their strengths."""
+        return {name: entry["strength"] for name, entry in getattr(self, "_loras", {}).items()}
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable

@@ -1,0 +1,171 @@
+"""LoRA adapters on a pipeline: load (from a safetensors file or a state dict), several at once, strengths per
+adapter and per call, fuse / unfuse (exact restore), unload. One implementation for plain and quantized layers
+(:mod:`velodiff.lora.branch`)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Iterator, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from velodiff.lora.branch import LoraBranch
+from velodiff.lora.formats import LoraFactors, lora_components, parse_lora
+
+LoraSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+
+
+def _registry(pipe) -> Dict[str, Dict]:
+    if not hasattr(pipe, "_loras"):
+        pipe._loras = {}
+    return pipe._loras
+
+
+def _is_quantized(layer: nn.Module) -> bool:
+    from velodiff.quant.linear import QuantizedLinear
+    return isinstance(layer, QuantizedLinear)
+
+
+def read_lora_file(source: LoraSource) -> Dict[str, torch.Tensor]:
+    """A LoRA state dict from a ``.safetensors`` path (pickled formats are refused), or ``source`` itself."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"LoRA file {path!r}: only .safetensors files are read (pickled .bin / .pt / .ckpt files "
+                         "can run code when loaded; convert them first)")
+    from velodiff.loading.safetensors_io import read_safetensors
+    return read_safetensors(path)
+
+
+def _attach(layer: nn.Module, name: str, f: LoraFactors, strength: float) -> None:
+    if _is_quantized(layer):
+        layer.add_lora(name, f.down.reshape(f.rank, -1), f.up.reshape(f.up.shape[0], f.rank), strength,
+                       scale=f.factor)
+        return
+    branch = getattr(layer, "_velodiff_lora", None)
+    if branch is None:
+        branch = LoraBranch(layer)
+        layer._velodiff_lora = branch
+    branch.add(name, f, strength)
+
+
+def _detach(layer: nn.Module, name: str) -> None:
+    if _is_quantized(layer):
+        layer.remove_lora(name)
+        return
+    branch = layer._velodiff_lora
+    branch.remove(name)
+    if not branch.adapters:
+        branch.detach()
+        del layer._velodiff_lora
+
+
+def load_lora(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
+              strict: bool = True) -> str:
+    """Add a LoRA to ``pipe`` (see :meth:`velodiff.pipelines.base.BasePipeline.load_lora`); returns its name."""
+    if name is None:
+        if isinstance(source, Mapping):
+            raise ValueError("name= is required for a LoRA given as a state dict")
+        name = os.path.basename(os.fspath(source)).rsplit(".", 1)[0]
+    loras = _registry(pipe)
+    if name in loras:
+        raise ValueError(f"a LoRA named {name!r} is loaded already; unload_lora({name!r}) first or pick another name")
+    if _fused(pipe):
+        raise RuntimeError("the LoRAs are fused into the weights; unfuse_lora() before loading another")
+    components, denoiser = lora_components(pipe)
+    factors = parse_lora(read_lora_file(source), components, denoiser, strict=strict)
+    done = []
+    try:
+        for (component, module), f in factors.items():
+            layer = components[component].get_submodule(module)
+            _attach(layer, name, f, strength)
+            done.append(layer)
+    except Exception:
+        for layer in done:
+            _detach(layer, name)
+        raise
+    loras[name] = {"layers": done, "strength": float(strength),
+                   "components": sorted({c for c, _ in factors})}
+    return name
+
+
+def _entry(pipe, name: str) -> Dict:
+    loras = _registry(pipe)
+    if name not in loras:
+        raise KeyError(f"no LoRA named {name!r} is loaded (loaded: {sorted(loras) or 'none'})")
+    return loras[name]
+
+
+def set_lora_strength(pipe, name: str, strength: float) -> None:
+    """Re-weight LoRA ``name`` in place (no shape changes)."""
+    entry = _entry(pipe, name)
+    if _fused(pipe):
+        raise RuntimeError("the LoRAs are fused into the weights; unfuse_lora() before changing a strength")
+    for layer in entry["layers"]:
+        if _is_quantized(layer):
+            layer.set_lora_strength(name, strength)
+        else:
+            layer._velodiff_lora.set_strength(name, strength)
+    entry["strength"] = float(strength)
+
+
+def unload_lora(pipe, name: Optional[str] = None) -> None:
+    """Remove LoRA ``name`` (None: every LoRA); the layers are as before it was loaded."""
+    if _fused(pipe):
+        raise RuntimeError("the LoRAs are fused into the weights; unfuse_lora() before unloading")
+    for n in ([name] if name is not None else list(_registry(pipe))):
+        entry = _entry(pipe, n)
+        for layer in entry["layers"]:
+            _detach(layer, n)
+        del _registry(pipe)[n]
+
+
+def _branches(pipe) -> Iterator[LoraBranch]:
+    seen = set()
+    for entry in _registry(pipe).values():
+        for layer in entry["layers"]:
+            branch = getattr(layer, "_velodiff_lora", None)
+            if branch is not None and id(branch) not in seen:
+                seen.add(id(branch))
+                yield branch
+
+
+def _fused(pipe) -> bool:
+    return any(b.fused_weight is not None for b in _branches(pipe))
+
+
+def fuse_lora(pipe) -> None:
+    """Add every loaded LoRA into the plain layers' weights (no per-call branch; the original weights are kept for
+    :func:`unfuse_lora`). Quantized layers keep theirs on the low-rank branch, which their GEMM already fuses."""
+    for branch in _branches(pipe):
+        branch.fuse()
+
+
+def unfuse_lora(pipe) -> None:
+    """Restore the weights :func:`fuse_lora` changed, bit for bit."""
+    for branch in _branches(pipe):
+        branch.unfuse()
+
+
+@contextlib.contextmanager
+def lora_strengths(pipe, scales: Optional[Mapping[str, float]]):
+    """Within the block, the LoRAs named in ``scales`` have those strengths (a call's ``lora_scales=``)."""
+    if not scales:
+        yield
+        return
+    loras = _registry(pipe)
+    unknown = [n for n in scales if n not in loras]
+    if unknown:
+        raise KeyError(f"lora_scales names LoRAs that are not loaded: {unknown} (loaded: {sorted(loras) or 'none'})")
+    before = {n: loras[n]["strength"] for n in scales}
+    try:
+        for n, s in scales.items():
+            set_lora_strength(pipe, n, float(s))
+        yield
+    finally:
+        for n, s in before.items():
+            set_lora_strength(pipe, n, s)
