@@ -240,3 +240,25 @@ def test_bad_input(pipe, tmp_path):
     write_safetensors(good, path)
     pipe.unload_lora()
     assert pipe.load_lora(path) == "my_style"
+
+
+def test_cli_lora_flags(pipe, tmp_path, capsys):
+    from fixtures import run_cli
+    path = str(tmp_path / "style.safetensors")
+    write_safetensors(random_lora(pipe.unet, 4, seed=10), path)
+    outs = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{path}:0.9"])):
+        out = tmp_path / name
+        code, stdout, err = run_cli(["generate", "--model", "digits", "--prompt", "a handwritten 4", "--steps", "3",
+                                     "--outdir", str(out), *extra], capsys)
+        assert code == 0, err
+        outs[name] = (out / next(f for f in os.listdir(out) if f.startswith("0"))).read_bytes()
+    assert outs["plain"] != outs["lora"]
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors({"unet.nope.lora_A.weight": torch.zeros(1, 2), "unet.nope.lora_B.weight": torch.zeros(2, 1)},
+                      str(bad))
+    for spec, text in ((str(tmp_path / "missing.safetensors"), "no such file"), (__file__, ".safetensors"),
+                       (f"{path}:inf", "finite"), (str(bad), "match no layer")):
+        code, _, err = run_cli(["generate", "--model", "digits", "--prompt", "a 1", "--steps", "1", "--outdir",
+                                str(tmp_path / "x"), "--lora", spec], capsys)
+        assert code == 2 and err.strip().count("\n") == 0 and "--lora" in err and text in err, err

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Optional
 
-from velodiff.commands.errors import UsageError
+from velodiff.commands.errors import UsageError, step
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: model families of ``velodiff convert --family`` (velodiff.loading.FAMILIES; tests/test_cli_errors.py checks)
@@ -85,6 +85,47 @@ def add_optimize(parser) -> None:
     parser.add_argument("--optimize", metavar="NAME[:key=value,...]", action="append", default=[],
                         help="apply a technique (repeatable; names below), e.g. --optimize "
                              "cpu_conv_prepack:components=unet/vae (a tuple option takes a/b/c)")
+
+
+def add_lora(parser) -> None:
+    parser.add_argument("--lora", metavar="PATH[:STRENGTH]", action="append", default=[],
+                        help="load a LoRA .safetensors (diffusers / PEFT, kohya or LyCORIS LoCon keys) at STRENGTH "
+                             "(default 1); repeatable")
+
+
+def parse_loras(specs) -> list:
+    """[(path, strength)] of the ``--lora`` flags, checked before any model loads: the file exists and is a
+    .safetensors, the strength a finite number."""
+    out = []
+    for spec in specs:
+        path, strength = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                strength = float(tail)
+                path = head
+            except ValueError:
+                pass  # a path with a colon in it
+        if not math.isfinite(strength):
+            raise UsageError(f"--lora {spec}: the strength must be a finite number")
+        if not os.path.isfile(path):
+            raise UsageError(f"--lora {spec}: no such file {path!r}")
+        if not path.endswith(".safetensors"):
+            raise UsageError(f"--lora {spec}: only .safetensors LoRA files are read")
+        out.append((path, strength))
+    return out
+
+
+def load_loras(pipe, specs, loras) -> None:
+    """Load the parsed ``--lora`` flags into ``pipe``; a file that does not fit is a one-line error naming it."""
+    names = set()
+    for spec, (path, strength) in zip(specs, loras):
+        name = os.path.basename(path).rsplit(".", 1)[0]
+        while name in names:
+            name += "_"
+        names.add(name)
+        with step(f"--lora {spec}"):
+            pipe.load_lora(path, name=name, strength=strength)
 
 
 def parse_optimize(specs) -> list:

@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
                    help="how real digits are rendered at the generated size before comparison (default: %(default)s)")
     A.add_device_dtype(p)
     A.add_optimize(p)
+    A.add_lora(p)
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=run)
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                          "holds no tokenizer): convert it first with velodiff convert FILE FOLDER --tokenizer ...")
     A.read_model_index(args.model)
     techniques = A.parse_optimize(args.optimize)
+    loras = A.parse_loras(args.lora)
 
     import torch
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     device = A.check_device(args.device)
     with step(f"--model {args.model}"):
         pipe = Pipeline.from_pretrained(args.model, dtype=getattr(torch, A.DTYPES[args.dtype]), device=device)
+    A.load_loras(pipe, args.lora, loras)
     if techniques:
         from velodiff.accel import optimize
         with step("--optimize " + " --optimize ".join(args.optimize)):

@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
                    help="images to draw (default: %(default)s)")
     A.add_device_dtype(p)
     A.add_optimize(p)
+    A.add_lora(p)
     p.add_argument("--outdir", metavar="DIR", default="out",
                    help="the folder to write (created if needed; default: %(default)s)")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     A.check_outdir(args.outdir)
     configs = A.read_configs(args.configs)
     techniques = A.parse_optimize(args.optimize)
+    loras = A.parse_loras(args.lora)
 
     import torch
 
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(args.model, dtype=getattr(torch, A.DTYPES[args.dtype]), device=device,
                                         **single)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    A.load_loras(pipe, args.lora, loras)
     if techniques:
         from velodiff.accel import optimize
         with step("--optimize " + " --optimize ".join(args.optimize)):
