@@ -262,3 +262,29 @@ def test_cli_lora_flags(pipe, tmp_path, capsys):
         code, _, err = run_cli(["generate", "--model", "digits", "--prompt", "a 1", "--steps", "1", "--outdir",
                                 str(tmp_path / "x"), "--lora", spec], capsys)
         assert code == 2 and err.strip().count("\n") == 0 and "--lora" in err and text in err, err
+
+
+def test_background_loading_joins_between_calls(pipe, tmp_path):
+    path = str(tmp_path / "bg.safetensors")
+    state = random_lora(pipe.unet, 4, seed=11)
+    write_safetensors(state, path)
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    plain = pipe(["a handwritten 2"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    future = pipe.load_lora(path, background=True, strength=0.6)
+    assert "bg" not in pipe.loras  # not before a call or wait_loras
+    future.result()  # read and parsed on the worker
+    with_bg = pipe(["a handwritten 2"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert pipe.loras == {"bg": 0.6} and not torch.equal(with_bg, plain)
+    pipe.unload_lora()
+    pipe.load_lora(state, name="direct", strength=0.6)
+    direct = pipe(["a handwritten 2"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(direct, with_bg)
+    # a bad file loaded in the background fails at the call that would attach it, or at wait_loras
+    bad = str(tmp_path / "bad.safetensors")
+    write_safetensors({"unet.nope.lora_A.weight": torch.zeros(1, 2), "unet.nope.lora_B.weight": torch.zeros(2, 1)},
+                      bad)
+    pipe.load_lora(bad, background=True)
+    with pytest.raises(LoraFormatError, match="match no layer"):
+        pipe.wait_loras()
+    pipe.wait_loras()  # raised once, then gone
+    assert pipe.loras == {"direct": 0.6}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterator, Mapping, Optional, Union
 
 import torch
@@ -67,17 +68,27 @@ def _detach(layer: nn.Module, name: str) -> None:
 def load_lora(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
               strict: bool = True) -> str:
     """Add a LoRA to ``pipe`` (see :meth:`velodiff.pipelines.base.BasePipeline.load_lora`); returns its name."""
-    if name is None:
-        if isinstance(source, Mapping):
-            raise ValueError("name= is required for a LoRA given as a state dict")
-        name = os.path.basename(os.fspath(source)).rsplit(".", 1)[0]
+    name = _name_of(source, name)
+    components, denoiser = lora_components(pipe)
+    return _apply(pipe, name, parse_lora(read_lora_file(source), components, denoiser, strict=strict), strength)
+
+
+def _name_of(source: LoraSource, name: Optional[str]) -> str:
+    if name is not None:
+        return name
+    if isinstance(source, Mapping):
+        raise ValueError("name= is required for a LoRA given as a state dict")
+    return os.path.basename(os.fspath(source)).rsplit(".", 1)[0]
+
+
+def _apply(pipe, name: str, factors: Dict, strength: float) -> str:
+    """Attach parsed factors under ``name``, all or nothing."""
     loras = _registry(pipe)
     if name in loras:
         raise ValueError(f"a LoRA named {name!r} is loaded already; unload_lora({name!r}) first or pick another name")
     if _fused(pipe):
         raise RuntimeError("the LoRAs are fused into the weights; unfuse_lora() before loading another")
-    components, denoiser = lora_components(pipe)
-    factors = parse_lora(read_lora_file(source), components, denoiser, strict=strict)
+    components, _ = lora_components(pipe)
     done = []
     try:
         for (component, module), f in factors.items():
@@ -91,6 +102,43 @@ def load_lora(pipe, source: LoraSource, name: Optional[str] = None, strength: fl
     loras[name] = {"layers": done, "strength": float(strength),
                    "components": sorted({c for c, _ in factors})}
     return name
+
+
+_LOADER: Optional[ThreadPoolExecutor] = None
+
+
+def _loader() -> ThreadPoolExecutor:
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="velodiff-lora")
+    return _LOADER
+
+
+def load_lora_background(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
+                         strict: bool = True) -> Future:
+    """Read and parse a LoRA on a worker thread while the pipeline keeps generating (SwiftDiffusion's asynchronous
+    LoRA loading); the adapter joins the layers between two calls, at the start of the first call after it is read
+    (or at :func:`wait_loras`). Returns a Future of the parsed factors; a file that does not fit raises at that
+    call. Bounded: one worker, one file at a time, so at most the files queued are held in memory."""
+    name = _name_of(source, name)
+    pending = getattr(pipe, "_lora_pending", [])
+    if name in _registry(pipe) or any(n == name for n, _, _ in pending):
+        raise ValueError(f"a LoRA named {name!r} is loaded or loading already")
+    components, denoiser = lora_components(pipe)
+    future = _loader().submit(lambda: parse_lora(read_lora_file(source), components, denoiser, strict=strict))
+    pipe._lora_pending = pending + [(name, float(strength), future)]
+    return future
+
+
+def apply_pending(pipe, wait: bool = False) -> None:
+    """Attach the background-loaded LoRAs that are ready (all of them, waiting, with ``wait``)."""
+    pending = getattr(pipe, "_lora_pending", [])
+    if not pending:
+        return
+    ready = [p for p in pending if wait or p[2].done()]
+    pipe._lora_pending = [p for p in pending if p not in ready]  # a failed one raises once, then is gone
+    for name, strength, future in ready:
+        _apply(pipe, name, future.result(), strength)
 
 
 def _entry(pipe, name: str) -> Dict:

@@ -288,7 +288,8 @@ class BasePipeline:
 
         @functools.wraps(call)
         def with_lora_scales(self, *args, lora_scales: Optional[Dict[str, float]] = None, **kwargs):
-            from velodiff.lora import lora_strengths
+            from velodiff.lora import apply_pending, lora_strengths
+            apply_pending(self)  # LoRAs loaded in the background join between calls
             with lora_strengths(self, lora_scales):
                 return call(self, *args, **kwargs)
         with_lora_scales._takes_lora_scales = True
@@ -296,14 +297,24 @@ class BasePipeline:
 
     # --- LoRA (velodiff.lora) ---------------------------------------------------------------------------------------
 
-    def load_lora(self, source, name: Optional[str] = None, strength: float = 1.0, strict: bool = True) -> str:
+    def load_lora(self, source, name: Optional[str] = None, strength: float = 1.0, strict: bool = True,
+                  background: bool = False):
         """Add a LoRA: ``source`` a ``.safetensors`` file (diffusers / PEFT, kohya or LyCORIS LoCon keys, for the
         denoiser and the text encoders) or a state dict; ``name`` defaults to the file's stem. Several LoRAs can be
         loaded at once; each changes no module (a branch on the layer; quantized layers: their low-rank branch), so
         loading, unloading and re-weighting adapters never rebuilds the model. Unknown keys raise an error listing
-        them (``strict=False``: a warning). Returns the name."""
-        from velodiff.lora import load_lora
+        them (``strict=False``: a warning). Returns the name; with ``background=True`` the file is read on a worker
+        thread while generation goes on, the adapter joins at the start of the next call after that (or at
+        :meth:`wait_loras`), and a Future is returned."""
+        from velodiff.lora import load_lora, load_lora_background
+        if background:
+            return load_lora_background(self, source, name, strength, strict)
         return load_lora(self, source, name, strength, strict)
+
+    def wait_loras(self) -> None:
+        """Attach every LoRA still loading in the background, waiting for them."""
+        from velodiff.lora import apply_pending
+        apply_pending(self, wait=True)
 
     def set_lora_strength(self, name: str, strength: float) -> None:
         """Re-weight a loaded LoRA (for one call only: ``pipe(..., lora_scales={name: strength})``)."""
