@@ -42,7 +42,7 @@ def read_lora_file(source: LoraSource) -> Dict[str, torch.Tensor]:
     return read_safetensors(path)
 
 
-def _attach(layer: nn.Module, name: str, f: LoraFactors, strength: float) -> None:
+def _attach(layer: nn.Module, name: str, f: LoraFactors, strength: float, capacity: int) -> None:
     if _is_quantized(layer):
         layer.add_lora(name, f.down.reshape(f.rank, -1), f.up.reshape(f.up.shape[0], f.rank), strength,
                        scale=f.factor)
@@ -51,7 +51,7 @@ def _attach(layer: nn.Module, name: str, f: LoraFactors, strength: float) -> Non
     if branch is None:
         branch = LoraBranch(layer)
         layer._velodiff_lora = branch
-    branch.add(name, f, strength)
+    branch.add(name, f, strength, capacity)
 
 
 def _detach(layer: nn.Module, name: str) -> None:
@@ -66,11 +66,12 @@ def _detach(layer: nn.Module, name: str) -> None:
 
 
 def load_lora(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
-              strict: bool = True) -> str:
+              strict: bool = True, capacity: int = 0) -> str:
     """Add a LoRA to ``pipe`` (see :meth:`velodiff.pipelines.base.BasePipeline.load_lora`); returns its name."""
     name = _name_of(source, name)
     components, denoiser = lora_components(pipe)
-    return _apply(pipe, name, parse_lora(read_lora_file(source), components, denoiser, strict=strict), strength)
+    return _apply(pipe, name, parse_lora(read_lora_file(source), components, denoiser, strict=strict), strength,
+                  capacity)
 
 
 def _name_of(source: LoraSource, name: Optional[str]) -> str:
@@ -81,7 +82,7 @@ def _name_of(source: LoraSource, name: Optional[str]) -> str:
     return os.path.basename(os.fspath(source)).rsplit(".", 1)[0]
 
 
-def _apply(pipe, name: str, factors: Dict, strength: float) -> str:
+def _apply(pipe, name: str, factors: Dict, strength: float, capacity: int = 0) -> str:
     """Attach parsed factors under ``name``, all or nothing."""
     loras = _registry(pipe)
     if name in loras:
@@ -93,7 +94,7 @@ def _apply(pipe, name: str, factors: Dict, strength: float) -> str:
     try:
         for (component, module), f in factors.items():
             layer = components[component].get_submodule(module)
-            _attach(layer, name, f, strength)
+            _attach(layer, name, f, strength, capacity)
             done.append(layer)
     except Exception:
         for layer in done:
@@ -115,18 +116,18 @@ def _loader() -> ThreadPoolExecutor:
 
 
 def load_lora_background(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
-                         strict: bool = True) -> Future:
+                         strict: bool = True, capacity: int = 0) -> Future:
     """Read and parse a LoRA on a worker thread while the pipeline keeps generating (SwiftDiffusion's asynchronous
     LoRA loading); the adapter joins the layers between two calls, at the start of the first call after it is read
     (or at :func:`wait_loras`). Returns a Future of the parsed factors; a file that does not fit raises at that
     call. Bounded: one worker, one file at a time, so at most the files queued are held in memory."""
     name = _name_of(source, name)
     pending = getattr(pipe, "_lora_pending", [])
-    if name in _registry(pipe) or any(n == name for n, _, _ in pending):
+    if name in _registry(pipe) or any(p[0] == name for p in pending):
         raise ValueError(f"a LoRA named {name!r} is loaded or loading already")
     components, denoiser = lora_components(pipe)
     future = _loader().submit(lambda: parse_lora(read_lora_file(source), components, denoiser, strict=strict))
-    pipe._lora_pending = pending + [(name, float(strength), future)]
+    pipe._lora_pending = pending + [(name, float(strength), capacity, future)]
     return future
 
 
@@ -135,10 +136,10 @@ def apply_pending(pipe, wait: bool = False) -> None:
     pending = getattr(pipe, "_lora_pending", [])
     if not pending:
         return
-    ready = [p for p in pending if wait or p[2].done()]
+    ready = [p for p in pending if wait or p[3].done()]
     pipe._lora_pending = [p for p in pending if p not in ready]  # a failed one raises once, then is gone
-    for name, strength, future in ready:
-        _apply(pipe, name, future.result(), strength)
+    for name, strength, capacity, future in ready:
+        _apply(pipe, name, future.result(), strength, capacity)
 
 
 def _entry(pipe, name: str) -> Dict:

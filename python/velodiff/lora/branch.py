@@ -1,6 +1,7 @@
 """The LoRA branch of one layer: every adapter's factors side by side on one padded rank axis, so that loading,
 unloading and re-weighting adapters (hot swap) changes no tensor shape while they fit the capacity (a multiple of
-:data:`RANK_BLOCK` ranks): nothing recompiles under torch.compile or a captured CUDA graph.
+:data:`RANK_BLOCK` ranks, at least the ``capacity`` asked for at load: the largest total rank a swap will need):
+nothing recompiles under torch.compile or a captured CUDA graph. The padding costs branch compute in proportion.
 
 For a plain ``nn.Linear`` / ``nn.Conv2d`` (and velodiff's FP8 / low-bit linear layers) the branch is a forward hook
 that adds ``up(scales * down(x))`` to the layer's output (for a convolution: ``down`` a convolution of the layer's
@@ -24,7 +25,7 @@ from torch import nn
 from velodiff.lora.formats import LoraFactors
 
 #: the rank axis grows in blocks of this many ranks (a swap between adapters whose ranks fit needs no new shapes)
-RANK_BLOCK = 64
+RANK_BLOCK = 8
 
 
 class LoraBranch:
@@ -66,15 +67,16 @@ class LoraBranch:
             new_down[:c], new_up[:, :c], new_scales[:c] = self.down, self.up, self.scales
         self.down, self.up, self.scales = new_down, new_up, new_scales
 
-    def add(self, name: str, f: LoraFactors, strength: float) -> None:
+    def add(self, name: str, f: LoraFactors, strength: float, capacity: int = 0) -> None:
         if name in self.adapters:
             raise ValueError(f"a LoRA named {name!r} is already on this layer; unload it first")
         self._check_unfused()
         down = f.down if self.conv else f.down.reshape(f.rank, -1)
         up = f.up.reshape(f.up.shape[0], f.rank, *((1, 1) if self.conv else ()))
         start = self.used
-        if start + f.rank > self.capacity:
-            self._grow(-(-(start + f.rank) // RANK_BLOCK) * RANK_BLOCK, down, up)
+        need = max(start + f.rank, capacity)
+        if need > self.capacity:
+            self._grow(-(-need // RANK_BLOCK) * RANK_BLOCK, down, up)
         with torch.no_grad():
             self.down[start:start + f.rank] = down.to(self.down.dtype)
             self.up[:, start:start + f.rank] = up.to(self.up.dtype)

@@ -298,18 +298,19 @@ class BasePipeline:
     # --- LoRA (velodiff.lora) ---------------------------------------------------------------------------------------
 
     def load_lora(self, source, name: Optional[str] = None, strength: float = 1.0, strict: bool = True,
-                  background: bool = False):
+                  background: bool = False, capacity: int = 0):
         """Add a LoRA: ``source`` a ``.safetensors`` file (diffusers / PEFT, kohya or LyCORIS LoCon keys, for the
         denoiser and the text encoders) or a state dict; ``name`` defaults to the file's stem. Several LoRAs can be
         loaded at once; each changes no module (a branch on the layer; quantized layers: their low-rank branch), so
         loading, unloading and re-weighting adapters never rebuilds the model. Unknown keys raise an error listing
         them (``strict=False``: a warning). Returns the name; with ``background=True`` the file is read on a worker
         thread while generation goes on, the adapter joins at the start of the next call after that (or at
-        :meth:`wait_loras`), and a Future is returned."""
+        :meth:`wait_loras`), and a Future is returned. ``capacity``: pad each layer's rank axis to at least this
+        total rank, so that later swaps up to it change no shapes (velodiff.lora.branch)."""
         from velodiff.lora import load_lora, load_lora_background
         if background:
-            return load_lora_background(self, source, name, strength, strict)
-        return load_lora(self, source, name, strength, strict)
+            return load_lora_background(self, source, name, strength, strict, capacity)
+        return load_lora(self, source, name, strength, strict, capacity)
 
     def wait_loras(self) -> None:
         """Attach every LoRA still loading in the background, waiting for them."""

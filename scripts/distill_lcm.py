@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Latent consistency distillation of the built-in ``digits`` model into a LoRA (LCM-LoRA), shipped as the built-in
+adapter ``digits-lcm``.
+
+    nice -n 19 python scripts/distill_lcm.py                    # seed 0, 2 CPU threads; writes the shipped adapter
+    python scripts/distill_lcm.py --steps 50 --out /tmp/lcm.safetensors   # a quick try elsewhere
+
+The recipe of Luo et al. 2023 ("Latent Consistency Models", Algorithm 3, and "LCM-LoRA"), scaled down to a 16x16
+model on two CPU cores:
+
+- teacher: the digits UNet, frozen, with classifier-free guidance at a scale drawn per sample from
+  [--guidance-min, --guidance-max] (LCM's augmented probability-flow ODE: eps_u + w (eps_c - eps_u)); the student
+  is the same UNet with a trainable LoRA (rank --rank on every attention projection, feed-forward, proj_in /
+  proj_out, resnet convolution, time_emb_proj and resampling convolution: LCM-LoRA's targets) and no guidance input,
+  so the guidance is baked in and the adapter's recommended guidance scale is 1 (no CFG at sampling).
+- skipping-step DDIM solver: the 50-point grid t = 20 i + 19 of SD's 1000 training steps (LCM's k = 20); a sample
+  is noised to t_{n+k}, the teacher's one DDIM step goes to t_n = t_{n+k} - 20 (0 at the end).
+- consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with the boundary scalings of velodiff's ``lcm``
+  sampler (sigma_data 0.5, timestep scaling 10); loss: pseudo-Huber (c = 0.001) between the student's f at
+  t_{n+k} and the target's f at t_n, the target being the student itself without gradient (LCM-LoRA uses no EMA).
+- data: the 1347 training digits of ``split.json`` (as scripts/distill_linfusion.py: VAE posterior samples), a random
+  prompt template per sample; the LoRA is trained through velodiff's own LoRA branch (velodiff.lora), A initialised
+  like PEFT (uniform, 1/sqrt(K)), B zero, so the student starts as the teacher.
+
+Output (--out): a LoRA safetensors in the diffusers / PEFT layout (``unet.<module>.lora_A / lora_B``, alpha = rank,
+float16), its metadata holding ``velodiff_lora_defaults`` ({"guidance_scale": 1.0}) and the training record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from distill_linfusion import alphas_cumprod, encode_training_digits, prompt_embeddings  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "..", "python", "velodiff", "data", "digits", "loras", "digits-lcm.safetensors")
+#: LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd*.py), by the last part(s) of their names
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+           "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def initial_lora(unet: nn.Module, rank: int, gen: torch.Generator):
+    """PEFT-style initial factors for every target layer: A uniform in +-1/sqrt(K), B zero."""
+    state = {}
+    for name, m in unet.named_modules():
+        if not name.endswith(TARGETS) or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if isinstance(m, nn.Linear):
+            k, shape_a, shape_b = m.in_features, (rank, m.in_features), (m.out_features, rank)
+        else:
+            k = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            shape_a, shape_b = (rank, m.in_channels, *m.kernel_size), (m.out_channels, rank, 1, 1)
+        state[f"unet.{name}.lora_A.weight"] = (torch.rand(shape_a, generator=gen) * 2 - 1) / k ** 0.5
+        state[f"unet.{name}.lora_B.weight"] = torch.zeros(shape_b)
+    return state
+
+
+def boundary(t: torch.Tensor, scaling: float = 10.0):
+    """(c_skip, c_out) [B, 1, 1, 1] (velodiff.sampling.samplers.lcm.lcm_boundary_scalings, batched)."""
+    u = t.double() * scaling
+    denom = u * u + 0.25
+    return (0.25 / denom).float().view(-1, 1, 1, 1), (u / denom.sqrt()).float().view(-1, 1, 1, 1)
+
+
+def consistency(unet, x, t, ctx, alphas):
+    a = alphas[t].view(-1, 1, 1, 1)
+    eps = unet(x, t, ctx)
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    c_skip, c_out = boundary(t)
+    return c_skip * x + c_out * x0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--guidance-min", type=float, default=2.0)
+    ap.add_argument("--guidance-max", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=100)
+    args = ap.parse_args(argv)
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--rank", args.rank, 1),
+                             ("--threads", args.threads, 1), ("--seed", args.seed, 0), ("--log-every", args.log_every, 1)):
+        if value < low:
+            ap.error(f"{flag} must be >= {low}, got {value}")
+    if not args.lr > 0 or not 1 <= args.guidance_min <= args.guidance_max:
+        ap.error("--lr must be > 0 and 1 <= --guidance-min <= --guidance-max")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    import velodiff as vd
+    from velodiff.lora import lora_strengths
+    from velodiff.loading.safetensors_io import write_safetensors
+    pipe = vd.Pipeline.from_pretrained("digits")
+    unet = pipe.unet.eval().requires_grad_(False)
+    emb, empty = prompt_embeddings(pipe)
+    mean, std, labels = encode_training_digits(pipe)
+    alphas = alphas_cumprod()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    pipe.load_lora(initial_lora(unet, args.rank, gen), name="lcm")
+    branches = [(name, m._velodiff_lora) for name, m in unet.named_modules() if hasattr(m, "_velodiff_lora")]
+    params = []
+    for _, b in branches:
+        b.down.requires_grad_(True), b.up.requires_grad_(True)
+        params += [b.down, b.up]
+    log(f"teacher: digits UNet with CFG in [{args.guidance_min}, {args.guidance_max}]; student: LoRA rank {args.rank} "
+        f"on {len(branches)} layers ({sum(b.down[:args.rank].numel() + b.up[:, :args.rank].numel() for _, b in branches):,} "
+        f"parameters); {len(labels)} digits; {args.steps} steps of batch {args.batch}, lr {args.lr:g}")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05,
+                                                final_div_factor=20)
+    skip, grid = 20, torch.arange(50) * 20 + 19
+    huber_c = 1e-3
+    running, first, t_last = None, None, time.time()
+    for step in range(args.steps):
+        j = torch.randint(0, len(labels), (args.batch,), generator=gen)
+        z0 = pipe.vae.vae_to_latents(mean[j] + std[j] * torch.randn(mean[j].shape, generator=gen))
+        tmpl = torch.randint(0, emb.shape[1], (args.batch,), generator=gen)
+        ctx = emb[labels[j], tmpl]
+        start = grid[torch.randint(0, len(grid), (args.batch,), generator=gen)]
+        prev = (start - skip).clamp_min(0)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = alphas[start].view(-1, 1, 1, 1)
+        x = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        w = (args.guidance_min + (args.guidance_max - args.guidance_min)
+             * torch.rand(args.batch, generator=gen)).view(-1, 1, 1, 1)
+        with torch.no_grad():
+            with lora_strengths(pipe, {"lcm": 0.0}):  # the teacher: the UNet without the adapter
+                e_c, e_u = unet(torch.cat([x, x]), torch.cat([start, start]),
+                                torch.cat([ctx, empty[None].expand_as(ctx)])).chunk(2)
+            eps = e_u + w * (e_c - e_u)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            ap_ = alphas[prev].view(-1, 1, 1, 1)
+            x_prev = ap_.sqrt() * x0 + (1 - ap_).sqrt() * eps  # one DDIM step of the guided teacher
+            target = consistency(unet, x_prev, prev, ctx, alphas)
+        pred = consistency(unet, x, start, ctx, alphas)
+        loss = (((pred - target) ** 2 + huber_c ** 2).sqrt() - huber_c).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        first = value if first is None else first
+        if step % args.log_every == 0 or step == args.steps - 1:
+            now = time.time()
+            log(f"step {step:5d}  loss {running:.5f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"({(now - t_last) / (args.log_every if step else 1):.3f} s/step)")
+            t_last = now
+    state = {}
+    for name, b in branches:
+        state[f"unet.{name}.lora_A.weight"] = b.down[:args.rank].detach().half().contiguous()
+        state[f"unet.{name}.lora_B.weight"] = b.up[:, :args.rank].detach().half().contiguous()
+    record = {"command": "python scripts/distill_lcm.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "seed": args.seed, "steps": args.steps, "batch": args.batch, "rank": args.rank, "lr": args.lr,
+              "guidance_range": [args.guidance_min, args.guidance_max], "loss_first": first, "loss_last": running,
+              "seconds": round(time.time() - T0, 1), "torch": torch.__version__}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_safetensors(state, args.out, metadata={"velodiff_lora_defaults": json.dumps({"guidance_scale": 1.0}),
+                                                 "velodiff_distillation": json.dumps(record)})
+    log(f"wrote {args.out} ({len(state)} tensors); loss {first:.5f} -> {running:.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
