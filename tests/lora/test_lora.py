@@ -288,3 +288,24 @@ def test_background_loading_joins_between_calls(pipe, tmp_path):
         pipe.wait_loras()
     pipe.wait_loras()  # raised once, then gone
     assert pipe.loras == {"direct": 0.6}
+
+
+def test_a_lora_brings_its_call_defaults_and_shipped_adapters_load_by_name(pipe, tmp_path):
+    """An LCM-LoRA's recommended guidance travels in its metadata (velodiff_lora_defaults) and is the pipeline's
+    default while it is loaded; a model folder's loras/<name>.safetensors loads by name."""
+    from velodiff.lora.adapters import find_lora
+    path = str(tmp_path / "loras" / "fast.safetensors")
+    os.makedirs(os.path.dirname(path))
+    write_safetensors(random_lora(pipe.unet, 2, seed=12), path,
+                      metadata={"velodiff_lora_defaults": '{"guidance_scale": 1.0}'})
+    before = pipe.default_guidance_scale
+    assert before != 1.0
+    pipe.load_lora(path)
+    assert pipe.default_guidance_scale == 1.0
+    pipe.unload_lora("fast")
+    assert pipe.default_guidance_scale == before
+    assert find_lora("fast", str(tmp_path)) == path and find_lora("other", str(tmp_path)) == "other"
+    bad = str(tmp_path / "bad.safetensors")
+    write_safetensors(random_lora(pipe.unet, 2, seed=12), bad, metadata={"velodiff_lora_defaults": '{"steps": 4}'})
+    with pytest.raises(ValueError, match="velodiff_lora_defaults"):
+        pipe.load_lora(bad)

@@ -93,9 +93,14 @@ def add_lora(parser) -> None:
                              "(default 1); repeatable")
 
 
-def parse_loras(specs) -> list:
+def parse_loras(specs, model: Optional[str] = None) -> list:
     """[(path, strength)] of the ``--lora`` flags, checked before any model loads: the file exists and is a
-    .safetensors, the strength a finite number."""
+    .safetensors (a bare name: the adapter ``--model``'s folder ships in ``loras/``, e.g. digits-lcm), the strength a
+    finite number."""
+    if not specs:
+        return []
+    from velodiff.lora.adapters import find_lora
+    folder = (builtin_folder(model) or model) if model else None
     out = []
     for spec in specs:
         path, strength = spec, 1.0
@@ -108,6 +113,7 @@ def parse_loras(specs) -> list:
                 pass  # a path with a colon in it
         if not math.isfinite(strength):
             raise UsageError(f"--lora {spec}: the strength must be a finite number")
+        path = find_lora(path, folder if folder and os.path.isdir(folder) else None)
         if not os.path.isfile(path):
             raise UsageError(f"--lora {spec}: no such file {path!r}")
         if not path.endswith(".safetensors"):

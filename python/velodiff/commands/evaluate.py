@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                          "holds no tokenizer): convert it first with velodiff convert FILE FOLDER --tokenizer ...")
     A.read_model_index(args.model)
     techniques = A.parse_optimize(args.optimize)
-    loras = A.parse_loras(args.lora)
+    loras = A.parse_loras(args.lora, args.model)
 
     import torch
 

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     A.check_outdir(args.outdir)
     configs = A.read_configs(args.configs)
     techniques = A.parse_optimize(args.optimize)
-    loras = A.parse_loras(args.lora)
+    loras = A.parse_loras(args.lora, args.model)
 
     import torch
 

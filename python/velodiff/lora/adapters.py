@@ -4,9 +4,10 @@ adapter and per call, fuse / unfuse (exact restore), unload. One implementation 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,18 +29,43 @@ def _is_quantized(layer: nn.Module) -> bool:
     return isinstance(layer, QuantizedLinear)
 
 
-def read_lora_file(source: LoraSource) -> Dict[str, torch.Tensor]:
-    """A LoRA state dict from a ``.safetensors`` path (pickled formats are refused), or ``source`` itself."""
+#: where a model folder keeps the LoRAs it ships (loaded by name: ``pipe.load_lora("digits-lcm")``)
+LORA_FOLDER = "loras"
+
+
+def find_lora(source: LoraSource, model_folder: Optional[str]) -> LoraSource:
+    """A bare adapter name that is no file (``"digits-lcm"``) is the model folder's ``loras/<name>.safetensors`` when
+    that exists; anything else is returned as it is."""
+    if isinstance(source, Mapping) or model_folder is None:
+        return source
+    path = os.fspath(source)
+    if os.path.exists(path) or os.sep in path or path.endswith(".safetensors"):
+        return source
+    shipped = os.path.join(model_folder, LORA_FOLDER, path + ".safetensors")
+    return shipped if os.path.isfile(shipped) else source
+
+
+def read_lora_file(source: LoraSource) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict, call defaults) of a LoRA ``.safetensors`` file (pickled formats are refused), or of a state dict
+    (no defaults). Defaults: the file metadata's ``velodiff_lora_defaults`` JSON (e.g. an LCM-LoRA's
+    ``{"guidance_scale": 1.0}``), the keys of a model folder's defaults."""
     if isinstance(source, Mapping):
-        return dict(source)
+        return dict(source), {}
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file {path!r} does not exist")
     if not path.endswith(".safetensors"):
         raise ValueError(f"LoRA file {path!r}: only .safetensors files are read (pickled .bin / .pt / .ckpt files "
                          "can run code when loaded; convert them first)")
-    from velodiff.loading.safetensors_io import read_safetensors
-    return read_safetensors(path)
+    from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header
+    from velodiff.pipelines.base import read_defaults
+    _, metadata, _ = read_safetensors_header(path)
+    try:
+        defaults = json.loads((metadata or {}).get("velodiff_lora_defaults", "{}"))
+        defaults = read_defaults({"_velodiff_defaults": defaults})
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"LoRA file {path!r}: bad velodiff_lora_defaults metadata ({e})") from None
+    return read_safetensors(path), defaults
 
 
 def _attach(layer: nn.Module, name: str, f: LoraFactors, strength: float, capacity: int) -> None:
@@ -68,10 +94,16 @@ def _detach(layer: nn.Module, name: str) -> None:
 def load_lora(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
               strict: bool = True, capacity: int = 0) -> str:
     """Add a LoRA to ``pipe`` (see :meth:`velodiff.pipelines.base.BasePipeline.load_lora`); returns its name."""
+    source = find_lora(source, getattr(pipe, "name_or_path", None))
     name = _name_of(source, name)
+    return _apply(pipe, name, _parse(pipe, source, strict), strength, capacity)
+
+
+def _parse(pipe, source: LoraSource, strict: bool):
+    """(factors by layer, call defaults) of a LoRA source for ``pipe``."""
     components, denoiser = lora_components(pipe)
-    return _apply(pipe, name, parse_lora(read_lora_file(source), components, denoiser, strict=strict), strength,
-                  capacity)
+    state, defaults = read_lora_file(source)
+    return parse_lora(state, components, denoiser, strict=strict), defaults
 
 
 def _name_of(source: LoraSource, name: Optional[str]) -> str:
@@ -82,8 +114,10 @@ def _name_of(source: LoraSource, name: Optional[str]) -> str:
     return os.path.basename(os.fspath(source)).rsplit(".", 1)[0]
 
 
-def _apply(pipe, name: str, factors: Dict, strength: float, capacity: int = 0) -> str:
-    """Attach parsed factors under ``name``, all or nothing."""
+def _apply(pipe, name: str, parsed, strength: float, capacity: int = 0) -> str:
+    """Attach parsed factors under ``name``, all or nothing; the LoRA's call defaults replace the pipeline's until
+    it is unloaded."""
+    factors, defaults = parsed
     loras = _registry(pipe)
     if name in loras:
         raise ValueError(f"a LoRA named {name!r} is loaded already; unload_lora({name!r}) first or pick another name")
@@ -100,8 +134,9 @@ def _apply(pipe, name: str, factors: Dict, strength: float, capacity: int = 0) -
         for layer in done:
             _detach(layer, name)
         raise
-    loras[name] = {"layers": done, "strength": float(strength),
-                   "components": sorted({c for c, _ in factors})}
+    loras[name] = {"layers": done, "strength": float(strength), "components": sorted({c for c, _ in factors}),
+                   "replaced_defaults": {k: pipe.defaults.get(k) for k in defaults}}
+    pipe.defaults.update(defaults)
     return name
 
 
@@ -121,12 +156,13 @@ def load_lora_background(pipe, source: LoraSource, name: Optional[str] = None, s
     LoRA loading); the adapter joins the layers between two calls, at the start of the first call after it is read
     (or at :func:`wait_loras`). Returns a Future of the parsed factors; a file that does not fit raises at that
     call. Bounded: one worker, one file at a time, so at most the files queued are held in memory."""
+    source = find_lora(source, getattr(pipe, "name_or_path", None))
     name = _name_of(source, name)
     pending = getattr(pipe, "_lora_pending", [])
     if name in _registry(pipe) or any(p[0] == name for p in pending):
         raise ValueError(f"a LoRA named {name!r} is loaded or loading already")
-    components, denoiser = lora_components(pipe)
-    future = _loader().submit(lambda: parse_lora(read_lora_file(source), components, denoiser, strict=strict))
+    lora_components(pipe)  # a pipeline without a denoiser fails here, not on the worker
+    future = _loader().submit(_parse, pipe, source, strict)
     pipe._lora_pending = pending + [(name, float(strength), capacity, future)]
     return future
 
@@ -170,6 +206,11 @@ def unload_lora(pipe, name: Optional[str] = None) -> None:
         entry = _entry(pipe, n)
         for layer in entry["layers"]:
             _detach(layer, n)
+        for key, value in entry["replaced_defaults"].items():
+            if value is None:
+                pipe.defaults.pop(key, None)
+            else:
+                pipe.defaults[key] = value
         del _registry(pipe)[n]
 
 
