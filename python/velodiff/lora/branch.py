@@ -112,8 +112,10 @@ class LoraBranch:
 
     def fuse(self) -> None:
         """Add the update to the layer's weight (keeping the original for an exact :meth:`unfuse`)."""
-        if self.fused_weight is not None or not self.adapters:
-            return
+        w = getattr(self.layer, "weight", None)
+        if self.fused_weight is not None or not self.adapters or not isinstance(w, torch.Tensor) \
+                or not w.is_floating_point() or w.element_size() < 2:
+            return  # nothing to fuse, or a layer without a float weight (FP8 / low-bit codes): the branch stays
         w = self.layer.weight
         self.fused_weight = w.detach().clone()
         with torch.no_grad():
