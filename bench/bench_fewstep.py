@@ -8,8 +8,12 @@ adapter's guidance 1 (no CFG: one model call per step instead of two). Columns: 
 distance with 95% intervals (the judge fitted on digits the models never saw), seconds per image on this CPU and
 the speed-up over the 20-step teacher measured in the same run.
 
-  python bench/bench_fewstep.py [--per-class 100]
-Writes <out>/fewstep_digits.{json,md}.
+With --style: the LCM-LoRA together with a style LoRA, ``digits-bold`` (scripts/train_style_lora.py: strokes
+thickened), to measure style dilution: the style's effect is the mean ink of the images (pixel brightness in
+[0, 1]); its size with the teacher at 20 steps against its size with digits-lcm at 4 steps; accuracy beside it.
+
+  python bench/bench_fewstep.py [--per-class 100] [--style]
+Writes <out>/fewstep_digits.{json,md} (--style: fewstep_style_digits).
 """
 from __future__ import annotations
 
@@ -29,13 +33,67 @@ SETUPS = (("teacher", None, "dpmpp_2m", 20, 3.0), ("teacher", None, "dpmpp_2m", 
           ("teacher + digits-lcm", "digits-lcm", "lcm", 2, 1.0), ("teacher + digits-lcm", "digits-lcm", "lcm", 4, 1.0))
 
 
+#: --style: (setup, {LoRA: strength}, sampler, steps, guidance)
+STYLE_SETUPS = (("teacher", {}, "dpmpp_2m", 20, 3.0),
+                ("teacher + digits-bold", {"digits-bold": 1.0}, "dpmpp_2m", 20, 3.0),
+                ("digits-lcm", {"digits-lcm": 1.0}, "lcm", 4, 1.0),
+                ("digits-lcm + digits-bold", {"digits-lcm": 1.0, "digits-bold": 1.0}, "lcm", 4, 1.0))
+
+
+def mean_ink(pipe, sampler: str, steps: int, guidance: float, per_class: int) -> float:
+    """Mean pixel brightness of ``per_class`` images of each digit (seed 0), in [0, 1]."""
+    import torch
+    total, count = 0.0, 0
+    for d in range(10):
+        images = pipe([f"a handwritten {d}"] * per_class, num_inference_steps=steps, guidance_scale=guidance,
+                      sampler=sampler, generator=torch.Generator().manual_seed(d), output_type="np").images
+        total, count = total + float(images.sum()), count + images.size
+    return total / count
+
+
+def style_rows(per_class: int):
+    rows = []
+    for setup, loras, sampler, steps, guidance in STYLE_SETUPS:
+        pipe = vd.Pipeline.from_pretrained("digits")
+        pipe.set_progress_bar_config(disable=True)
+        for name, strength in loras.items():
+            pipe.load_lora(name, strength=strength)
+        r = evaluate(pipe, sampler=sampler, steps=steps, guidance=guidance, per_class=per_class, seed=0, n_boot=1000,
+                     fd_boot=200)
+        rows.append({"model": "digits", "setup": setup, "sampler": sampler, "steps": steps, "guidance": guidance,
+                     "images": r["num_images"], "accuracy": r["conditional_accuracy"],
+                     "accuracy_ci": r["conditional_accuracy_ci"],
+                     "mean_ink": round(mean_ink(pipe, sampler, steps, guidance, per_class), 4)})
+        print(rows[-1], flush=True)
+    plain, bold, lcm, lcm_bold = (row["mean_ink"] for row in rows)
+    kept = (lcm_bold - lcm) / (bold - plain)
+    for row in rows:
+        row["style_effect"] = None
+    rows[1]["style_effect"], rows[3]["style_effect"] = round(bold - plain, 4), round(lcm_bold - lcm, 4)
+    rows[3]["style_kept"] = round(kept, 3)
+    return rows
+
+
 def main():
     ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--style", action="store_true", help="instead: digits-lcm with the style LoRA digits-bold")
     args = ap.parse_args()
     check_ranges("bench_fewstep.py", (("--per-class", args.per_class, 1, 100),))
     load_start, rows = load_average(), []
+    if args.style:
+        rows = style_rows(args.per_class)
+        note = (f"{args.per_class} images per digit, seed 0. mean_ink: mean pixel brightness of the images (the "
+                "bold style adds ink); style_effect: the ink the style adds with the teacher at 20 steps and with "
+                "digits-lcm at 4 steps; style_kept: the second over the first (1 = no dilution). Accuracy: "
+                "velodiff.eval's judge, 95% intervals.")
+        path = write_results("fewstep_style_digits", rows,
+                             ["model", "setup", "sampler", "steps", "guidance", "images", "accuracy", "accuracy_ci",
+                              "mean_ink", "style_effect", "style_kept"], args.out, note=note,
+                             extra={"load_start": load_start, "load_end": load_average()})
+        print("wrote", path)
+        return
     for setup, lora, sampler, steps, guidance in SETUPS:
         pipe = vd.Pipeline.from_pretrained("digits")
         pipe.set_progress_bar_config(disable=True)
