@@ -323,3 +323,19 @@ def test_builtin_digits_lcm_adapter_draws_digits_in_four_steps():
     assert r["conditional_accuracy"] >= 0.97, r["conditional_accuracy"]
     pipe.unload_lora("digits-lcm")
     assert pipe.default_guidance_scale == 3.0
+
+
+def test_dit_transformer_lora():
+    """The transformer of a DiT pipeline takes ``transformer.``-prefixed (and unprefixed) PEFT keys."""
+    dit = vd.Pipeline.from_pretrained("digits-dit")
+    dit.set_progress_bar_config(disable=True)
+    state = random_lora(dit.transformer, 4, seed=13, patterns=("to_q", "to_v"), prefix="transformer.")
+    assert state
+    kwargs = dict(class_labels=[3], num_inference_steps=2, output_type="latent")
+    plain = dit(generator=torch.Generator().manual_seed(0), **kwargs).images
+    dit.load_lora(state, name="t")
+    with_lora = dit(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not torch.equal(plain, with_lora)
+    dit.unload_lora("t")
+    dit.load_lora({k[len("transformer."):]: v for k, v in state.items()}, name="bare")
+    assert torch.equal(dit(generator=torch.Generator().manual_seed(0), **kwargs).images, with_lora)

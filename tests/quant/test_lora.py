@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import velodiff as vd
+from velodiff.lora import LoraFormatError
 from velodiff.quant import QuantConfig, QuantizedLinear
 
 
@@ -65,7 +66,7 @@ def test_lora_changes_output_as_merged_weights_would(unet, style, alpha):
 
 def test_lora_errors(unet):
     state = _lora_state(unet, NAMES)
-    with pytest.raises(KeyError, match="wrong prefix"):
+    with pytest.raises(LoraFormatError, match="match no layer"):
         vd.quant.add_lora(unet, state, "x")  # no prefix given
     plain = _lora_state(unet, NAMES)
     plain["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"] = torch.randn(4, 64)
@@ -73,7 +74,7 @@ def test_lora_errors(unet):
     with pytest.raises(ValueError, match="not quantized"):
         vd.quant.add_lora(unet, plain, "x", prefix="unet.")
     assert not any(m.loras for m in unet.modules() if isinstance(m, QuantizedLinear))
-    with pytest.raises(KeyError, match="unrecognised"):
+    with pytest.raises(LoraFormatError, match="match no layer"):
         vd.quant.add_lora(unet, {"foo.weight": torch.randn(2)}, "x")
     with pytest.raises(KeyError, match="no layer carries"):
         vd.quant.remove_lora(unet, "nothing")

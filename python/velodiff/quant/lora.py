@@ -1,70 +1,31 @@
-"""LoRA on a quantized denoiser without re-quantization: each adapter's factors are appended to the rank axis of
-the layers' low-rank branch (:meth:`QuantizedLinear.add_lora`), with a per-adapter strength; removing the adapter
-restores the layers bit for bit.
-
-State-dict keys understood (``prefix`` such as ``unet.`` is stripped):
-    <module>.lora_A.weight [r, K] / <module>.lora_B.weight [N, r]                 (peft, diffusers >= 0.22)
-    <module>.lora_down.weight / <module>.lora_up.weight  (+ optional <module>.alpha)  (older diffusers / kohya-style
-    names on diffusers module paths)
-The effective update is strength * (alpha / r) * B A, alpha defaulting to r.
+"""LoRA on a quantized model without re-quantization: each adapter's factors are appended to the rank axis of the
+layers' low-rank branch (:meth:`QuantizedLinear.add_lora`), with a per-adapter strength; removing the adapter
+restores the layers bit for bit. The keys are those :mod:`velodiff.lora.formats` reads (diffusers / PEFT, kohya);
+the effective update is strength * (alpha / r) * B A, alpha defaulting to r. On a pipeline, ``pipe.load_lora``
+(:mod:`velodiff.lora`) covers plain and quantized layers alike.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from velodiff.lora.formats import parse_lora
 from velodiff.quant.linear import QuantizedLinear
-
-_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"))
-
-
-def _factors(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]:
-    out: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
-    used = set()
-    for key in state:
-        for down_suffix, up_suffix in _PAIRS:
-            if key.endswith(down_suffix):
-                module = key[: -len(down_suffix)]
-                up_key = module + up_suffix
-                if up_key not in state:
-                    raise KeyError(f"LoRA key {key!r} has no matching {up_key!r}")
-                down, up = state[key], state[up_key]
-                alpha_key = module + ".alpha"
-                r = down.shape[0]
-                alpha = float(state[alpha_key]) if alpha_key in state else float(r)
-                name = module[len(prefix):] if prefix and module.startswith(prefix) else module
-                out[name] = (down, up, alpha / r)
-                used.update({key, up_key, alpha_key})
-    unknown = [k for k in state if k not in used]
-    if unknown:
-        raise KeyError(f"unrecognised LoRA keys (expected *.lora_A/.lora_B or *.lora_down/.lora_up weights): "
-                       f"{unknown[:5]}")
-    if not out:
-        raise KeyError("the state dict holds no LoRA factors")
-    return out
 
 
 def add_lora(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, strength: float = 1.0,
              prefix: str = "") -> int:
     """Attach the LoRA ``state`` to the quantized layers of ``model`` under ``name``; returns the number of layers.
-    Every targeted module must be a :class:`QuantizedLinear` (an error lists the others)."""
-    factors = _factors(state, prefix)
-    targets = {}
-    missing, not_quantized = [], []
-    for module_name in factors:
-        try:
-            m = model.get_submodule(module_name)
-        except AttributeError:
-            missing.append(module_name)
-            continue
-        if not isinstance(m, QuantizedLinear):
-            not_quantized.append(module_name)
-        targets[module_name] = m
-    if missing:
-        raise KeyError(f"LoRA {name!r} targets modules that {type(model).__name__} lacks: {missing[:5]} (wrong "
-                       f"prefix? pass prefix='unet.' or similar)")
+    Keys are read by :func:`velodiff.lora.formats.parse_lora` after ``prefix`` is stripped (keys that match no
+    module raise :class:`~velodiff.lora.formats.LoraFormatError`: a wrong ``prefix``?). Every targeted module must be
+    a :class:`QuantizedLinear` (an error lists the others). Pipelines: ``pipe.load_lora`` does this and more."""
+    stripped = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in state.items()}
+    factors = {module: (f.down.reshape(f.rank, -1), f.up.reshape(f.up.shape[0], f.rank), f.factor)
+               for (_, module), f in parse_lora(stripped, {"model": model}, "model").items()}
+    targets = {module_name: model.get_submodule(module_name) for module_name in factors}
+    not_quantized = [n for n, m in targets.items() if not isinstance(m, QuantizedLinear)]
     if not_quantized:
         raise ValueError(f"LoRA {name!r} targets layers that are not quantized: {not_quantized[:5]}; quantize them "
                          "too (QuantConfig(include=...)) or merge the LoRA before quantizing")
