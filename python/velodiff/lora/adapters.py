@@ -25,8 +25,9 @@ def _registry(pipe) -> Dict[str, Dict]:
 
 
 def _is_quantized(layer: nn.Module) -> bool:
-    from velodiff.quant.linear import QuantizedLinear
-    return isinstance(layer, QuantizedLinear)
+    """A quantized layer with a low-rank branch (velodiff.quant.linear.QuantizedLinear: its add_lora / loras),
+    recognised by that interface so that velodiff.lora needs no import of velodiff.quant."""
+    return callable(getattr(layer, "add_lora", None)) and isinstance(getattr(layer, "loras", None), dict)
 
 
 #: where a model folder keeps the LoRAs it ships (loaded by name: ``pipe.load_lora("digits-lcm")``)
@@ -58,12 +59,10 @@ def read_lora_file(source: LoraSource) -> Tuple[Dict[str, torch.Tensor], Dict[st
         raise ValueError(f"LoRA file {path!r}: only .safetensors files are read (pickled .bin / .pt / .ckpt files "
                          "can run code when loaded; convert them first)")
     from velodiff.loading.safetensors_io import read_safetensors, read_safetensors_header
-    from velodiff.pipelines.base import read_defaults
     _, metadata, _ = read_safetensors_header(path)
     try:
         defaults = json.loads((metadata or {}).get("velodiff_lora_defaults", "{}"))
-        defaults = read_defaults({"_velodiff_defaults": defaults})
-    except (ValueError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise ValueError(f"LoRA file {path!r}: bad velodiff_lora_defaults metadata ({e})") from None
     return read_safetensors(path), defaults
 
@@ -118,6 +117,11 @@ def _apply(pipe, name: str, parsed, strength: float, capacity: int = 0) -> str:
     """Attach parsed factors under ``name``, all or nothing; the LoRA's call defaults replace the pipeline's until
     it is unloaded."""
     factors, defaults = parsed
+    if defaults:
+        try:
+            defaults = pipe.check_defaults(defaults)
+        except ValueError as e:
+            raise ValueError(f"LoRA {name!r}: bad velodiff_lora_defaults metadata ({e})") from None
     loras = _registry(pipe)
     if name in loras:
         raise ValueError(f"a LoRA named {name!r} is loaded already; unload_lora({name!r}) first or pick another name")

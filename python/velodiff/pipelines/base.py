@@ -336,6 +336,11 @@ class BasePipeline:
         from velodiff.lora import unfuse_lora
         unfuse_lora(self)
 
+    @staticmethod
+    def check_defaults(defaults: Dict[str, Any]) -> Dict[str, Any]:
+        """Call defaults as a folder's model_index.json or a LoRA's metadata gives them, checked (:func:`read_defaults`)."""
+        return read_defaults({"_velodiff_defaults": defaults})
+
     @property
     def loras(self) -> Dict[str, float]:
         """The loaded LoRAs and their strengths."""
