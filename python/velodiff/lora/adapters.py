@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
@@ -144,14 +145,24 @@ def _apply(pipe, name: str, parsed, strength: float, capacity: int = 0) -> str:
     return name
 
 
-_LOADER: Optional[ThreadPoolExecutor] = None
+_READING = threading.Lock()  # background reads run one at a time
 
 
-def _loader() -> ThreadPoolExecutor:
-    global _LOADER
-    if _LOADER is None:
-        _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="velodiff-lora")
-    return _LOADER
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` on a daemon thread of its own (nothing lingers after it, nothing holds the interpreter at exit);
+    reads queue on one lock, so one file is read at a time."""
+    future: Future = Future()
+
+    def run():
+        with _READING:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+    threading.Thread(target=run, name="velodiff-lora", daemon=True).start()
+    return future
 
 
 def load_lora_background(pipe, source: LoraSource, name: Optional[str] = None, strength: float = 1.0,
@@ -159,14 +170,14 @@ def load_lora_background(pipe, source: LoraSource, name: Optional[str] = None, s
     """Read and parse a LoRA on a worker thread while the pipeline keeps generating (SwiftDiffusion's asynchronous
     LoRA loading); the adapter joins the layers between two calls, at the start of the first call after it is read
     (or at :func:`wait_loras`). Returns a Future of the parsed factors; a file that does not fit raises at that
-    call. Bounded: one worker, one file at a time, so at most the files queued are held in memory."""
+    call. Bounded: one file is read at a time, so at most the files queued are held in memory."""
     source = find_lora(source, getattr(pipe, "name_or_path", None))
     name = _name_of(source, name)
     pending = getattr(pipe, "_lora_pending", [])
     if name in _registry(pipe) or any(p[0] == name for p in pending):
         raise ValueError(f"a LoRA named {name!r} is loaded or loading already")
     lora_components(pipe)  # a pipeline without a denoiser fails here, not on the worker
-    future = _loader().submit(_parse, pipe, source, strict)
+    future = _in_background(_parse, pipe, source, strict)
     pipe._lora_pending = pending + [(name, float(strength), capacity, future)]
     return future
 
