@@ -416,7 +416,10 @@ def test_keyboard_interrupt_leaves_the_loop(digits):
 
 def test_ctrl_c_stops_a_long_run_promptly(tmp_path):
     """SIGINT to a process in the middle of 5000 steps: it exits within seconds with KeyboardInterrupt."""
-    script = ("import sys, velodiff as vd\n"
+    # SIGINT's Python handler, as in a terminal (a shell starts background jobs, e.g. a CI run under nohup ... &,
+    # with SIGINT ignored, and a child inherits that)
+    script = ("import signal, sys, velodiff as vd\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "pipe = vd.Pipeline.from_pretrained('digits')\n"
               "pipe.set_progress_bar_config(disable=True)\n"
               "def started(i, call, x):\n"
