@@ -6,7 +6,7 @@ reference), the teacher at 4 steps of dpmpp_2m and of the lcm sampler (what few 
 and the teacher with ``digits-lcm`` (scripts/distill_lcm.py) at 1, 2 and 4 steps of the lcm sampler with the
 adapter's guidance 1 (no CFG: one model call per step instead of two). Columns: conditional accuracy and Frechet
 distance with 95% intervals (the judge fitted on digits the models never saw), seconds per image on this CPU and
-the speed-up over the 20-step teacher measured in the same run.
+the speed-up over the 20-step teacher, timed interleaved (rounds that take every setup in turn) with their spread.
 
 With --style: the LCM-LoRA together with a style LoRA, ``digits-bold`` (scripts/train_style_lora.py: strokes
 thickened), to measure style dilution: the style's effect is the mean ink of the images (pixel brightness in
@@ -51,6 +51,31 @@ def mean_ink(pipe, sampler: str, steps: int, guidance: float, per_class: int) ->
     return total / count
 
 
+def time_interleaved(pipes, rows, rounds: int, images: int = 100) -> None:
+    """Seconds per image of every setup, timed in ``rounds`` rounds that take the setups in turn (one batch of
+    ``images`` prompts each); adds the median with its [min, max] and the speed-up over the first setup (the median
+    of the per-round ratios, with their range)."""
+    import statistics
+    import time
+
+    import torch
+    prompts = [f"a handwritten {i % 10}" for i in range(images)]
+    per_image = [[] for _ in pipes]
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for k, (pipe, row) in enumerate(zip(pipes, rows)):
+            t0 = time.perf_counter()
+            pipe(prompts, num_inference_steps=row["steps"], guidance_scale=row["guidance"], sampler=row["sampler"],
+                 generator=torch.Generator().manual_seed(0), output_type="np")
+            per_image[k].append((time.perf_counter() - t0) / images)
+    per_image = [t[1:] for t in per_image]
+    for times, row in zip(per_image, rows):
+        ratios = [a / b for a, b in zip(per_image[0], times)]
+        row["s_per_image"] = round(statistics.median(times), 5)
+        row["s_per_image_range"] = [round(min(times), 5), round(max(times), 5)]
+        row["speedup_vs_teacher_20"] = round(statistics.median(ratios), 2)
+        row["speedup_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+
+
 def style_rows(per_class: int):
     rows = []
     for setup, loras, sampler, steps, guidance in STYLE_SETUPS:
@@ -79,9 +104,10 @@ def main():
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--style", action="store_true", help="instead: digits-lcm with the style LoRA digits-bold")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: %(default)s)")
     args = ap.parse_args()
-    check_ranges("bench_fewstep.py", (("--per-class", args.per_class, 1, 100),))
-    load_start, rows = load_average(), []
+    check_ranges("bench_fewstep.py", (("--per-class", args.per_class, 1, 100), ("--rounds", args.rounds, 1, 50)))
+    load_start, rows, pipes = load_average(), [], []
     if args.style:
         rows = style_rows(args.per_class)
         note = (f"{args.per_class} images per digit, seed 0. mean_ink: mean pixel brightness of the images (the "
@@ -104,17 +130,21 @@ def main():
         rows.append({"model": "digits", "setup": setup, "sampler": sampler, "steps": steps, "guidance": guidance,
                      "images": r["num_images"], "accuracy": r["conditional_accuracy"],
                      "accuracy_ci": r["conditional_accuracy_ci"], "fd": r["frechet_distance"],
-                     "fd_ci": r["frechet_distance_ci"], "s_per_image": r["seconds_per_image"]})
-        rows[-1]["speedup_vs_teacher_20"] = round(rows[0]["s_per_image"] / rows[-1]["s_per_image"], 2)
+                     "fd_ci": r["frechet_distance_ci"]})
         print(rows[-1], flush=True)
+        pipes.append(pipe)
+    time_interleaved(pipes, rows, args.rounds)
     note = (f"velodiff.eval: {args.per_class} images per digit, seed 0, 95% intervals (bootstrap); the judge was "
             "fitted on digits the models never saw. digits-lcm: python/velodiff/data/digits/loras/"
             "digits-lcm.safetensors, made by scripts/distill_lcm.py (LoRA rank 8, latent consistency distillation "
-            "of the guided teacher). s_per_image: the whole generation (text encoder, denoiser, VAE) on this 2-core "
-            "CPU, in one run, so the speed-up column compares like with like.")
+            f"of the guided teacher). s_per_image: the whole generation (text encoder, denoiser, VAE) of 100 "
+            f"prompts on this 2-core CPU, median of {args.rounds} rounds that take the setups in turn (after a "
+            "warm-up round), with [min, max]; speed-up: the median of the per-round ratios to the 20-step teacher, "
+            "with their range.")
     path = write_results("fewstep_digits", rows,
                          ["model", "setup", "sampler", "steps", "guidance", "images", "accuracy", "accuracy_ci", "fd",
-                          "fd_ci", "s_per_image", "speedup_vs_teacher_20"], args.out, note=note,
+                          "fd_ci", "s_per_image", "s_per_image_range", "speedup_vs_teacher_20", "speedup_range"],
+                         args.out, note=note,
                          extra={"load_start": load_start, "load_end": load_average()})
     print("wrote", path)
 

@@ -16,7 +16,7 @@ model on two CPU cores:
 - skipping-step DDIM solver: the 50-point grid t = 20 i + 19 of SD's 1000 training steps (LCM's k = 20); a sample
   is noised to t_{n+k}, the teacher's one DDIM step goes to t_n = t_{n+k} - 20 (0 at the end).
 - consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with the boundary scalings of velodiff's ``lcm``
-  sampler (sigma_data 0.5, timestep scaling 10); loss: pseudo-Huber (c = 0.001) between the student's f at
+  sampler (its lcm_boundary_scalings) (sigma_data 0.5, timestep scaling 10); loss: pseudo-Huber (c = 0.001) between the student's f at
   t_{n+k} and the target's f at t_n, the target being the student itself without gradient (LCM-LoRA uses no EMA).
 - data: the 1347 training digits of ``split.json`` (as scripts/distill_linfusion.py: VAE posterior samples), a random
   prompt template per sample; the LoRA is trained through velodiff's own LoRA branch (velodiff.lora), A initialised
@@ -27,7 +27,6 @@ float16), its metadata holding ``velodiff_lora_defaults`` ({"guidance_scale": 1.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -35,11 +34,12 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from distill_linfusion import alphas_cumprod, encode_training_digits, prompt_embeddings  # noqa: E402
+from lora_training import initial_lora, save_lora, trainable_branches  # noqa: E402
+from velodiff.sampling.samplers.lcm import lcm_boundary_scalings  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "..", "python", "velodiff", "data", "digits", "loras", "digits-lcm.safetensors")
 #: LCM-LoRA's target modules (diffusers' train_lcm_distill_lora_sd*.py), by the last part(s) of their names
@@ -52,39 +52,17 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
-def initial_lora(unet: nn.Module, rank: int, gen: torch.Generator):
-    """PEFT-style initial factors for every target layer: A uniform in +-1/sqrt(K), B zero."""
-    state = {}
-    for name, m in unet.named_modules():
-        if not name.endswith(TARGETS) or not isinstance(m, (nn.Linear, nn.Conv2d)):
-            continue
-        if isinstance(m, nn.Linear):
-            k, shape_a, shape_b = m.in_features, (rank, m.in_features), (m.out_features, rank)
-        else:
-            k = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            shape_a, shape_b = (rank, m.in_channels, *m.kernel_size), (m.out_channels, rank, 1, 1)
-        state[f"unet.{name}.lora_A.weight"] = (torch.rand(shape_a, generator=gen) * 2 - 1) / k ** 0.5
-        state[f"unet.{name}.lora_B.weight"] = torch.zeros(shape_b)
-    return state
-
-
-def boundary(t: torch.Tensor, scaling: float = 10.0):
-    """(c_skip, c_out) [B, 1, 1, 1] (velodiff.sampling.samplers.lcm.lcm_boundary_scalings, batched)."""
-    u = t.double() * scaling
-    denom = u * u + 0.25
-    return (0.25 / denom).float().view(-1, 1, 1, 1), (u / denom.sqrt()).float().view(-1, 1, 1, 1)
-
-
 def consistency(unet, x, t, ctx, alphas):
     a = alphas[t].view(-1, 1, 1, 1)
     eps = unet(x, t, ctx)
     x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-    c_skip, c_out = boundary(t)
-    return c_skip * x + c_out * x0
+    scalings = torch.tensor([lcm_boundary_scalings(float(v)) for v in t]).float()  # the lcm sampler's (c_skip, c_out)
+    return scalings[:, 0].view(-1, 1, 1, 1) * x + scalings[:, 1].view(-1, 1, 1, 1) * x0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from velodiff.commands.args import Parser
+    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
@@ -96,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
-    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--rank", args.rank, 1),
+    for flag, value, low in (("--steps", args.steps, 40), ("--batch", args.batch, 1), ("--rank", args.rank, 1),
                              ("--threads", args.threads, 1), ("--seed", args.seed, 0), ("--log-every", args.log_every, 1)):
         if value < low:
             ap.error(f"{flag} must be >= {low}, got {value}")
@@ -107,19 +85,14 @@ def main(argv=None) -> int:
 
     import velodiff as vd
     from velodiff.lora import lora_strengths
-    from velodiff.loading.safetensors_io import write_safetensors
     pipe = vd.Pipeline.from_pretrained("digits")
     unet = pipe.unet.eval().requires_grad_(False)
     emb, empty = prompt_embeddings(pipe)
     mean, std, labels = encode_training_digits(pipe)
     alphas = alphas_cumprod()
     gen = torch.Generator().manual_seed(args.seed + 1)
-    pipe.load_lora(initial_lora(unet, args.rank, gen), name="lcm")
-    branches = [(name, m._velodiff_lora) for name, m in unet.named_modules() if hasattr(m, "_velodiff_lora")]
-    params = []
-    for _, b in branches:
-        b.down.requires_grad_(True), b.up.requires_grad_(True)
-        params += [b.down, b.up]
+    pipe.load_lora(initial_lora(unet, args.rank, gen, TARGETS), name="lcm")
+    branches, params = trainable_branches(unet)
     log(f"teacher: digits UNet with CFG in [{args.guidance_min}, {args.guidance_max}]; student: LoRA rank {args.rank} "
         f"on {len(branches)} layers ({sum(b.down[:args.rank].numel() + b.up[:, :args.rank].numel() for _, b in branches):,} "
         f"parameters); {len(labels)} digits; {args.steps} steps of batch {args.batch}, lr {args.lr:g}")
@@ -165,18 +138,13 @@ def main(argv=None) -> int:
             log(f"step {step:5d}  loss {running:.5f}  lr {sched.get_last_lr()[0]:.2e}  "
                 f"({(now - t_last) / (args.log_every if step else 1):.3f} s/step)")
             t_last = now
-    state = {}
-    for name, b in branches:
-        state[f"unet.{name}.lora_A.weight"] = b.down[:args.rank].detach().half().contiguous()
-        state[f"unet.{name}.lora_B.weight"] = b.up[:, :args.rank].detach().half().contiguous()
     record = {"command": "python scripts/distill_lcm.py " + shlex.join(sys.argv[1:] if argv is None else argv),
               "seed": args.seed, "steps": args.steps, "batch": args.batch, "rank": args.rank, "lr": args.lr,
               "guidance_range": [args.guidance_min, args.guidance_max], "loss_first": first, "loss_last": running,
               "seconds": round(time.time() - T0, 1), "torch": torch.__version__}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_safetensors(state, args.out, metadata={"velodiff_lora_defaults": json.dumps({"guidance_scale": 1.0}),
-                                                 "velodiff_distillation": json.dumps(record)})
-    log(f"wrote {args.out} ({len(state)} tensors); loss {first:.5f} -> {running:.5f}")
+    count = save_lora(branches, args.rank, args.out, {"velodiff_lora_defaults": json.dumps({"guidance_scale": 1.0}),
+                                                      "velodiff_distillation": json.dumps(record)})
+    log(f"wrote {args.out} ({count} tensors); loss {first:.5f} -> {running:.5f}")
     return 0
 
 

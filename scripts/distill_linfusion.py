@@ -76,6 +76,20 @@ def encode_training_digits(pipe):
     return post.mean.float(), post.std.float(), labels[train_idx]
 
 
+def noised_batch(pipe, mean, std, labels, emb, empty, alphas, batch: int, gen: torch.Generator):
+    """(z_t, t, prompt embeddings, noise) of ``batch`` training digits: a fresh posterior sample each, a random
+    prompt template (the empty prompt DROP_PROMPT of the time), a uniform random timestep of ``alphas``."""
+    j = torch.randint(0, len(labels), (batch,), generator=gen)
+    z0 = pipe.vae.vae_to_latents(mean[j] + std[j] * torch.randn(mean[j].shape, generator=gen))
+    tmpl = torch.randint(0, emb.shape[1], (batch,), generator=gen)
+    drop = torch.rand(batch, generator=gen) < DROP_PROMPT
+    ctx = torch.where(drop[:, None, None], empty[None], emb[labels[j], tmpl])
+    t = torch.randint(0, len(alphas), (batch,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx, noise
+
+
 def attn1_outputs(unet, names):
     """Forward hooks appending each named layer's output to a list; returns (list, handles)."""
     outs, handles = [], []
@@ -166,16 +180,7 @@ def main(argv=None) -> int:
     first = running = None
     t_start, t_last = time.time(), time.time()
     for step in range(args.steps):
-        j = torch.randint(0, len(labels), (args.batch,), generator=gen)
-        raw = mean[j] + std[j] * torch.randn(mean[j].shape, generator=gen)       # a fresh posterior sample
-        z0 = pipe.vae.vae_to_latents(raw)
-        tmpl = torch.randint(0, emb.shape[1], (args.batch,), generator=gen)
-        drop = torch.rand(args.batch, generator=gen) < DROP_PROMPT
-        ctx = torch.where(drop[:, None, None], empty[None], emb[labels[j], tmpl])
-        t = torch.randint(0, len(alphas), (args.batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt, t, ctx, noise = noised_batch(pipe, mean, std, labels, emb, empty, alphas, args.batch, gen)
         t_out.clear(), s_out.clear()
         with torch.no_grad():
             eps_teacher = teacher(zt, t, ctx)

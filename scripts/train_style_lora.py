@@ -15,7 +15,6 @@ training record in the metadata.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -24,12 +23,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from distill_linfusion import alphas_cumprod, prompt_embeddings  # noqa: E402
-from train_digits import DROP_PROMPT, load_data, upsample  # noqa: E402
+from distill_linfusion import alphas_cumprod, noised_batch, prompt_embeddings  # noqa: E402
+from lora_training import initial_lora, save_lora, trainable_branches  # noqa: E402
+from train_digits import load_data, upsample  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "..", "python", "velodiff", "data", "digits", "loras", "digits-bold.safetensors")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -50,7 +49,8 @@ def bold_digits():
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from velodiff.commands.args import Parser
+    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=32)
@@ -59,12 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    if args.steps < 20 or args.batch < 1 or args.rank < 1 or not args.lr > 0:
-        ap.error("--steps >= 20, --batch >= 1, --rank >= 1 and --lr > 0")
+    if args.steps < 40 or args.batch < 1 or args.rank < 1 or args.threads < 1 or args.seed < 0 or not args.lr > 0:
+        ap.error("--steps >= 40, --batch >= 1, --rank >= 1, --threads >= 1, --seed >= 0 and --lr > 0")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     import velodiff as vd
-    from velodiff.loading.safetensors_io import write_safetensors
     pipe = vd.Pipeline.from_pretrained("digits")
     unet = pipe.unet.eval().requires_grad_(False)
     emb, empty = prompt_embeddings(pipe)
@@ -74,15 +73,8 @@ def main(argv=None) -> int:
     mean, std = post.mean.float(), post.std.float()
     alphas = alphas_cumprod()
     gen = torch.Generator().manual_seed(args.seed + 1)
-    state = {}
-    for name, m in unet.named_modules():
-        if name.endswith(TARGETS) and isinstance(m, nn.Linear):
-            state[f"unet.{name}.lora_A.weight"] = (torch.rand(args.rank, m.in_features, generator=gen) * 2 - 1) \
-                / m.in_features ** 0.5
-            state[f"unet.{name}.lora_B.weight"] = torch.zeros(m.out_features, args.rank)
-    pipe.load_lora(state, name="bold")
-    branches = [(n, m._velodiff_lora) for n, m in unet.named_modules() if hasattr(m, "_velodiff_lora")]
-    params = [t.requires_grad_(True) for _, b in branches for t in (b.down, b.up)]
+    pipe.load_lora(initial_lora(unet, args.rank, gen, TARGETS), name="bold")
+    branches, params = trainable_branches(unet)
     log(f"LoRA rank {args.rank} on {len(branches)} layers; {len(labels)} bold digits; {args.steps} steps of batch "
         f"{args.batch}, lr {args.lr:g}")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -90,15 +82,8 @@ def main(argv=None) -> int:
                                                 final_div_factor=20)
     first = running = None
     for step in range(args.steps):
-        j = torch.randint(0, len(labels), (args.batch,), generator=gen)
-        z0 = pipe.vae.vae_to_latents(mean[j] + std[j] * torch.randn(mean[j].shape, generator=gen))
-        tmpl = torch.randint(0, emb.shape[1], (args.batch,), generator=gen)
-        drop = torch.rand(args.batch, generator=gen) < DROP_PROMPT
-        ctx = torch.where(drop[:, None, None], empty[None], emb[labels[j], tmpl])
-        t = torch.randint(0, len(alphas), (args.batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx), noise)
+        zt, t, ctx, noise = noised_batch(pipe, mean, std, labels, emb, empty, alphas, args.batch, gen)
+        loss = F.mse_loss(unet(zt, t, ctx), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,16 +93,11 @@ def main(argv=None) -> int:
         running = value if running is None else 0.98 * running + 0.02 * value
         if step % 100 == 0 or step == args.steps - 1:
             log(f"step {step:5d}  loss {running:.5f}")
-    out = {}
-    for name, b in branches:
-        out[f"unet.{name}.lora_A.weight"] = b.down[:args.rank].detach().half().contiguous()
-        out[f"unet.{name}.lora_B.weight"] = b.up[:, :args.rank].detach().half().contiguous()
     record = {"command": "python scripts/train_style_lora.py " + shlex.join(sys.argv[1:] if argv is None else argv),
               "seed": args.seed, "steps": args.steps, "batch": args.batch, "rank": args.rank, "lr": args.lr,
               "loss_first": first, "loss_last": running, "seconds": round(time.time() - T0, 1)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_safetensors(out, args.out, metadata={"velodiff_training": json.dumps(record)})
-    log(f"wrote {args.out} ({len(out)} tensors); loss {first:.5f} -> {running:.5f}")
+    count = save_lora(branches, args.rank, args.out, {"velodiff_training": json.dumps(record)})
+    log(f"wrote {args.out} ({count} tensors); loss {first:.5f} -> {running:.5f}")
     return 0
 
 

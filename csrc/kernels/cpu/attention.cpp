@@ -13,6 +13,7 @@
 
 #include "flash_tile.h"
 #include "velodiff/attention.h"
+#include "attended_keys.h"
 #include "velodiff/kernels.h"
 
 namespace velodiff {
@@ -62,17 +63,8 @@ bool attention_cpu(const AttentionArgs& a, char* error) {
   }
   const int64_t B = a.batch, H = a.heads, Lq = a.q_len, Lk = a.kv_len;
   if (B == 0 || H == 0 || Lq == 0) return true;
-  // The attended keys of each batch (only with a mask): [B, Lk] indices and a count per batch.
-  std::vector<int64_t> keys, counts(static_cast<size_t>(B), Lk);
-  if (a.mask != nullptr) {
-    keys.resize(static_cast<size_t>(B * Lk));
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t n = 0;
-      for (int64_t j = 0; j < Lk; ++j)
-        if (a.mask[b * a.mask_stride[0] + j * a.mask_stride[1]] != 0) keys[b * Lk + n++] = j;
-      counts[b] = n;
-    }
-  }
+  std::vector<int64_t> keys, counts;  // the attended keys of each batch (attended_keys.h)
+  attended_keys(a, keys, counts);
   flash_cpu::Isa isa;
   if (!flash_cpu::select_attention_isa(isa, error)) return false;
   if (a.dtype == AttnDType::kBFloat16)

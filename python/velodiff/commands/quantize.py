@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--a-bits: only for --method lowbit-fp or lowbit-int")
     if args.learn_rounding and args.method != "lowbit-fp":
         raise UsageError("--learn-rounding: only for --method lowbit-fp")
+    if args.rounding_iters > 100_000:
+        raise UsageError(f"--rounding-iters: at most 100000 Adam steps per layer, got {args.rounding_iters}")
     if args.rounding_iters != 300 and not args.learn_rounding:
         raise UsageError("--rounding-iters: only with --learn-rounding")
 
