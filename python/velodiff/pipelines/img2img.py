@@ -108,10 +108,13 @@ def encode_image(vae, image: torch.Tensor, batch: int, generator: Generator, dev
     return latents.repeat(batch // latents.shape[0], 1, 1, 1)
 
 
-def noised_start(start: Dict[str, float], latents: torch.Tensor, generator: Generator) -> torch.Tensor:
+def noised_start(start: Dict[str, float], latents: torch.Tensor, generator: Generator,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The sampler's initial state from clean latents: ``state_scale * (alpha x0 + sigma eps)`` (``start`` is
-    ``plan.info["start"]``), eps drawn like diffusers' ``randn_tensor`` of the latents' shape; fp32."""
-    noise = randn_tensor(latents.shape, generator, latents.device, latents.dtype)
+    ``plan.info["start"]``), eps drawn like diffusers' ``randn_tensor`` of the latents' shape (or ``noise``, drawn
+    that way earlier: a stream keeps one); fp32."""
+    if noise is None:
+        noise = randn_tensor(latents.shape, generator, latents.device, latents.dtype)
     scale = start.get("state_scale", 1.0)
     return (scale * start["alpha"]) * latents.float() + (scale * start["sigma"]) * noise.float()
 
