@@ -5,7 +5,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fixtures import quiet_pipeline, run_cli

@@ -223,7 +223,6 @@ class StreamPipeline:
         """One denoiser call on rows ``x`` [k, C, h, w] (fp32) at ``slots``. Returns (cond out [k], the true
         negative outputs [k] for "full", else None, the negative output [1] of row 0 for "initialize" when
         ``negative_first``, else None)."""
-        k = x.shape[0]
         t = self._timestep_rows[slots]
         x = x.to(self.pipe.dtype)
         parts = [("cond", x, t)]  # (condition, rows, timesteps), negative rows first as the pipeline's CFG batch
