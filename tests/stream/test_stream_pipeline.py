@@ -262,8 +262,12 @@ def test_tiny_vae_encodes_and_decodes(digits):
     assert (got[0].image - want).abs().max() < 1e-5
     wrong = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
                             num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).eval()
-    with pytest.raises(ValueError, match="vae: .*scale factor"):
-        StreamPipeline(digits, T_INDEX[2], vae=wrong)(inputs[0])
+    with pytest.raises(ValueError, match="vae: its scale factor is 4 but the pipeline's VAE has 2"):
+        StreamPipeline(digits, T_INDEX[2], vae=wrong)
+    wrong = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=3)
+    with pytest.raises(ValueError, match="vae: it has 3 latent channels but the UNet takes 4"):
+        StreamPipeline(digits, T_INDEX[2], vae=wrong)
 
 
 def test_lora_and_lcm_lora_in_a_stream(digits):
@@ -320,3 +324,21 @@ def test_frames_of_mixed_sizes_and_batches(digits):
 def test_pipelines_without_text_conditioning_are_refused():
     with pytest.raises(TypeError, match="pipe must be a velodiff Stable Diffusion pipeline"):
         StreamPipeline(quiet_pipeline("digits-dit"), [32, 45])
+
+
+def test_prompt_embeds_stand_in_for_the_text(digits):
+    cond, uncond = digits.conditioning([PROMPT], None, 1, True, 16, 16)
+    by_text = StreamPipeline(digits, T_INDEX[2], prompt=PROMPT, cfg_type="full", guidance_scale=2.0,
+                             output_type="latent", use_denoising_batch=False)
+    by_embeds = StreamPipeline(digits, T_INDEX[2], cfg_type="full", guidance_scale=2.0, output_type="latent",
+                               use_denoising_batch=False)
+    by_embeds.set_prompt(prompt_embeds=cond["encoder_hidden_states"],
+                         negative_prompt_embeds=uncond["encoder_hidden_states"])
+    frame = frames(1)[0]
+    assert torch.equal(by_text(frame), by_embeds(frame))
+    with pytest.raises(ValueError, match="needs negative_prompt_embeds"):
+        by_embeds.set_prompt(prompt_embeds=cond["encoder_hidden_states"])
+    with pytest.raises(ValueError, match=r"prompt_embeds must be a \[1, L, D\] tensor"):
+        by_embeds.set_prompt(prompt_embeds=torch.zeros(2, 16, 64), negative_prompt_embeds=torch.zeros(2, 16, 64))
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        by_text.set_prompt(3)

@@ -48,6 +48,29 @@ from velodiff.stream.similarity import SimilarityFilter, check_filter_args
 EMBEDDING_CACHE_SIZE = 16
 
 
+def vae_factor(vae) -> int:
+    """How many pixels one latent spans along a side: 2 ** (stages - 1) for AutoencoderKL and AutoencoderTiny."""
+    config = vae.config
+    stages = getattr(config, "block_out_channels", None) or getattr(config, "encoder_block_out_channels", None)
+    if not stages:
+        raise ValueError(f"vae: cannot tell the scale factor of a {type(vae).__name__}")
+    return 2 ** (len(stages) - 1)
+
+
+def check_vae(vae, pipe) -> int:
+    """The stream VAE's scale factor; ValueError naming ``vae`` when its latents cannot be the UNet's (other
+    channels, or another factor than the pipeline's own VAE)."""
+    factor = vae_factor(vae)
+    channels, wanted = getattr(vae.config, "latent_channels", None), pipe.unet.config.in_channels
+    if channels != wanted:
+        raise ValueError(f"vae: it has {channels} latent channels but the UNet takes {wanted}")
+    own = getattr(pipe, "vae", None)
+    if own is not None and own is not vae and vae_factor(own) != factor:
+        raise ValueError(f"vae: its scale factor is {factor} but the pipeline's VAE has {vae_factor(own)}; the UNet "
+                         f"works in that VAE's latent space")
+    return factor
+
+
 @dataclass
 class StreamOutput:
     """One output of the stream: ``image`` (in the stream's output type, one image), ``index`` the input frame
@@ -97,7 +120,10 @@ class StreamPipeline:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.pipe = pipe
-        self.vae = vae if vae is not None else pipe.vae
+        self.vae = vae if vae is not None else getattr(pipe, "vae", None)
+        if self.vae is None:
+            raise ValueError("vae: the pipeline has no VAE; pass vae= (e.g. an AutoencoderTiny)")
+        self.vae_factor = check_vae(self.vae, pipe)
         self.device = pipe.device
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = float(guidance_scale)
@@ -292,13 +318,7 @@ class StreamPipeline:
             z = z.mean + z.std * self._posterior_eps
         elif self._start_noise is None:
             self._draw_noises(None, None)
-        latents = self.vae.vae_to_latents(z).to(self.pipe.dtype)
-        expected = (1, self.pipe.unet.config.in_channels) + tuple(d // self._vae_factor for d in self._size)
-        if tuple(latents.shape) != expected:
-            raise ValueError(f"vae: it encodes a {self._size[0]}x{self._size[1]} frame to latents of shape "
-                             f"{tuple(latents.shape)} but the UNet takes {expected}; give a VAE with the pipeline's "
-                             f"latent channels and scale factor ({self._vae_factor})")
-        return latents
+        return self.vae.vae_to_latents(z).to(self.pipe.dtype)
 
     def _draw_noises(self, posterior_shape, posterior_dtype) -> None:
         """The stream's fixed draws, in the order of image-to-image with a generator seeded with ``seed``: the
@@ -307,15 +327,12 @@ class StreamPipeline:
         if posterior_shape is not None:
             self._posterior_eps = randn_like_diffusers(posterior_shape, gen, self.device, posterior_dtype)
         h, w = self._size
-        factor = self._vae_factor
+        factor = self.vae_factor
         shape = (1, self.pipe.unet.config.in_channels, h // factor, w // factor)
         self._start_noise = randn_tensor(shape, gen, self.device, self.pipe.dtype)
         self._call_noise = [randn_like_diffusers(shape, gen, self.device).contiguous()
                             for _ in range(self.slots - 1)]
 
-    @property
-    def _vae_factor(self) -> int:
-        return self.pipe.vae_scale_factor
 
     def _decode(self, latents: torch.Tensor):
         if self.output_type == "latent":
@@ -327,7 +344,7 @@ class StreamPipeline:
 
     def _pixels(self, image) -> torch.Tensor:
         """One frame as [1, 3, H, W] fp32 in [-1, 1], checked against the stream's size."""
-        pixels = preprocess_image(image, self._vae_factor)
+        pixels = preprocess_image(image, self.vae_factor)
         if pixels.shape[0] != 1:
             raise ValueError(f"image: give one frame per call, got a batch of {pixels.shape[0]}")
         size = (int(pixels.shape[2]), int(pixels.shape[3]))
