@@ -13,7 +13,8 @@ Parts (each writes its own table):
   (a held-out digit cross-fading into the next one every 40 frames, with light sensor noise): frames processed and
   skipped, model calls, and the fidelity of the filtered stream to the unfiltered one (PSNR over all frames).
 * ``memory`` -> stream_memory_digits.{json,md}: a long run of ``digits`` through the worker thread's queues
-  (default 10,000 frames): resident set size at the start (after 100 frames) and every tenth of the run.
+  (default 10,000 frames, each processed): resident set size at the start (after 100 frames) and every tenth of the
+  run. Run it alone (``--part memory``) so that the other parts' models are not in the process.
 
   python bench/bench_stream.py [--part speed|filter|memory|all] [--rounds 5] [--frames 10000]
 """
@@ -159,7 +160,7 @@ def memory_part(count: int):
     pipe = vd.Pipeline.from_pretrained("digits")
     pipe.load_lora("digits-lcm")
     frames = digit_frames(400)
-    stream = StreamPipeline(pipe, T_INDEX, prompt="", similarity_threshold=0.98, output_type="pil")
+    stream = StreamPipeline(pipe, T_INDEX, prompt="", output_type="pil")  # no filter: every frame is processed
     rows, start, received = [], None, 0
     t0 = time.perf_counter()
     with StreamWorker(stream, max_queue=8) as worker:
@@ -221,8 +222,9 @@ def main(argv=None):
         rows, received = memory_part(args.frames)
         write_results("stream_memory_digits", rows, ["frames", "RSS (MiB)", "growth since frame 100 (MiB)",
                                                      "fps so far"], args.out,
-                      note=f"digits + digits-lcm, t-index [32, 45], similarity filter 0.98, PIL outputs, through "
-                           f"StreamWorker's queues; {args.frames} frames in, {received} outputs out.")
+                      note=f"digits + digits-lcm, t-index [32, 45], every frame processed (no filter), PIL outputs, "
+                           f"through StreamWorker's queues, alone in its process (--part memory); {args.frames} "
+                           f"frames in, {received} outputs out (the last ones flushed).")
 
 
 if __name__ == "__main__":

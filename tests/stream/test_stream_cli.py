@@ -80,3 +80,18 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, setup, argv, me
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_tiny_vae_folder(tmp_path, capsys):
+    """A diffusers AutoencoderTiny folder (factor 2, as digits' VAE) given with --tiny-vae encodes and decodes."""
+    import torch
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+    tiny.save_pretrained(str(tmp_path / "taesd"), safe_serialization=True)
+    write_frames(tmp_path / "in", 3)
+    code, out, err = run_cli(["stream", "--input", str(tmp_path / "in"), "--outdir", str(tmp_path / "out"),
+                              "--tiny-vae", str(tmp_path / "taesd"), "--cfg-type", "none"], capsys)
+    assert code == 0, err
+    assert len(os.listdir(tmp_path / "out")) == 3

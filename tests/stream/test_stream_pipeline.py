@@ -342,3 +342,13 @@ def test_prompt_embeds_stand_in_for_the_text(digits):
         by_embeds.set_prompt(prompt_embeds=torch.zeros(2, 16, 64), negative_prompt_embeds=torch.zeros(2, 16, 64))
     with pytest.raises(TypeError, match="prompt must be a string"):
         by_text.set_prompt(3)
+
+
+def test_the_embedding_cache_is_bounded(digits):
+    from velodiff.stream.pipeline import EMBEDDING_CACHE_SIZE
+    stream = StreamPipeline(digits, [45], output_type="latent")
+    frame = frames(1)[0]
+    for k in range(EMBEDDING_CACHE_SIZE + 5):
+        stream.set_prompt(f"a handwritten {k % 10} {k}")
+        stream(frame)
+    assert len(stream._embeddings) == EMBEDDING_CACHE_SIZE
