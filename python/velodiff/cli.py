@@ -1,5 +1,5 @@
 """The ``velodiff`` command line: ``info``, ``generate``, ``convert``, ``eval``, ``quantize``, ``bench``,
-``calibrate-cache`` and ``stream`` (one module per subcommand in :mod:`velodiff.commands`).
+``calibrate-cache``, ``stream`` and ``serve`` (one module per subcommand in :mod:`velodiff.commands`).
 
 Every subcommand reports bad input as one line naming the flag and the fix, exit code 2, no traceback; Ctrl-C
 stops it with one line and exit code 130. Parsing imports no torch, so ``velodiff --help`` answers at once.
@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from velodiff.commands import bench, calibrate_cache, convert, evaluate, generate, info, quantize, stream
+from velodiff.commands import bench, calibrate_cache, convert, evaluate, generate, info, quantize, serve, stream
 from velodiff.commands.args import Parser
 from velodiff.commands.errors import EXIT_INTERRUPTED, run_command
 from velodiff.commands.generate import make_grid
 
-SUBCOMMANDS = (info, generate, convert, evaluate, quantize, bench, calibrate_cache, stream)
+SUBCOMMANDS = (info, generate, convert, evaluate, quantize, bench, calibrate_cache, stream, serve)
 
 
 def build_parser() -> Parser:
