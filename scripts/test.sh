@@ -8,7 +8,8 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0 pybind11 scikit-build-core numpy
-python -m pip install -q pytest hypothesis diffusers transformers scikit-learn scipy safetensors tqdm pillow peft
+python -m pip install -q pytest hypothesis diffusers transformers scikit-learn scipy safetensors tqdm pillow peft \
+  fastapi uvicorn httpx "ray[serve]"
 if command -v nvcc >/dev/null 2>&1; then
   bash scripts/nvcc_check.sh
 elif [ "${CI:-}" = "true" ]; then

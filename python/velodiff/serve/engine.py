@@ -301,7 +301,7 @@ class Engine:
         """Apply the request's techniques for one batch and restore them after."""
         import contextlib
 
-        from velodiff.accel import optimize, restore
+        from velodiff.accel import optimize
         from velodiff.accel.registry import parse_technique
 
         @contextlib.contextmanager
