@@ -284,7 +284,9 @@ def test_cli_shutdown_drains_the_open_requests(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [(["--port", "70000"], "--port 70000: must be from 0 to 65535"),
                                           (["--allow-optimize", "warp"], "--allow-optimize|--optimize warp"),
-                                          (["--max-batch", "0"], "--max-batch: must be a positive integer")])
+                                          (["--max-batch", "0"], "--max-batch: must be a positive integer"),
+                                          (["--max-batch", "2", "--max-n", "4"],
+                                           r"--max-n \(4\) cannot exceed --max-batch \(2\)")])
 def test_cli_bad_flags(argv, message, capsys):
     import re
 
