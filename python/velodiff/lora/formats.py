@@ -8,7 +8,9 @@ Formats (a file may hold several components; keys are matched to the pipeline's 
                        ``.lora.up`` and attention processors' ``<attn>.processor.to_q_lora.down`` (to_q, to_k, to_v,
                        to_out) are read too
     kohya              ``lora_unet_<module with _ for .>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
-                       ``lora_te_`` / ``lora_te1_`` (text_encoder) and ``lora_te2_`` (text_encoder_2)
+                       ``lora_te_`` / ``lora_te1_`` (text_encoder) and ``lora_te2_`` (text_encoder_2); UNet modules
+                       by their diffusers names or by the original (SGM) UNet's, as kohya's SDXL LoRAs name them
+                       (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``..._in_layers_2``)
     LyCORIS LoCon      kohya names on convolutions: down [r, Cin, kh, kw], up [Cout, r, 1, 1]
 
 The update of a layer is strength * (alpha / r) * up @ down (alpha defaults to r). Unknown keys raise an error that
@@ -53,8 +55,38 @@ class LoraFactors:
 
 
 def _targets(module: nn.Module) -> Dict[str, str]:
-    """kohya's flattened names (``.`` -> ``_``) of every module -> its qualified name."""
-    return {name.replace(".", "_"): name for name, _ in module.named_modules() if name}
+    """kohya's flattened names (``.`` -> ``_``) of every module -> its qualified name; for a UNet also the names
+    of the original (SGM / LDM) UNet layout, which kohya's SDXL LoRAs use (``input_blocks_4_1_...``)."""
+    names = {name.replace(".", "_"): name for name, _ in module.named_modules() if name}
+    for original, name in _sgm_names(module).items():
+        names.setdefault(original.replace(".", "_"), name)
+    return names
+
+
+def _sgm_names(module: nn.Module) -> Dict[str, str]:
+    """original UNet layout name -> diffusers module name, for every module of a UNet (empty for other models)."""
+    config = getattr(module, "config", None)
+    if not isinstance(config, Mapping) or "down_block_types" not in config or "up_block_types" not in config:
+        return {}
+    from velodiff.loading.errors import CheckpointError
+    from velodiff.loading.keymap_unet import unet_prefix_pairs
+    try:
+        pairs = unet_prefix_pairs(config)
+    except (CheckpointError, KeyError):
+        return {}
+    out = {}
+    for name, _ in module.named_modules():
+        hits = [(orig, diff, renames) for orig, diff, renames in pairs if name == diff or name.startswith(diff + ".")]
+        if not hits:
+            continue
+        orig, diff, renames = max(hits, key=lambda hit: len(hit[1]))
+        rest = name[len(diff) + 1:]
+        for old, new in renames.items():  # e.g. conv1 -> in_layers.2
+            if rest == new or rest.startswith(new + "."):
+                rest = old + rest[len(new):]
+                break
+        out[f"{orig}.{rest}" if rest else orig] = name
+    return out
 
 
 def _split_key(key: str) -> Optional[Tuple[str, str]]:
