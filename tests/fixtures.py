@@ -215,3 +215,11 @@ def fp8_special_inputs(fmt):
                          dtype=torch.float32)
     allv = torch.cat([near, extra])
     return torch.cat([allv, -allv])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test server)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

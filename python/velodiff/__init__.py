@@ -1,7 +1,8 @@
 """velodiff: fast, correct diffusion inference on PyTorch.
 
 ``import velodiff`` is cheap (no torch): the subpackages (``ops``, ``sampling``, ``accel``, ``quant``,
-``pipelines``, ``loading``, ``models``, ``eval``, ``lora``, ``stream``) and the names below load on first use
+``pipelines``, ``loading``, ``models``, ``eval``, ``lora``, ``stream``, ``serve``, ``interop``) and the names below
+load on first use
 (PEP 562), so that ``velodiff --help`` answers at once. The native ops (``torch.ops.velodiff.*``) are registered when
 :mod:`velodiff.ops` is imported, which every velodiff module that runs them does; code that calls
 ``torch.ops.velodiff.*`` directly imports ``velodiff.ops`` first.
@@ -13,8 +14,10 @@ from velodiff.info import info
 
 #: public name -> the module that defines it, imported on first access
 _LAZY_NAMES = {"optimize": "velodiff.accel", "restore": "velodiff.accel", "Pipeline": "velodiff.pipelines",
-               "PipelineOutput": "velodiff.pipelines"}
-_SUBPACKAGES = ("ops", "sampling", "accel", "quant", "pipelines", "loading", "models", "eval", "lora", "stream")
+               "PipelineOutput": "velodiff.pipelines", "from_diffusers": "velodiff.interop",
+               "to_diffusers": "velodiff.interop"}
+_SUBPACKAGES = ("ops", "sampling", "accel", "quant", "pipelines", "loading", "models", "eval", "lora", "stream",
+                "serve", "interop")
 
 
 def __getattr__(name):
@@ -31,5 +34,5 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY_NAMES) | set(_SUBPACKAGES))
 
 
-__all__ = ["__version__", "info", "ops", "sampling", "accel", "quant", "lora", "stream", "optimize", "restore",
-           "Pipeline", "PipelineOutput"]
+__all__ = ["__version__", "info", "ops", "sampling", "accel", "quant", "lora", "stream", "serve", "interop",
+           "optimize", "restore", "Pipeline", "PipelineOutput", "from_diffusers", "to_diffusers"]

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,17 +20,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from fixtures import quiet_pipeline  # noqa: E402
+from fixtures import free_port, quiet_pipeline  # noqa: E402
 from velodiff.serve.config import ServeConfig  # noqa: E402
 from velodiff.serve.server import build_app  # noqa: E402
 
 URL = "/v1/images/generations"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

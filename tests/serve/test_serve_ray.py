@@ -2,7 +2,6 @@
 same API, with the same images as one engine; a replica killed mid-load is restarted by Ray and no request is lost
 (the client retries what the dead replica dropped)."""
 import concurrent.futures
-import socket
 import time
 
 import pytest
@@ -11,16 +10,11 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from fixtures import free_port  # noqa: E402
 from velodiff.serve.config import ServeConfig  # noqa: E402
 from velodiff.serve.ray import build_ray_app  # noqa: E402
 
 URL = "/v1/images/generations"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replicas():
