@@ -2,8 +2,7 @@
 
 ``import velodiff`` is cheap (no torch): the subpackages (``ops``, ``sampling``, ``accel``, ``quant``,
 ``pipelines``, ``loading``, ``models``, ``eval``, ``lora``, ``stream``, ``serve``, ``interop``) and the names below
-load on first use
-(PEP 562), so that ``velodiff --help`` answers at once. The native ops (``torch.ops.velodiff.*``) are registered when
+load on first use (PEP 562), so that ``velodiff --help`` answers at once. The native ops (``torch.ops.velodiff.*``) are registered when
 :mod:`velodiff.ops` is imported, which every velodiff module that runs them does; code that calls
 ``torch.ops.velodiff.*`` directly imports ``velodiff.ops`` first.
 """
