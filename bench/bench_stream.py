@@ -16,11 +16,10 @@ Parts (each writes its own table):
   (default 10,000 frames, each processed): resident set size at the start (after 100 frames) and every tenth of the
   run. Run it alone (``--part memory``) so that the other parts' models are not in the process.
 
-  python bench/bench_stream.py [--part speed|filter|memory|all] [--rounds 5] [--frames 10000]
+  python bench/bench_stream.py [--part speed|filter|memory|all] [--rounds 5] [--frames 10000] [--device cuda]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,7 +30,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import check_ranges, load_average, write_results  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import velodiff as vd  # noqa: E402
@@ -66,7 +64,7 @@ def digit_frames(count: int, size: int = 16, hold: int = 40, noise: float = 0.01
     return frames
 
 
-def sd15_pipe():
+def sd15_pipe(device: str = "cpu", dtype=torch.float32):
     """A StableDiffusionPipeline of a full-size SD 1.5 UNet (random weights) and the digits scheduler, a random
     TAESD, and random prompt embeddings [1, 77, 768] (positive and negative)."""
     from diffusers import UNet2DConditionModel as DUNet
@@ -77,20 +75,21 @@ def sd15_pipe():
     with open(os.path.join(DIGITS, "scheduler", "scheduler_config.json")) as f:
         scheduler = json.load(f)
     torch.manual_seed(0)
-    unet = share_weights(DUNet(**SD15).eval())
-    tiny = AutoencoderTiny().eval()
-    pipe = StableDiffusionPipeline({"unet": unet, "scheduler": scheduler}, torch.float32, "cpu")
+    unet = share_weights(DUNet(**SD15).eval()).to(device=device, dtype=dtype)
+    tiny = AutoencoderTiny().eval().to(device=device, dtype=dtype)
+    pipe = StableDiffusionPipeline({"unet": unet, "scheduler": scheduler}, dtype, device)
     g = torch.Generator().manual_seed(1)
     embeds = torch.randn(1, 77, 768, generator=g), torch.randn(1, 77, 768, generator=g)
     return pipe, tiny, embeds
 
 
-def speed(model: str, rounds: int, chunk: int):
-    """Rows of the speed table for one model."""
+def speed(model: str, rounds: int, chunk: int, device: str = "cpu"):
+    """Rows of the speed table for one model (fp32 on the CPU, fp16 on a GPU)."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
     if model == "digits":
-        pipe, vae, embeds, size = vd.Pipeline.from_pretrained("digits"), None, None, 16
+        pipe, vae, embeds, size = vd.Pipeline.from_pretrained("digits", dtype=dtype, device=device), None, None, 16
     else:
-        (pipe, vae, embeds), size = sd15_pipe(), 256
+        (pipe, vae, embeds), size = sd15_pipe(device, dtype), 256
     frames = digit_frames(64, size=size)
     streams, positions = {}, {}
     for name, batch, cfg, guidance in CANDIDATES:
@@ -109,6 +108,7 @@ def speed(model: str, rounds: int, chunk: int):
 
     with torch.inference_mode():
         result = compare({name: run(name) for name, *_ in CANDIDATES}, "sequential", rounds=rounds, warmup=2,
+                         device=device,
                          min_time=0.0, inner={name: 1 for name, *_ in CANDIDATES},
                          log=lambda line: print(f"{model}: {line}", flush=True))
     rows = []
@@ -189,6 +189,7 @@ def memory_part(count: int):
 def main(argv=None):
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["speed", "filter", "memory", "all"], default="all")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the speed part's device (cuda: fp16)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--frames", type=int, default=10000, help="frames of the memory run")
     p.add_argument("--filter-frames", type=int, default=400)
@@ -201,14 +202,16 @@ def main(argv=None):
         load = load_average()
         rows, extra = [], {}
         for model, chunk in (("digits", 16), ("sd15-256", 2)):
-            r, result = speed(model, args.rounds, chunk)
+            r, result = speed(model, args.rounds, chunk if args.device == "cpu" else 32, args.device)
             rows += r
             extra[model] = result.to_json()
-        note = (f"t-index {T_INDEX} (t = 359, 99; 2 steps per frame), fp32, {args.rounds} interleaved rounds, each "
-                "timing a chunk of new frames (digits 16, SD 1.5 2) on a warmed-up stream; ms/frame median (min-max) "
+        precision = "fp32" if args.device == "cpu" else "fp16"
+        chunks = "digits 16, SD 1.5 2" if args.device == "cpu" else "32"
+        note = (f"t-index {T_INDEX} (t = 359, 99; 2 steps per frame), {precision}, {args.rounds} interleaved rounds, "
+                f"each timing a chunk of new frames ({chunks}) on a warmed-up stream; ms/frame median (min-max) "
                 "over rounds; speed-up: per-round ratio over the `over` setup, median (min-max). Guidance 1.4 for "
                 "the CFG rows. sd15-256: full-size SD 1.5 UNet, random weights, 256x256 frames, random TAESD.")
-        write_results("stream_speed_cpu", rows, ["model", "setup", "cfg", "batch rows", "ms/frame", "fps",
+        write_results(f"stream_speed_{args.device}", rows, ["model", "setup", "cfg", "batch rows", "ms/frame", "fps",
                                                  "speed-up", "over"], args.out, note=note,
                       extra={"load_before": load, "load_after": load_average(), "rounds": args.rounds,
                              "timings": extra})

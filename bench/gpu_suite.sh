@@ -68,6 +68,7 @@ step bench_sampler_update 60 $py bench/bench_sampler_update.py --device cuda --o
 step bench_sampling_loop 60 $py bench/bench_sampling_loop.py --device cuda --out "$out"
 step bench_cache_gate 40 $py bench/bench_cache_gate.py --device cuda --rounds 5 --out "$out"
 step bench_attention 60 $py bench/bench_attention.py --device cuda --rounds 5 --out "$out"
+step bench_stream 90 $py bench/bench_stream.py --part speed --device cuda --rounds 3 --out "$out"
 echo "gpu_suite: $([ $status -eq 0 ] && echo all steps passed || echo some steps FAILED or were skipped) in $SECONDS s" \
   | tee -a "$summary"
 pack
