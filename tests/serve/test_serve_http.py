@@ -102,8 +102,11 @@ def test_openai_response_and_the_pipeline(server, digits):
         assert np.abs(g.astype(int) - np.round(d * 255).astype(int)).max() <= 1
 
 
-def test_batched_images_equal_lone_requests_bit_for_bit(server):
+@pytest.mark.parametrize("sampler", [None, "euler_a"])  # euler_a: step noise from each image's own generator
+def test_batched_images_equal_lone_requests_bit_for_bit(server, sampler):
     bodies = [{"prompt": f"a handwritten {d}", "seed": 100 + d, "steps": 6, "n": 1 + d % 2} for d in range(5)]
+    if sampler is not None:
+        bodies = [dict(b, sampler=sampler) for b in bodies]
     with server.client() as c:
         alone = [c.post(URL, json=b).json()["data"] for b in bodies]
         batches_before = metric(c.get("/metrics").text, "velodiff_batch_images_count")

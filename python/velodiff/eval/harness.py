@@ -125,9 +125,8 @@ def evaluate(pipe, sampler: Optional[str] = "dpmpp_2m", steps: int = 20, guidanc
     model's own default guidance, see :func:`default_guidance`), ``output_type="np"`` and ``pipe_kwargs``.
     Prompts are ``prompt_template.format(d=digit, word="seven")``. Images are generated
     class-major (all 0s, then all 1s, ...) in batches of ``batch_size``; image i gets its own
-    ``torch.Generator().manual_seed(image_seeds(seed)[i])`` for its initial noise, so a run is reproducible and,
-    for deterministic samplers, independent of the batch size (stochastic samplers draw their step noise from the
-    batch's first generator). ``warmup``: one untimed single-image call first; ``progress``: a progress bar over
+    ``torch.Generator().manual_seed(image_seeds(seed)[i])`` for its initial noise and (stochastic samplers) its
+    step noise, so a run is reproducible and independent of the batch size up to float rounding. ``warmup``: one untimed single-image call first; ``progress``: a progress bar over
     the images (on stderr). The bootstraps use ``seed`` too.
 
     Returns a dict with the keys of :data:`RESULT_KEYS`: accuracy and FD with 95% intervals, the real-vs-real FD

@@ -245,18 +245,13 @@ class DiffusersScheduler:
             return sample * scale
         return (sample.to(torch.float32) * scale).to(sample.dtype)
 
-    def _generator(self, generator) -> Optional[torch.Generator]:
-        if isinstance(generator, (list, tuple)):  # velodiff's pipelines draw a sampler's noise from the first
-            return generator[0] if generator else None
-        return generator
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         """One call of the plan: ``model_output`` [B, C, H, W] (any float dtype; guidance already applied) is the
         denoiser's output at ``sample`` [B, C, H, W], the state the loop holds. Returns the next state as
         :class:`SchedulerStepOutput` (``.prev_sample``), or ``(prev_sample,)`` with ``return_dict=False``; on the
         last call it is the final sample (times the plan's ``output_scale``). Noise, for samplers that draw it, is
-        drawn from ``generator`` (the first of a list) as run_plan draws it."""
+        drawn from ``generator`` (a list: row i from generator i, as diffusers) as run_plan draws it."""
         from velodiff import ops  # late import: ops loads the native module
 
         call = self._call(timestep, "step")
@@ -274,7 +269,7 @@ class DiffusersScheduler:
             self._history = x.new_zeros((plan.history_slots,) + tuple(x.shape))
         noise = None
         if call.noise:
-            noise = randn_like_diffusers(x.shape, self._generator(generator), x.device)
+            noise = randn_like_diffusers(x.shape, generator, x.device)
             noise = noise.to(device=x.device, dtype=torch.float32).contiguous()
         x_next, y = ops.sampler_update(x, model_output.contiguous(), None, self._anchor, noise, self._history,
                                        self._table[i], write_slot=call.write_slot, guidance_rescale=0.0,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from velodiff.sampling import SamplerPlan, run_plan
+from velodiff.sampling.plan import randn_like_diffusers
 from velodiff.pipelines.context import ContextHolder, DenoiseContext
 from velodiff.pipelines.scheduling import make_plan
 
@@ -52,15 +53,9 @@ class PipelineOutput:
 
 def randn_tensor(shape, generator: Generator, device, dtype) -> torch.Tensor:
     """N(0, I) exactly as diffusers' ``randn_tensor``: drawn on the generator's device (per sample for a list
-    of generators), in ``dtype``, then moved to ``device``."""
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        parts = [torch.randn((1,) + tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
-                 for g in generator]
-        return torch.cat(parts).to(device)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    of generators; on the CPU without a generator), in ``dtype``, then moved to ``device``."""
+    return randn_like_diffusers(shape, generator, torch.device("cpu") if generator is None else device, dtype) \
+        .to(device)
 
 
 def postprocess(image: torch.Tensor, output_type: str):
@@ -409,7 +404,6 @@ class BasePipeline:
         update, in place, so whatever the sampler keeps of this call's state (its anchor) sees the move too; the
         ``callback`` then gets a copy of the state, which later moves do not change."""
         name, plan = plan
-        gen = generator[0] if isinstance(generator, list) else generator
         context = DenoiseContext(sampler=name, call_steps=tuple(plan.call_steps),
                                  call_timesteps=tuple(float(t) for t in plan.timesteps),
                                  begin=int(plan.info.get("begin", 0) or 0), guided=guidance_scale is not None,
@@ -425,7 +419,7 @@ class BasePipeline:
                     return user_callback(i, call, state.clone())
         with self._context.open(context):
             return run_plan(plan, model_fn, x, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                            generator=gen, progress=self.progress, callback=callback, update_fn=update_fn,
+                            generator=generator, progress=self.progress, callback=callback, update_fn=update_fn,
                             before_call=lambda i, call: context.advance(i, call.timestep))
 
     def _with_state_hooks(self, context: DenoiseContext, plan: SamplerPlan, model_fn):

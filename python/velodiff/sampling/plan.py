@@ -145,9 +145,15 @@ class SamplerPlan:
             raise ValueError(f"Call.step must count 0, 1, 2, ... over the calls (repeats allowed), got {steps}")
 
 
-def randn_like_diffusers(shape, generator: Optional[torch.Generator], device: torch.device,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Draw N(0, I) the way diffusers' ``randn_tensor`` does: on the generator's device, then moved."""
+def randn_like_diffusers(shape, generator: Union[None, torch.Generator, Sequence[torch.Generator]],
+                         device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Draw N(0, I) the way diffusers' ``randn_tensor`` does: on the generator's device, then moved; a list of
+    generators draws batch row i from generator i (ValueError naming ``generator`` if the counts differ)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: got {len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn((1,) + tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(rows).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
@@ -177,7 +183,7 @@ def run_plan(
     guidance_scale: Optional[float] = None,
     guidance_rescale: float = 0.0,
     cfg_delta: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
     noise_fn: Optional[NoiseFn] = None,
     callback: Optional[Callable[[int, Call, torch.Tensor], None]] = None,
     before_call: Optional[Callable[[int, Call], None]] = None,
@@ -196,7 +202,7 @@ def run_plan(
         guidance_rescale: ``phi`` of Lin et al.'s guidance rescale (0 disables it).
         cfg_delta: the unconditional scale ``delta`` (1 for standard CFG, StreamDiffusion's RCFG uses others).
         noise_fn: ``noise_fn(call_index, shape) -> fp32 tensor``, to inject noise (tests, parity); default draws
-            with ``generator`` like diffusers.
+            with ``generator`` like diffusers (a list of generators: row i from generator i).
         callback: called as ``callback(call_index, call, x_next)`` after every call.
         before_call: called as ``before_call(call_index, call)`` before every model evaluation (a pipeline's
             per-call context follows the loop with it: caches key on the call's step, never on counted calls).
