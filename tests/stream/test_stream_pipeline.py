@@ -342,6 +342,8 @@ def test_prompt_embeds_stand_in_for_the_text(digits):
         by_embeds.set_prompt(prompt_embeds=torch.zeros(2, 16, 64), negative_prompt_embeds=torch.zeros(2, 16, 64))
     with pytest.raises(TypeError, match="prompt must be a string"):
         by_text.set_prompt(3)
+    with pytest.raises(TypeError, match="negative_prompt must be a string"):
+        StreamPipeline(digits, T_INDEX[2], negative_prompt=["x"])
 
 
 def test_the_embedding_cache_is_bounded(digits):

@@ -137,7 +137,8 @@ class StreamPipeline:
             SimilarityFilter(similarity_threshold, max_skip_frame, seed=seed)
         self._embeddings: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._rows: Dict[Tuple[str, int], Dict[str, Any]] = {}
-        self._prompt = (prompt, negative_prompt, None, None)
+        self._prompt = ("", None, None, None)  # (prompt, negative prompt, prompt_embeds, negative_prompt_embeds)
+        self.set_prompt(prompt, negative_prompt)
         self.frames_in = 0      # frames given to the stream (skipped ones included)
         self.model_calls = 0    # denoiser calls (each on the whole batch)
         self.set_t_index_list(t_index_list)
@@ -164,7 +165,6 @@ class StreamPipeline:
                                         self.guidance_scale, self.delta, residual, self.device)
         self.t_index_list = indices
         self._timestep_rows = torch.tensor([float(t) for t in self.schedule.timesteps], device=self.device)
-        self._rows.clear()
         self.reset()
 
     def set_prompt(self, prompt: Optional[str] = None, negative_prompt: Optional[str] = None, *,
@@ -191,7 +191,7 @@ class StreamPipeline:
                 if value is not None and not isinstance(value, str):
                     raise TypeError(f"{name} must be a string, got {type(value).__name__}")
             old_prompt, old_negative = self._prompt[:2]
-            self._prompt = (old_prompt if prompt is None else prompt,
+            self._prompt = ((old_prompt or "") if prompt is None else prompt,
                             old_negative if negative_prompt is None else negative_prompt, None, None)
         self._rows.clear()
 
@@ -207,6 +207,7 @@ class StreamPipeline:
         self._posterior_eps: Optional[torch.Tensor] = None  # the stream's fixed draws (see _draw_noises)
         self._start_noise: Optional[torch.Tensor] = None
         self._call_noise: List[torch.Tensor] = []
+        self._rows.clear()  # the conditions of SDXL depend on the size
         if self.filter is not None:
             self.filter.reset()
 
