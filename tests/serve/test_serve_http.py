@@ -197,10 +197,13 @@ def test_a_client_that_disconnects_cancels_its_request(server):
     with pytest.raises(httpx.TimeoutException):
         with server.client(timeout=0.5) as c:
             c.post(URL, json={"prompt": "a 7", "steps": 2, "seed": 5})
+    deadline = time.time() + 10  # the server notices the disconnect and marks the queued request cancelled
+    while not any(j.cancelled.is_set() for j in list(server.engine._queue)) and time.time() < deadline:
+        time.sleep(0.02)
+    release.set()  # the engine moves on and drops the cancelled request from its queue
     deadline = time.time() + 10
     while server.engine.metrics.requests.get("cancelled", 0) < 1 and time.time() < deadline:
-        release.set()  # the engine moves on and drops the cancelled request from its queue
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert server.engine.metrics.requests["cancelled"] >= 1
     job.future.result(30)
     assert server.engine.metrics.images_total == images_before + 1  # only the holding job's image was made
@@ -265,8 +268,10 @@ def test_cli_shutdown_drains_the_open_requests(tmp_path):
             assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "timeout"
             time.sleep(0.1)
         with httpx.Client(base_url=url, timeout=120) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(c.post, URL, json={"prompt": f"a {d}", "steps": 40, "seed": d}) for d in range(4)]
-            time.sleep(0.5)  # the requests are in (the first batch runs, the rest wait)
+            futures = [pool.submit(c.post, URL, json={"prompt": f"a {d}", "steps": 100, "seed": d}) for d in range(4)]
+            deadline = time.time() + 30  # all four are in: the first batch of 2 runs, the other 2 wait in the queue
+            while metric(c.get("/metrics").text, "velodiff_queue_depth") < 2 and time.time() < deadline:
+                time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             codes = [f.result().status_code for f in futures]
         assert codes == [200] * 4
