@@ -134,7 +134,7 @@ def load_loras(pipe, specs, loras) -> None:
             pipe.load_lora(path, name=name, strength=strength)
 
 
-def parse_optimize(specs) -> list:
+def parse_optimize(specs, flag: str = "--optimize") -> list:
     """The technique configs of the ``--optimize`` flags, parsed and validated before any model loads (imports
     velodiff.accel, hence torch); a bad spec is a UsageError naming the flag."""
     if not specs:
@@ -145,7 +145,7 @@ def parse_optimize(specs) -> list:
         try:
             configs.append(parse_technique(spec))
         except (ValueError, TypeError) as e:
-            raise UsageError(f"--optimize {spec}: {e}") from None
+            raise UsageError(f"{flag} {spec}: {e}") from None
     return configs
 
 

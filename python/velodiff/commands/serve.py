@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     A.check_model_path(args.model)
-    A.parse_optimize(args.allow_optimize)
+    A.parse_optimize(args.allow_optimize, "--allow-optimize")
     loras = A.parse_loras(args.lora, args.model)
     if args.port > 65535:
         raise UsageError(f"--port {args.port}: must be from 0 to 65535")

@@ -96,6 +96,8 @@ def list_frames(folder: str) -> list:
 def _check_args(args) -> None:
     if args.similarity is not None and not 0 <= args.similarity <= 1:
         raise UsageError(f"--similarity {args.similarity}: must be a threshold in [0, 1] (e.g. 0.98)")
+    if args.steps > 1000:
+        raise UsageError(f"--steps {args.steps}: must be at most 1000 (the training schedule's timesteps)")
     indices = args.t_index
     outside = [i for i in indices if i >= args.steps]
     if outside:

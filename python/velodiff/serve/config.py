@@ -19,6 +19,12 @@ REQUEST_FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_p
                   "seed", "class_label", "lora", "optimize", "stream", "user")
 
 
+#: the largest value each integer limit of ServeConfig may take (every batch runs at max_batch images when padded;
+#: the training schedule has 1000 steps)
+LIMITS = {"max_batch": 256, "max_queue": 100000, "max_n": 256, "max_steps": 1000, "max_prompt_chars": 1 << 20,
+          "max_body_bytes": 1 << 30, "default_steps": 1000}
+
+
 class RequestError(ValueError):
     """A request field is missing or invalid: ``param`` names it, the message says what to send instead."""
 
@@ -62,13 +68,12 @@ class ServeConfig:
     def __post_init__(self):
         if self.max_n is None:
             self.max_n = self.max_batch
-        for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes",
-                     "default_steps"):
+        for name, highest in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.max_wait_ms, numbers.Real) or not 0 <= self.max_wait_ms < 1e6:
-            raise ValueError(f"max_wait_ms must be a number >= 0, got {self.max_wait_ms!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= highest:
+                raise ValueError(f"{name} must be an integer from 1 to {highest}, got {value!r}")
+        if not isinstance(self.max_wait_ms, numbers.Real) or not 0 <= self.max_wait_ms <= 60000:
+            raise ValueError(f"max_wait_ms must be a number from 0 to 60000, got {self.max_wait_ms!r}")
         if self.max_n > self.max_batch:
             raise ValueError(f"max_n ({self.max_n}) cannot exceed max_batch ({self.max_batch})")
         if self.max_side is not None and (not isinstance(self.max_side, int) or self.max_side < 8):
