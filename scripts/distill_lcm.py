@@ -38,7 +38,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from distill_linfusion import alphas_cumprod, encode_training_digits, prompt_embeddings  # noqa: E402
-from lora_training import initial_lora, save_lora, trainable_branches  # noqa: E402
+from lora_training import (check_training_args, initial_lora, save_lora, trainable_branches,  # noqa: E402
+                           training_parser)
 from velodiff.sampling.samplers.lcm import lcm_boundary_scalings  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "..", "python", "velodiff", "data", "digits", "loras", "digits-lcm.safetensors")
@@ -61,27 +62,14 @@ def consistency(unet, x, t, ctx, alphas):
 
 
 def main(argv=None) -> int:
-    from velodiff.commands.args import Parser
-    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap = training_parser(__doc__.split("\n\n")[0], DEFAULT_OUT, steps=1500, rank=8, lr=1e-3)
     ap.add_argument("--guidance-min", type=float, default=2.0)
     ap.add_argument("--guidance-max", type=float, default=4.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
-    for flag, value, low in (("--steps", args.steps, 40), ("--batch", args.batch, 1), ("--rank", args.rank, 1),
-                             ("--threads", args.threads, 1), ("--seed", args.seed, 0), ("--log-every", args.log_every, 1)):
-        if value < low:
-            ap.error(f"{flag} must be >= {low}, got {value}")
-    if not args.lr > 0 or not 1 <= args.guidance_min <= args.guidance_max:
-        ap.error("--lr must be > 0 and 1 <= --guidance-min <= --guidance-max")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    if not 1 <= args.guidance_min <= args.guidance_max:
+        ap.error("1 <= --guidance-min <= --guidance-max is required")
+    check_training_args(ap, args, more=(("--log-every", args.log_every, 1),))
 
     import velodiff as vd
     from velodiff.lora import lora_strengths

@@ -1,6 +1,6 @@
 """Shared pieces of the scripts that train LoRAs for the built-in ``digits`` model (distill_lcm.py,
-train_style_lora.py): PEFT-style initial factors, the trainable tensors of velodiff's LoRA branches, and the
-diffusers / PEFT file they are saved to."""
+train_style_lora.py): their common flags, PEFT-style initial factors, the trainable tensors of velodiff's LoRA
+branches, and the diffusers / PEFT file they are saved to."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,34 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
+
+
+def training_parser(description: str, out: str, steps: int, rank: int, lr: float):
+    """A parser (one-line errors, exit 2) with the flags every LoRA training script takes: --out, --steps,
+    --batch, --rank, --lr, --seed, --threads."""
+    from velodiff.commands.args import Parser
+    ap = Parser(description=description)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=rank)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def check_training_args(ap, args, more=()) -> None:
+    """Refuse out-of-range common flags (and ``more``: (flag, value, lowest)) with one line, then set the thread
+    count and the seed."""
+    for flag, value, low in (("--steps", args.steps, 40), ("--batch", args.batch, 1), ("--rank", args.rank, 1),
+                             ("--threads", args.threads, 1), ("--seed", args.seed, 0)) + tuple(more):
+        if value < low:
+            ap.error(f"{flag} must be >= {low}, got {value}")
+    if not args.lr > 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
 
 
 def initial_lora(unet: nn.Module, rank: int, gen: torch.Generator, targets: Sequence[str]) -> Dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from distill_linfusion import alphas_cumprod, noised_batch, prompt_embeddings  # noqa: E402
-from lora_training import initial_lora, save_lora, trainable_branches  # noqa: E402
+from lora_training import (check_training_args, initial_lora, save_lora, trainable_branches,  # noqa: E402
+                           training_parser)
 from train_digits import load_data, upsample  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "..", "python", "velodiff", "data", "digits", "loras", "digits-bold.safetensors")
@@ -49,20 +50,9 @@ def bold_digits():
 
 
 def main(argv=None) -> int:
-    from velodiff.commands.args import Parser
-    ap = Parser(description=__doc__.split("\n\n")[0])  # one-line errors, exit 2
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = training_parser(__doc__.split("\n\n")[0], DEFAULT_OUT, steps=800, rank=4, lr=2e-3)
     args = ap.parse_args(argv)
-    if args.steps < 40 or args.batch < 1 or args.rank < 1 or args.threads < 1 or args.seed < 0 or not args.lr > 0:
-        ap.error("--steps >= 40, --batch >= 1, --rank >= 1, --threads >= 1, --seed >= 0 and --lr > 0")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    check_training_args(ap, args)
     import velodiff as vd
     pipe = vd.Pipeline.from_pretrained("digits")
     unet = pipe.unet.eval().requires_grad_(False)

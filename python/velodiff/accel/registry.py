@@ -8,6 +8,7 @@ either order). ``restore(pipe)`` undoes them, newest first.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import typing
@@ -99,13 +100,26 @@ def optimize(pipe, *configs):
     return pipe
 
 
-def restore(pipe):
-    """Undo every technique applied with :func:`optimize`, newest first; returns ``pipe``."""
-    while pipe._restore_hooks:
+def restore(pipe, keep: int = 0):
+    """Undo the techniques applied with :func:`optimize`, newest first, until ``keep`` remain (default: all);
+    returns ``pipe``."""
+    while len(pipe._restore_hooks) > keep:
         pipe._restore_hooks.pop()()
         if getattr(pipe, "_applied", None):
             pipe._applied.pop()
     return pipe
+
+
+@contextlib.contextmanager
+def applied(pipe, *configs):
+    """``optimize(pipe, *configs)`` for the block only: on leaving it those techniques are undone and the ones
+    applied before stay (e.g. a server's per-request techniques)."""
+    keep = len(pipe._restore_hooks)
+    optimize(pipe, *configs)
+    try:
+        yield pipe
+    finally:
+        restore(pipe, keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------

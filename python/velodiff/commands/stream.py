@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             for name in names:
                 with Image.open(os.path.join(args.input, name)) as im:
                     worker.put(im.convert("RGB"))
-                while (out := _ready(worker)) is not None:
+                for out in worker.ready():
                     record(out)
             worker.stop(drain=True)
             while (out := worker.get()) is not None:
@@ -211,11 +211,3 @@ def run(args: argparse.Namespace) -> int:
           f"{stream.model_calls} model calls, {skipped} frames skipped by the similarity filter)")
     return 0
 
-
-def _ready(worker):
-    """The worker's next output if one is ready now, else None."""
-    import queue
-    try:
-        return worker.get(timeout=0)
-    except queue.Empty:
-        return None

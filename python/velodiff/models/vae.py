@@ -108,9 +108,11 @@ class DiagonalGaussian:
         """The mean [B, C, h, w]."""
         return self.mean
 
-    def sample(self, generator: GeneratorArg = None) -> torch.Tensor:
-        """mean + std * eps, eps drawn like diffusers (same generator -> same sample); [B, C, h, w]."""
-        eps = randn_like_diffusers(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
+    def sample(self, generator: GeneratorArg = None, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mean + std * eps, eps drawn like diffusers (same generator -> same sample), or the given ``eps`` (of the
+        mean's shape, drawn that way earlier: a stream keeps one); [B, C, h, w]."""
+        if eps is None:
+            eps = randn_like_diffusers(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * eps
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple
 
 #: request fields the server reads; anything else is an error (a typo must not be silently ignored)
 REQUEST_FIELDS = ("prompt", "n", "size", "response_format", "model", "negative_prompt", "steps", "sampler", "guidance",
@@ -102,7 +102,6 @@ class ImageRequest:
     lora: Tuple[Tuple[str, float], ...] = ()
     optimize: Tuple[str, ...] = ()
     stream: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def batch_key(self) -> tuple:

@@ -95,14 +95,13 @@ def model_facts(pipe) -> Dict[str, Any]:
 class Metrics:
     """Counters for ``/metrics`` (read under the engine's lock)."""
 
-    def __init__(self, max_batch: int):
+    def __init__(self):
         self.batch_sizes = collections.Counter()          # images in a batch (padding excluded) -> batches
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.requests = collections.Counter()             # outcome -> requests
         self.images_total = 0
         self.recent = collections.deque()                 # (time, images) of the last minute
-        self.max_batch = max_batch
 
     def finished(self, latency: float, outcome: str) -> None:
         self.requests[outcome] += 1
@@ -136,7 +135,7 @@ class Engine:
         self.pipe = pipe
         self.config = config
         self.model = model_facts(pipe)
-        self.metrics = Metrics(config.max_batch)
+        self.metrics = Metrics()
         self._queue: "collections.deque[Job]" = collections.deque()
         self._lock = threading.Condition()
         self._accepting = True
@@ -288,7 +287,8 @@ class Engine:
                       sampler=first.sampler, guidance_scale=first.guidance, height=first.height, width=first.width)
         if first.lora:
             kwargs["lora_scales"] = dict(first.lora)
-        with self._techniques(first.optimize), torch.inference_mode():
+        from velodiff.accel import applied, parse_technique
+        with applied(self.pipe, *[parse_technique(s) for s in first.optimize]), torch.inference_mode():
             if first.class_label is not None:
                 out = self.pipe(labels, **kwargs)
             else:
@@ -296,28 +296,6 @@ class Engine:
                     kwargs["negative_prompt"] = negatives
                 out = self.pipe(prompts, **kwargs)
         return out.images[:real]
-
-    def _techniques(self, specs):
-        """Apply the request's techniques for one batch and restore them after."""
-        import contextlib
-
-        from velodiff.accel import optimize
-        from velodiff.accel.registry import parse_technique
-
-        @contextlib.contextmanager
-        def applied():
-            if not specs:
-                yield
-                return
-            before = len(self.pipe._restore_hooks)
-            optimize(self.pipe, *[parse_technique(s) for s in specs])
-            try:
-                yield
-            finally:
-                while len(self.pipe._restore_hooks) > before:
-                    self.pipe._restore_hooks.pop()()
-                    self.pipe._applied.pop()
-        return applied()
 
     def metrics_text(self) -> str:
         """The Prometheus text exposition of the engine's counters."""

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from velodiff import ops
+from velodiff.lora import apply_pending
 from velodiff.pipelines.base import OUTPUT_TYPES, postprocess, randn_tensor
 from velodiff.pipelines.img2img import noised_start, preprocess_image
 from velodiff.sampling.plan import randn_like_diffusers
@@ -132,9 +133,11 @@ class StreamPipeline:
         self.seed = seed
         self.use_denoising_batch = bool(use_denoising_batch)
         self.output_type = output_type
-        check_filter_args(1.0 if similarity_threshold is None else similarity_threshold, max_skip_frame)
-        self.filter = None if similarity_threshold is None else \
-            SimilarityFilter(similarity_threshold, max_skip_frame, seed=seed)
+        if similarity_threshold is None:
+            check_filter_args(1.0, max_skip_frame)  # checked even when unused
+            self.filter = None
+        else:
+            self.filter = SimilarityFilter(similarity_threshold, max_skip_frame, seed=seed)
         self._embeddings: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
         self._rows: Dict[Tuple[str, int], Dict[str, Any]] = {}
         self._prompt = ("", None, None, None)  # (prompt, negative prompt, prompt_embeds, negative_prompt_embeds)
@@ -313,10 +316,10 @@ class StreamPipeline:
         stream's fixed draw (drawn here with the other noises on the first frame), or a tiny VAE's latents."""
         vae_dtype = next(self.vae.parameters()).dtype
         z = self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype))
-        if not isinstance(z, torch.Tensor):  # a posterior: mean + std * eps, as DiagonalGaussian.sample
+        if not isinstance(z, torch.Tensor):  # a posterior: its sample with the fixed eps
             if self._posterior_eps is None:
                 self._draw_noises(tuple(z.mean.shape), z.mean.dtype)
-            z = z.mean + z.std * self._posterior_eps
+            z = z.sample(eps=self._posterior_eps)
         elif self._start_noise is None:
             self._draw_noises(None, None)
         return self.vae.vae_to_latents(z).to(self.pipe.dtype)
@@ -366,7 +369,6 @@ class StreamPipeline:
     def step(self, image) -> StreamOutput:
         """Give the next frame (a PIL image or a [1, 3, H, W] / [3, H, W] tensor in [-1, 1] or [0, 1]; every
         frame of a stream has one size, a multiple of the VAE factor); get the stream's current output."""
-        from velodiff.lora import apply_pending
         apply_pending(self.pipe)
         index = self.frames_in
         pixels = self._pixels(image)

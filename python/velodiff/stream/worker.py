@@ -97,6 +97,18 @@ class StreamWorker:
             return None
         return item
 
+    def ready(self) -> list:
+        """The outputs ready now, without waiting (the worker's exception if it failed)."""
+        outputs = []
+        while True:
+            try:
+                out = self.get(timeout=0)
+            except queue.Empty:
+                return outputs
+            if out is None:
+                return outputs
+            outputs.append(out)
+
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
